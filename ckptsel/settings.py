@@ -1,0 +1,84 @@
+"""Typed settings, validated once, in one place.
+
+A recipe (``recipes/*.yaml``) is validated into :class:`Recipe`. The parts of it that
+change a measurement are hashed into the result-store key (:meth:`Recipe.measurement_key`),
+so changing a template or the sampling temperature never reuses stale results.
+All models are frozen: a settings object is a value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSettings(_Frozen):
+    """How a training row becomes (prompt, target) text, exactly as in training."""
+
+    question_field: str | None = Field(
+        None, description="Field holding the question; detected when None (question/problem/prompt/instruction/input)."
+    )
+    answer_field: str | None = Field(
+        None, description="Field holding the target solution; detected when None (answer/solution/response/output/completion)."
+    )
+    prompt_template: str = Field(
+        "{question}\n",
+        description="Prompt text; placeholders are field names, plus {question} and {answer} for the detected fields.",
+    )
+    target_template: str = Field("{answer}", description="Target text; same placeholders as the prompt template.")
+    chat_template: bool = Field(False, description="Render with the tokenizer's chat template instead of the templates.")
+    system_prompt: str | None = Field(None, description="System message when rendering with the chat template.")
+    append_eos: bool = Field(True, description="The target ends with the tokenizer's EOS token, as SFT trainers do.")
+    grader: str = Field("gsm8k", description="Grader name from ckptsel.graders (e.g. gsm8k, math, number, exact, regex:<p>).")
+
+
+class SamplingSettings(_Frozen):
+    """Sampling for train accuracy (Kang et al. defaults: k=5, T=0.8, top-p=0.95)."""
+
+    k: int = Field(5, ge=1, description="Samples per question.")
+    temperature: float = Field(0.8, ge=0.0, description="0 means greedy (then k is forced to 1).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Generation budget; None = derived from the longest target (x1.5 + 16)."
+    )
+    seed: int = Field(0, description="Base seed; each (example, sample) pair gets its own derived seed.")
+
+
+class MemorizationSettings(_Frozen):
+    """When an example counts as memorised (DESIGN.md: nll_ij < nu, or copy rate >= 1/2)."""
+
+    rule: Literal["nll", "copy"] = Field("nll", description="nll: target NLL below threshold; copy: samples copy the target.")
+    threshold: float | Literal["auto"] = Field(
+        0.100,
+        description="nu in nats/token (GSM8K 0.100 = e^-2.3, MATH 0.183 = e^-1.7), or 'auto' to calibrate from copy rates.",
+    )
+    copy_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Copy-rate level that counts as memorised.")
+
+    @field_validator("threshold")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("threshold must be a positive number of nats per token, or 'auto'")
+        return v
+
+
+class Recipe(_Frozen):
+    """A named preset: data rendering, grading, sampling and the memorisation rule."""
+
+    name: str = "custom"
+    description: str = ""
+    data: DataSettings = DataSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    memorization: MemorizationSettings = MemorizationSettings()
+
+    def measurement_key(self) -> str:
+        """Hash of everything that changes a stored measurement (not the memorisation rule)."""
+        payload = {"data": self.data.model_dump(), "sampling": self.sampling.model_dump()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
