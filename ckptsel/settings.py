@@ -23,7 +23,7 @@ class DataSettings(_Frozen):
     """How a training row becomes (prompt, target) text, exactly as in training."""
 
     question_field: str | None = Field(
-        None, description="Field holding the question; detected when None (question/problem/prompt/instruction/input)."
+        None, description="Field holding the question; detected when None (question/problem/prompt/instruction/input/query)."
     )
     answer_field: str | None = Field(
         None, description="Field holding the target solution; detected when None (answer/solution/response/output/completion)."

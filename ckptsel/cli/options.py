@@ -30,3 +30,94 @@ def stderr_console(quiet: bool = False):
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------- recipe options
+# `ckptsel data`, `rank`, `gate` and `verify` render training rows the same way; they all take
+# these options. Explicit options override the recipe's values; unset ones keep them.
+
+_RECIPE_OPTIONS = (
+    click.option(
+        "--recipe",
+        "recipe_name",
+        metavar="NAME|FILE",
+        help="A built-in recipe (gsm8k, math, metamath) or a recipe .yaml file. Default: generic templates.",
+    ),
+    click.option("--question-field", metavar="FIELD", help="Field holding the question (default: detected)."),
+    click.option("--answer-field", metavar="FIELD", help="Field holding the target solution (default: detected)."),
+    click.option(
+        "--prompt-template",
+        metavar="TEMPLATE",
+        help=r'Prompt text, e.g. "{question}\nAnswer:"; placeholders are field names; \n and \t mean newline and tab.',
+    ),
+    click.option("--target-template", metavar="TEMPLATE", help='Target text, e.g. " {answer}"; same placeholders.'),
+    click.option(
+        "--chat-template/--no-chat-template",
+        default=None,
+        help="Render with the tokenizer's chat template (user = question, target = answer).",
+    ),
+    click.option("--system-prompt", metavar="TEXT", help="System message when rendering with the chat template."),
+    click.option("--grader", metavar="NAME", help="Answer grader: gsm8k, math, number, exact, regex:<pattern>, ..."),
+    click.option(
+        "--eos/--no-eos",
+        "append_eos",
+        default=None,
+        help="Whether the target ends with the tokenizer's EOS token, as SFT trainers do (default: yes).",
+    ),
+)
+
+RECIPE_OPTION_NAMES = (
+    "recipe_name", "question_field", "answer_field", "prompt_template", "target_template",
+    "chat_template", "system_prompt", "grader", "append_eos",
+)
+
+
+def recipe_options(command):
+    """Add the recipe options to a command; it receives one ``recipe`` argument (a ``Recipe``) instead.
+
+    The recipe is built when the command runs, so a bad recipe file surfaces as a one-line
+    ``RecipeError`` (exit code 2) and nothing heavy is imported at ``--help`` time.
+    """
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in RECIPE_OPTION_NAMES}
+        return command(*args, recipe=build_recipe(**values), **kwargs)
+
+    for option in reversed(_RECIPE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def build_recipe(recipe_name=None, prompt_template=None, target_template=None, system_prompt=None, **data_values):
+    """A ``Recipe`` from the recipe option values: the named recipe (or the defaults) with explicit values on top."""
+    from ckptsel.recipes import load_recipe, override
+    from ckptsel.settings import Recipe
+
+    recipe = load_recipe(recipe_name) if recipe_name else Recipe()
+    return override(
+        recipe,
+        data={
+            "prompt_template": _unescape(prompt_template),
+            "target_template": _unescape(target_template),
+            "system_prompt": _unescape(system_prompt),
+            **data_values,
+        },
+    )
+
+
+def _unescape(text):
+    r"""Read \n, \t and \\ typed on a command line as newline, tab and backslash."""
+    if text is None:
+        return None
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i : i + 2]
+        if pair in ("\\n", "\\t", "\\\\"):
+            out.append({"\\n": "\n", "\\t": "\t", "\\\\": "\\"}[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
