@@ -8,6 +8,7 @@ Exit codes (the gate depends on them):
 
     0  success (gate: pass)
     1  gate: the candidate failed the policy; other commands: the work itself failed
+       (ls: every checkpoint found is broken)
     2  usage or input error (bad option, unreadable data, broken settings file)
     3  partial failure: some checkpoints could not be measured (the rest were reported)
 """

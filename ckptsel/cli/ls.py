@@ -1,0 +1,126 @@
+"""``ckptsel ls``: which checkpoints were found, in what order, and how they will be read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ckptsel.cli.options import json_option, print_json, stdout_console
+
+_KIND_STYLE = {"full": "green", "adapter": "cyan", "error": "bold red"}
+
+
+def human_count(n: int | None) -> str:
+    """1234 -> '1.2K', 7_241_732_096 -> '7.2B': parameter counts at a glance."""
+    if n is None:
+        return ""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+_SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
+def _model_cell(ckpt) -> str:
+    """'Llama f32 25.0K', plus '4 experts top-2' for MoE: what the weights are, in one cell."""
+    arch = (ckpt.architecture or "").removesuffix("ForCausalLM")
+    parts = [arch, _SHORT_DTYPE.get(ckpt.dtype, ckpt.dtype or ""), human_count(ckpt.num_parameters)]
+    if ckpt.num_experts:
+        top_k = f" top-{ckpt.experts_per_token}" if ckpt.experts_per_token else ""
+        parts.append(f"{ckpt.num_experts} experts{top_k}")
+    return " ".join(p for p in parts if p)
+
+
+def _adapter_cell(ckpt) -> str:
+    if ckpt.lora_rank is None and ckpt.base_model is None:
+        return ""
+    alpha = f" α={ckpt.lora_alpha:g}" if ckpt.lora_alpha is not None else ""
+    base = ckpt.base_model or "?"
+    base = Path(base).name if Path(base).is_absolute() else base
+    return f"r={ckpt.lora_rank}{alpha} {','.join(ckpt.target_modules or [])} on {base}"
+
+
+def _row(ckpt, cwd: Path, fp: str | None) -> dict[str, str]:
+    """One table row as rich markup; columns whose cells are all empty are dropped later."""
+    from rich.markup import escape  # paths and messages may contain [brackets]
+
+    try:
+        shown = str(ckpt.path.relative_to(cwd)) or "."
+    except ValueError:
+        shown = str(ckpt.path)
+    notes = [f"[red]{escape(ckpt.error)}[/]"] if ckpt.error else []
+    return {
+        "step": "" if ckpt.step is None else str(ckpt.step),
+        "checkpoint": escape(shown),
+        "kind": f"[{_KIND_STYLE[ckpt.kind]}]{ckpt.kind}[/]",
+        "epoch": _fmt(ckpt.epoch, 2),
+        "loss": _fmt(ckpt.train_loss, 4),
+        "model": escape(_model_cell(ckpt)),
+        "adapter": escape(_adapter_cell(ckpt)),
+        "fingerprint": (fp or "")[:12],
+        "error / notes": "; ".join(notes + [escape(n) for n in ckpt.notes]),
+    }
+
+
+@click.command("ls")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--base-model", metavar="PATH|ID", help="Base model for LoRA adapters (overrides adapter_config.json).")
+@click.option("--fingerprint", "with_fingerprint", is_flag=True,
+              help="Also compute each checkpoint's content fingerprint (reads a few MB per checkpoint).")
+@json_option
+def ls(paths, base_model, with_fingerprint, as_json):
+    """List checkpoints under PATH... in training order, read from configs and headers only.
+
+    PATH is a Trainer run folder (checkpoint-N/ inside, plus a final model at its root),
+    a single checkpoint folder, or several of either.
+
+    \b
+    Example:
+      ckptsel ls ./run
+      ckptsel ls ./lora-run --base-model ./base --json
+
+    \b
+    Exit codes:
+      0  listed; a broken checkpoint is a row with kind 'error' and the reason
+      1  nothing usable: every checkpoint found is broken
+      2  a PATH does not exist or is not a folder
+    """
+    from ckptsel.discover import discover, fingerprint
+
+    found = discover(paths, base_model=base_model)
+    fps = {c.path: fingerprint(c) for c in found if c.kind != "error"} if with_fingerprint else {}
+    usable = sum(c.kind != "error" for c in found)
+    if as_json:
+        print_json([c.to_dict() | ({"fingerprint": fps.get(c.path)} if with_fingerprint else {}) for c in found])
+    else:
+        _print_table(found, fps, Path(os.getcwd()))
+    if usable == 0:
+        raise click.exceptions.Exit(1)
+
+
+def _print_table(found, fps, cwd) -> None:
+    from rich import box
+    from rich.table import Table
+
+    rows = [_row(c, cwd, fps.get(c.path)) for c in found]
+    columns = [name for name in rows[0] if any(r[name] for r in rows)]
+    errors = sum(c.kind == "error" for c in found)
+    table = Table(caption=f"{len(found)} checkpoints, {errors} broken", caption_justify="left", box=box.SIMPLE_HEAD)
+    for name in columns:
+        # Short cells never wrap and names keep their width up to a cap, so on a narrow
+        # terminal it is the model and notes columns that wrap.
+        widest = max(len(r[name]) for r in rows)
+        table.add_column(name, justify="right" if name in ("step", "epoch", "loss") else "left",
+                         no_wrap=name in ("step", "kind", "epoch", "loss", "fingerprint"), overflow="fold",
+                         min_width=min(widest, 40) if name == "checkpoint" else None)
+    for r in rows:
+        table.add_row(*(r[name] for name in columns))
+    stdout_console().print(table)
