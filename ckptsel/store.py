@@ -1,0 +1,426 @@
+"""The result store: every measurement ckptsel makes, in one SQLite file in a cache directory.
+
+Why SQLite: runs must resume after ``kill -9`` and never recompute what is stored, several
+processes may share a cache, and the standard library has it. Design:
+
+* **Where.** ``<cache dir>/results.sqlite3``; the cache dir is ``--cache-dir``, else
+  ``$CKPTSEL_CACHE``, else the user's cache dir (:func:`default_cache_dir`). Never inside a
+  checkpoint folder: ckptsel does not write to users' checkpoints.
+* **Keys.** A *series* is one checkpoint (content fingerprint) measured one way
+  (settings key: ``Recipe.measurement_key()`` plus engine settings) for one *kind* of
+  measurement (``"score"``, ``"sample"``, ``"alt"``, ``"perturb:0"``, ``"router"``, ...).
+  Series get a small integer id, so the long key strings are stored once, not per row.
+  A result row is (series, example uid) -> :class:`Record`.
+* **Rows.** The hot per-example numbers are typed REAL/INTEGER columns (nll, n_tokens,
+  entropy, acc, copy_rate); the k sampled completions are a JSON list (alternative-solution
+  harvesting reads the correct ones later); ``data`` is any JSON; ``array`` is a numpy array
+  as raw bytes behind a one-line dtype/shape header (router weights: float32
+  (layers, experts) is ~3x smaller and ~5x faster to write than JSON). A rowid table with a
+  UNIQUE (series, uid) index rather than WITHOUT ROWID: multi-kB rows overflow a WITHOUT
+  ROWID b-tree early (2x the disk for sampled rows), and the index alone answers "what is
+  missing" without reading rows.
+* **Crash safety.** WAL journal, ``synchronous=NORMAL``: a committed transaction survives a
+  killed process (WAL+NORMAL can lose the last commits only on power loss, and never
+  corrupts). :meth:`Store.put_many` writes one batch in one transaction, so ``kill -9`` loses
+  at most the batch in flight. Writes take the write lock up front (``BEGIN IMMEDIATE``) and
+  wait up to ``timeout`` seconds for another writer, so two processes sharing a cache
+  queue instead of failing.
+* **Versioned.** ``schema_version`` holds the layout version; a store written by a newer
+  ckptsel is refused with one line rather than misread.
+
+Besides results the store keeps the checkpoint registry (fingerprint -> last path, step,
+time seen), a JSON key-value table (calibrated thresholds, merge comparisons) and the
+fingerprint cache ((path, size, mtime_ns) -> fingerprint) so repeat runs do not re-hash.
+SQL NULL and NaN are the same thing here: a NaN float reads back as None.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptsel.errors import CkptselError
+
+SCHEMA_VERSION = 1
+STORE_FILENAME = "results.sqlite3"
+_CHUNK = 500  # uids per "IN (...)" query, well below SQLite's bound-variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    UNIQUE (fingerprint, settings, kind)
+);
+CREATE TABLE IF NOT EXISTS results (
+    series INTEGER NOT NULL REFERENCES series(id),
+    uid TEXT NOT NULL,
+    nll REAL, n_tokens INTEGER, entropy REAL, acc REAL, copy_rate REAL,
+    samples TEXT, data TEXT, array BLOB,
+    UNIQUE (series, uid)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    fingerprint TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    step INTEGER,
+    seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL
+);
+"""
+_COLUMNS = "uid, nll, n_tokens, entropy, acc, copy_rate, samples, data, array"
+_NUMERIC = ("nll", "n_tokens", "entropy", "acc", "copy_rate")
+
+
+class StoreError(CkptselError):
+    """The result store cannot be opened or used (path, version, permissions)."""
+
+
+def default_cache_dir() -> Path:
+    """``$CKPTSEL_CACHE`` when set, else the platform's user cache dir for ckptsel."""
+    env = os.environ.get("CKPTSEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ckptsel"))
+
+
+def ensure_outside(cache_dir: Path, checkpoint_dirs: Iterable[Path]) -> None:
+    """Refuse a cache dir inside a checkpoint folder (ckptsel never writes into checkpoints)."""
+    cache = Path(cache_dir).expanduser().resolve()
+    for ckpt in checkpoint_dirs:
+        ckpt = Path(ckpt).expanduser().resolve()
+        if cache == ckpt or ckpt in cache.parents:
+            raise StoreError(f"cache dir {cache} is inside checkpoint folder {ckpt}; choose another --cache-dir")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example's measurement of one kind on one checkpoint; unset fields are None."""
+
+    nll: float | None = None
+    n_tokens: int | None = None
+    entropy: float | None = None
+    acc: float | None = None
+    copy_rate: float | None = None
+    samples: tuple[str, ...] | None = None
+    data: Any = None
+    array: Any = None  # numpy.ndarray; numpy is imported only when one is stored or read
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    fingerprint: str
+    path: str
+    step: int | None
+    seen: float  # unix time
+
+
+def _encode(uid: str, rec: Record) -> tuple:
+    return (
+        uid,
+        rec.nll,
+        rec.n_tokens,
+        rec.entropy,
+        rec.acc,
+        rec.copy_rate,
+        None if rec.samples is None else json.dumps(list(rec.samples), ensure_ascii=False),
+        None if rec.data is None else json.dumps(rec.data),
+        None if rec.array is None else _array_bytes(rec.array),
+    )
+
+
+def _decode(row: tuple) -> Record:
+    _, nll, n_tokens, entropy, acc, copies, samples, data, array = row
+    return Record(
+        nll=nll,
+        n_tokens=n_tokens,
+        entropy=entropy,
+        acc=acc,
+        copy_rate=copies,
+        samples=None if samples is None else tuple(json.loads(samples)),
+        data=None if data is None else json.loads(data),
+        array=None if array is None else _bytes_array(array),
+    )
+
+
+def _array_bytes(array) -> bytes:
+    """A numeric array as ``b"<dtype> <d0>,<d1>,...\\n"`` + raw C-order bytes.
+
+    Hand-rolled rather than ``np.save`` because reading a ``.npy`` header costs ~0.2 ms,
+    which dominates reading thousands of router-weight rows; object dtypes are refused.
+    """
+    import numpy as np
+
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise TypeError("only numeric arrays can be stored")
+    header = f"{array.dtype.str} {','.join(map(str, array.shape))}\n".encode()
+    return header + array.tobytes(order="C")
+
+
+def _bytes_array(blob: bytes):
+    import numpy as np
+
+    header, _, data = bytes(blob).partition(b"\n")
+    dtype, _, shape = header.decode().partition(" ")
+    dims = tuple(int(d) for d in shape.split(",") if d)
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims).copy()
+
+
+class Store:
+    """A connection to the result store. Use as a context manager, or call :meth:`close`.
+
+    One ``Store`` per process (or thread); any number of processes may open the same file.
+    """
+
+    def __init__(self, path: str | Path, timeout: float = 60.0):
+        self.path = Path(path)
+        self._series_ids: dict[tuple[str, str, str], int] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
+            self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"result store {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._init_schema()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"result store {self.path}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, cache_dir: str | Path | None = None, timeout: float = 60.0) -> Store:
+        """Open (creating if needed) ``results.sqlite3`` in ``cache_dir`` or the default cache dir."""
+        directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return cls(directory / STORE_FILENAME, timeout=timeout)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from the start (no upgrade deadlock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _init_schema(self) -> None:
+        """Check the version; create the tables on first use only.
+
+        The common case (an existing, current store) takes no write lock, so opening a store
+        never waits behind another process's batch.
+        """
+        try:
+            found = self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        except sqlite3.OperationalError:  # no such table: a new store
+            found = None
+        self._check_version(found)
+        if found == SCHEMA_VERSION:
+            return
+        with self._write() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            self._check_version(found)  # another process may have created it meanwhile
+            for statement in _SCHEMA.split(";"):  # executescript would commit our transaction
+                if statement.strip():
+                    db.execute(statement)
+            if found is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    def _check_version(self, found: int | None) -> None:
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(
+                f"result store {self.path} has schema version {found}, newer than this ckptsel reads "
+                f"({SCHEMA_VERSION}); upgrade ckptsel or use another --cache-dir"
+            )
+
+    # -- results ------------------------------------------------------------------
+
+    def _series(self, fingerprint: str, settings: str, kind: str, create: bool) -> int | None:
+        key = (fingerprint, settings, kind)
+        if key in self._series_ids:
+            return self._series_ids[key]
+        query = "SELECT id FROM series WHERE fingerprint = ? AND settings = ? AND kind = ?"
+        row = self._db.execute(query, key).fetchone()
+        if row is None and create:
+            insert = "INSERT INTO series (fingerprint, settings, kind) VALUES (?, ?, ?)"
+            row = (self._db.execute(insert, key).lastrowid,)
+        if row is None:
+            return None
+        # An id created inside put_many's transaction is dropped from the cache on rollback.
+        self._series_ids[key] = row[0]
+        return row[0]
+
+    def put_many(
+        self,
+        fingerprint: str,
+        settings: str,
+        kind: str,
+        records: Mapping[str, Record] | Iterable[tuple[str, Record]],
+    ) -> int:
+        """Store one batch of results in one transaction; returns the number of rows written.
+
+        A uid already stored for this series is replaced. ``records`` may be a generator:
+        it is consumed inside the transaction, and if it raises nothing of the batch is kept.
+        """
+        items = records.items() if isinstance(records, Mapping) else records
+        try:
+            with self._write() as db:
+                series = self._series(fingerprint, settings, kind, create=True)
+                cursor = db.executemany(
+                    f"INSERT OR REPLACE INTO results (series, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    ((series, *_encode(uid, rec)) for uid, rec in items),
+                )
+                return cursor.rowcount
+        except BaseException:
+            self._series_ids.pop((fingerprint, settings, kind), None)
+            raise
+
+    def get_many(self, fingerprint: str, settings: str, kind: str, uids: Iterable[str]) -> dict[str, Record]:
+        """The stored records among ``uids`` (absent uids are simply not in the dict)."""
+        series = self._series(fingerprint, settings, kind, create=False)
+        if series is None:
+            return {}
+        found: dict[str, Record] = {}
+        for chunk in _chunks(list(uids)):
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT {_COLUMNS} FROM results WHERE series = ? AND uid IN ({marks})"
+            for row in self._db.execute(query, (series, *chunk)):
+                found[row[0]] = _decode(row)
+        return found
+
+    def missing(self, fingerprint: str, settings: str, kind: str, uids: Iterable[str]) -> list[str]:
+        """The uids with no stored record, in the order given: what a resumed run must still do."""
+        uids = list(uids)
+        series = self._series(fingerprint, settings, kind, create=False)
+        if series is None:
+            return uids
+        done: set[str] = set()
+        for chunk in _chunks(uids):
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT uid FROM results WHERE series = ? AND uid IN ({marks})"
+            done.update(row[0] for row in self._db.execute(query, (series, *chunk)))
+        return [uid for uid in uids if uid not in done]
+
+    def matrix(self, fingerprints: list[str], settings: str, kind: str, uids: list[str], field: str):
+        """One numeric field as a ``(checkpoints, examples)`` float array, NaN where not stored.
+
+        The layout ``ckptsel.metrics`` expects; reads only that column (no JSON decoding).
+        """
+        import numpy as np
+
+        if field not in _NUMERIC:
+            raise ValueError(f"field must be one of {', '.join(_NUMERIC)}; got {field!r}")
+        position = {uid: i for i, uid in enumerate(uids)}
+        out = np.full((len(fingerprints), len(uids)), np.nan)
+        for row, fingerprint in enumerate(fingerprints):
+            series = self._series(fingerprint, settings, kind, create=False)
+            if series is None:
+                continue
+            for chunk in _chunks(uids):
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT uid, {field} FROM results WHERE series = ? AND uid IN ({marks})"
+                for uid, value in self._db.execute(query, (series, *chunk)):
+                    if value is not None:
+                        out[row, position[uid]] = value
+        return out
+
+    def count(self, fingerprint: str, settings: str, kind: str) -> int:
+        """How many examples this series holds."""
+        series = self._series(fingerprint, settings, kind, create=False)
+        if series is None:
+            return 0
+        return self._db.execute("SELECT count(*) FROM results WHERE series = ?", (series,)).fetchone()[0]
+
+    # -- checkpoint registry ----------------------------------------------------------
+
+    def register_checkpoint(self, fingerprint: str, path: str | Path, step: int | None = None) -> None:
+        """Record that this fingerprint was seen at ``path`` (the latest path wins)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints (fingerprint, path, step, seen) VALUES (?, ?, ?, ?)",
+                (fingerprint, str(path), step, time.time()),
+            )
+
+    def checkpoint(self, fingerprint: str) -> CheckpointEntry | None:
+        row = self._db.execute(
+            "SELECT fingerprint, path, step, seen FROM checkpoints WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
+        return None if row is None else CheckpointEntry(*row)
+
+    def checkpoints(self) -> list[CheckpointEntry]:
+        """Every registered checkpoint, most recently seen first."""
+        rows = self._db.execute("SELECT fingerprint, path, step, seen FROM checkpoints ORDER BY seen DESC")
+        return [CheckpointEntry(*row) for row in rows]
+
+    # -- key-value (calibrated thresholds, merge comparisons) -------------------------
+
+    def put_value(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value under ``key`` (replacing any previous one)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value, updated) VALUES (?, ?, ?)",
+                (key, json.dumps(value), time.time()),
+            )
+
+    def get_value(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    # -- fingerprint cache ------------------------------------------------------------
+
+    def get_fingerprint(self, path: str | Path, size: int, mtime_ns: int) -> str | None:
+        """The cached fingerprint for ``path`` if its size and mtime are unchanged; else None."""
+        row = self._db.execute(
+            "SELECT fingerprint FROM fingerprints WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (str(path), size, mtime_ns),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def put_fingerprint(self, path: str | Path, size: int, mtime_ns: int, fingerprint: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO fingerprints (path, size, mtime_ns, fingerprint) VALUES (?, ?, ?, ?)",
+                (str(path), size, mtime_ns, fingerprint),
+            )
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
