@@ -82,3 +82,20 @@ class Recipe(_Frozen):
         """Hash of everything that changes a stored measurement (not the memorisation rule)."""
         payload = {"data": self.data.model_dump(), "sampling": self.sampling.model_dump()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EngineSettings(_Frozen):
+    """Where and how models run. Only ``dtype`` changes results, so only it enters the store key."""
+
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    batch_size: int | None = Field(None, ge=1, description="Rows per forward pass; None = automatic (a token budget).")
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Load .bin (pickle) weights, with weights_only=True.")
+
+
+class SelectionSettings(_Frozen):
+    """Which examples are measured: a fixed, seeded subset shared by every checkpoint."""
+
+    max_examples: int | None = Field(None, ge=1, description="Measure at most this many training examples.")
+    examples_seed: int = Field(0, description="Seed of the subset drawn when max_examples is set.")

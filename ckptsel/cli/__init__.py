@@ -16,6 +16,8 @@ Exit codes (the gate depends on them):
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 
 import click
 
@@ -26,6 +28,10 @@ from ckptsel.errors import CkptselError
 COMMANDS: dict[str, str] = {
     "ls": "ckptsel.cli.ls:ls",
     "data": "ckptsel.cli.data:data",
+    "rank": "ckptsel.cli.rank:rank",
+    "merge": "ckptsel.cli.merge:merge",
+    "lab": "ckptsel.cli.lab:lab",
+    "demo": "ckptsel.cli.demo:demo",
 }
 
 
@@ -61,4 +67,13 @@ def main():
     \b
     ckptsel ls ./run                       what checkpoints were found, and how they are read
     ckptsel data train.jsonl --recipe gsm8k  how training rows render and grade
+    ckptsel rank ./run --data train.jsonl --recipe gsm8k   rank the checkpoints, recommend one
+    ckptsel merge ./run/checkpoint-800 ./run/checkpoint-1000 -o merged   average two checkpoints
     """
+    # Our own progress bars replace the libraries' (tqdm on stderr would garble --json pipelines).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+

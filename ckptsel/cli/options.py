@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -121,3 +122,50 @@ def _unescape(text):
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+# --------------------------------------------------------------------------- engine options
+# Every command that loads models takes these; the command receives ``engine`` (an
+# ``EngineSettings``) and ``cache_dir`` (a Path or None = $CKPTSEL_CACHE / the user cache dir).
+
+_ENGINE_OPTIONS = (
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N."),
+    click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        help="auto = bfloat16 on GPU, float32 on CPU.",
+    ),
+    click.option("--batch-size", type=click.IntRange(min=1), help="Rows per forward pass (default: automatic)."),
+    click.option("--allow-pickle", is_flag=True, help="Allow loading .bin (pickle) weights, with weights_only=True."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside a checkpoint to run."),
+    click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="CKPTSEL_CACHE",
+        help="Result store folder [env CKPTSEL_CACHE; default: the user cache dir]. Never inside a checkpoint.",
+    ),
+)
+
+
+def engine_options(command):
+    """Add the engine options; the command receives ``engine`` and ``cache_dir``."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, device, dtype, batch_size, allow_pickle, trust_remote_code, **kwargs):
+        from ckptsel.settings import EngineSettings
+
+        engine = EngineSettings(
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+        return command(*args, engine=engine, **kwargs)
+
+    for option in reversed(_ENGINE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper

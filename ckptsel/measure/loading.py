@@ -1,0 +1,245 @@
+"""Load checkpoints one after another, each once; LoRA adapters share one base model.
+
+A ranking run walks the checkpoints of one training run in order. Full checkpoints are
+loaded one at a time (the previous one is released first, so two never share memory).
+Adapter checkpoints are hot-swapped on a base model that is loaded once per distinct base:
+the first adapter wraps the base with ``PeftModel.from_pretrained``, each next one is
+``load_adapter``-ed, activated, and the previous adapter deleted. The base weights are never
+merged or modified, so adapter j scores exactly as if loaded fresh on a clean base.
+
+Safety defaults (DESIGN.md): only local files (nothing is downloaded), safetensors only
+unless ``allow_pickle`` (then ``.bin`` files load with ``weights_only=True``), no remote
+code unless ``trust_remote_code``. Defaults for speed: CUDA when present, bf16 and SDPA
+attention there, float32 on CPU.
+
+Any failure becomes one :class:`~ckptsel.errors.CheckpointError` line naming the checkpoint
+and the reason, so a caller can record it and go on with the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from ckptsel.discover import Checkpoint
+from ckptsel.errors import CheckpointError, CkptselError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class LoadedCheckpoint(NamedTuple):
+    """A model ready for scoring and sampling (eval mode, no grad) and its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CkptselError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CkptselError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it (else float16), float32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise CkptselError(f"--dtype {name!r}: unknown (use auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+class CheckpointLoader:
+    """Yields (model, tokenizer) per checkpoint, loading each once and every base model once.
+
+    Use as a context manager; a yielded model is valid until the next :meth:`load` (an
+    adapter swap changes the same module in place)::
+
+        with CheckpointLoader(device="auto", dtype="auto") as loader:
+            for ckpt, loaded in loader.each(checkpoints):
+                if isinstance(loaded, CheckpointError): ...   # record, go on
+                else: score(loaded.model, loaded.tokenizer)
+
+    ``base_loads`` counts base-model loads for adapters, ``full_loads`` full checkpoints.
+    """
+
+    def __init__(
+        self,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
+        self.base_loads = 0
+        self.full_loads = 0
+        self._full = None  # the current full-checkpoint model
+        self._peft = None  # PeftModel wrapping the current base
+        self._base_key: str | None = None
+        self._adapter: str | None = None  # name of the active adapter
+        self._adapters_loaded = 0
+
+    def __enter__(self) -> CheckpointLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every model this loader holds."""
+        self._full = None
+        self._drop_base()
+
+    def each(self, checkpoints: Iterable[Checkpoint]) -> Iterator[tuple[Checkpoint, LoadedCheckpoint | CheckpointError]]:
+        """Each checkpoint with its loaded model, or with the error that stopped it loading."""
+        for ckpt in checkpoints:
+            try:
+                yield ckpt, self.load(ckpt)
+            except CheckpointError as err:
+                log.warning("%s", err)
+                yield ckpt, err
+
+    def load(self, ckpt: Checkpoint) -> LoadedCheckpoint:
+        """Load one checkpoint; raises CheckpointError (one line) when it cannot be loaded."""
+        if ckpt.kind == "error":
+            raise CheckpointError(f"{ckpt.path}: {ckpt.error or 'unreadable checkpoint'}")
+        try:
+            if ckpt.kind == "adapter":
+                model = self._swap_adapter(ckpt)
+            else:
+                self._full = None
+                _release_memory(self.device)
+                self._full = self._from_pretrained(ckpt.path)
+                self.full_loads += 1
+                model = self._full
+            tokenizer = load_tokenizer(ckpt, trust_remote_code=self.trust_remote_code)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # transformers/peft/safetensors raise many types; the user needs one line
+            raise CheckpointError(f"{ckpt.path}: cannot load: {_one_line(exc)}") from exc
+        return LoadedCheckpoint(model, tokenizer)
+
+    def _from_pretrained(self, path: Path | str):
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(path)
+        if folder.is_dir() and not self.allow_pickle and not any(folder.glob("*.safetensors")):
+            raise CheckpointError(f"{folder}: only pickled (.bin) weights; pass --allow-pickle to load them")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=self.dtype,
+                device_map=str(self.device),
+                trust_remote_code=self.trust_remote_code,
+                use_safetensors=None if self.allow_pickle else True,
+                weights_only=True,
+                local_files_only=True,
+                attn_implementation="sdpa" if self.device.type == "cuda" else None,
+            )
+        except OSError as exc:
+            if folder.is_dir():
+                raise
+            raise CheckpointError(
+                f"{path}: neither a folder nor in the local Hugging Face cache (nothing is downloaded)"
+            ) from exc
+        return _frozen(model)
+
+    def _swap_adapter(self, ckpt: Checkpoint):
+        from peft import PeftModel
+
+        if not ckpt.base_model:
+            raise CheckpointError(f"{ckpt.path}: adapter without a base model; pass --base-model")
+        if not self.allow_pickle and not (ckpt.path / "adapter_model.safetensors").is_file():
+            hint = "; pass --allow-pickle to load adapter_model.bin" if (ckpt.path / "adapter_model.bin").is_file() else ""
+            raise CheckpointError(f"{ckpt.path}: no adapter_model.safetensors{hint}")
+        name = f"adapter{self._adapters_loaded}"
+        if self._peft is None or self._base_key != ckpt.base_model:
+            self._full = None
+            self._drop_base()
+            try:
+                base = self._from_pretrained(ckpt.base_model)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, CheckpointError) else _one_line(exc)
+                raise CheckpointError(f"{ckpt.path}: base model {reason}") from exc
+            self.base_loads += 1
+            self._peft = PeftModel.from_pretrained(base, str(ckpt.path), adapter_name=name, is_trainable=False)
+            self._base_key = ckpt.base_model
+        else:
+            try:
+                self._peft.load_adapter(str(ckpt.path), adapter_name=name, is_trainable=False)
+            except Exception:
+                if name in self._peft.peft_config:
+                    self._peft.delete_adapter(name)
+                raise
+            self._peft.set_adapter(name, inference_mode=True)
+            self._peft.delete_adapter(self._adapter)
+        self._adapter = name
+        self._adapters_loaded += 1
+        return _frozen(self._peft)
+
+    def _drop_base(self) -> None:
+        self._peft = None
+        self._base_key = None
+        self._adapter = None
+        _release_memory(self.device)
+
+
+def _frozen(model):
+    """Eval mode, no gradients: measurement only."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_tokenizer(ckpt: Checkpoint, *, trust_remote_code: bool = False):
+    """The tokenizer a checkpoint was trained with: its own folder's, else its base model's.
+
+    Loaded without the model, so data can be rendered (chat templates) and budgets sized
+    before any weights are read.
+    """
+    from transformers import AutoTokenizer
+
+    source: Path | str = ckpt.path
+    if not any((ckpt.path / f).is_file() for f in TOKENIZER_FILES) and ckpt.base_model:
+        source = ckpt.base_model
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path}: cannot load the tokenizer from {source}: {_one_line(exc)}") from exc

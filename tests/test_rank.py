@@ -1,0 +1,180 @@
+"""End to end: `ckptsel rank` on real (tiny) Trainer runs trained here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ckptsel import metrics
+from ckptsel.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+# Few examples and samples: the plumbing is under test here, the metrics have their own tests.
+FAST = ["--max-examples", "6", "-k", "2", "--max-new-tokens", "24", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)
+
+
+def rank_args(run, cache, *extra, data_from=None):
+    data_from = data_from or run
+    return [
+        "rank", str(run), "--data", str(data_from / "train.jsonl"), "--recipe", str(data_from / "recipe.yaml"),
+        "--cache-dir", str(cache), *FAST, *extra,
+    ]
+
+
+def invoke(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path):
+    result = invoke(rank_args(tiny_run, tmp_path, "--json"))
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    rows = out["checkpoints"]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert out["recommended"]["path"] in [r["path"] for r in rows]
+    assert out["cache"] == {"measured": 3, "from_cache": 0}
+
+    # Recompute PM(J) from the store with the public formula: the CLI must agree exactly.
+    from ckptsel.store import Store
+
+    from ckptsel.collect import select_examples
+    from ckptsel.data import load_examples
+    from ckptsel.recipes import load_recipe
+    from ckptsel.settings import SelectionSettings
+
+    examples = load_examples(tiny_run / "train.jsonl", load_recipe(str(tiny_run / "recipe.yaml")))
+    uids = [ex.uid for ex in select_examples(examples, SelectionSettings(max_examples=6))]
+    with Store.open(tmp_path) as store:
+        fps = [r["fingerprint"] for r in rows]
+        key = out["settings_key"]
+        acc = store.matrix(fps, key, "sample", uids, "acc")
+        nll = store.matrix(fps, key, "score", uids, "nll")
+    assert acc.shape == (3, 6) and not np.isnan(acc).any() and not np.isnan(nll).any()
+    expected = metrics.premem_accuracy(acc, nll, out["threshold"]["used"])
+    assert [r["premem_acc"] for r in rows] == pytest.approx(expected.tolist())
+    for r in rows:
+        lo, hi = r["premem_ci"]
+        assert lo <= r["premem_acc"] <= hi
+        assert 0.0 <= r["memorized_frac"] <= 1.0
+
+
+def test_rank_is_incremental_when_a_checkpoint_is_added(tiny_run, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(tiny_run / name, partial / name)
+    first = invoke(rank_args(partial, tmp_path / "cache", "--json", data_from=tiny_run))
+    assert json.loads(first.stdout)["cache"] == {"measured": 2, "from_cache": 0}
+    shutil.copytree(tiny_run / "checkpoint-6", partial / "checkpoint-6")
+    second = invoke(rank_args(partial, tmp_path / "cache", "--json", data_from=tiny_run))
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["cache"] == {"measured": 1, "from_cache": 2}
+    # Copying a checkpoint elsewhere keeps its fingerprint: measured values are reused, not recomputed.
+    again = invoke(rank_args(tiny_run, tmp_path / "cache", "--json"))
+    assert json.loads(again.stdout)["cache"] == {"measured": 0, "from_cache": 3}
+
+
+def test_killed_rank_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
+    args = rank_args(tiny_run, tmp_path / "killed", "--json", "--batch-size", "2")
+    args[args.index("--max-examples") + 1] = "16"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ckptsel", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "killed" / "results.sqlite3"
+    deadline = time.time() + 120
+    rows = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            import sqlite3
+
+            try:
+                rows = sqlite3.connect(db).execute("SELECT count(*) FROM results").fetchone()[0]
+            except sqlite3.OperationalError:
+                rows = 0
+            if rows >= 16:  # at least one chunk stored, the run not finished
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    resumed = invoke(args)
+    assert resumed.exit_code == 0, resumed.output
+    fresh = invoke([*args[:args.index("--cache-dir") + 1], str(tmp_path / "fresh"), *args[args.index("--cache-dir") + 2:]])
+    a, b = json.loads(resumed.stdout), json.loads(fresh.stdout)
+    assert a["cache"]["measured"] >= 1  # the kill left work to do
+    for ra, rb in zip(a["checkpoints"], b["checkpoints"]):
+        for field in ("train_acc", "premem_acc", "memorized_frac", "copy_rate", "target_nll"):
+            assert ra[field] == pytest.approx(rb[field], abs=1e-6), field
+
+
+def test_lora_run_loads_the_base_once(lora_run, tmp_path):
+    from ckptsel.collect import collect
+    from ckptsel.data import load_examples
+    from ckptsel.discover import discover
+    from ckptsel.measure.loading import load_tokenizer
+    from ckptsel.recipes import load_recipe, override
+    from ckptsel.store import Store
+
+    ckpts = discover([lora_run])
+    assert [c.kind for c in ckpts] == ["adapter"] * 3
+    recipe = override(load_recipe(str(lora_run / "recipe.yaml")), sampling={"k": 1, "max_new_tokens": 8})
+    tokenizer = load_tokenizer(ckpts[0])
+    examples = load_examples(lora_run / "train.jsonl", recipe, tokenizer=tokenizer)[:4]
+    with Store.open(tmp_path) as store:
+        collected = collect(ckpts, examples, recipe, store, tokenizer=tokenizer)
+    assert collected.failures == {}
+    assert collected.loaded == 3
+    assert collected.base_loads == 1
+
+
+def test_unknown_grader_is_one_line_exit_2(tiny_run, tmp_path):
+    result = CliRunner().invoke(main, rank_args(tiny_run, tmp_path, "--grader", "nope"))
+    assert result.exit_code == 2
+    assert "nope" in result.output and "Traceback" not in result.output
+
+
+def test_template_field_missing_from_the_data_is_exit_2(tiny_run, tmp_path):
+    result = CliRunner().invoke(main, rank_args(tiny_run, tmp_path, "--prompt-template", "{problem}\\n"))
+    assert result.exit_code == 2
+    assert "problem" in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_that_fails_to_load_does_not_lose_the_others(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "checkpoint-4" / "config.json"
+    config.write_text(config.read_text().replace('"LlamaForCausalLM"', '"NoSuchModelForCausalLM"')
+                      .replace('"model_type": "llama"', '"model_type": "no-such-model"'))
+    result = CliRunner().invoke(main, rank_args(run, tmp_path / "cache", "--json"))
+    assert result.exit_code == 3, result.output
+    out = json.loads(result.stdout)
+    by_step = {r["step"]: r for r in out["checkpoints"]}
+    assert by_step[4]["error"] and "checkpoint-4" in by_step[4]["error"]
+    assert by_step[2]["premem_acc"] is not None and by_step[6]["premem_acc"] is not None
+    assert "checkpoint-4" in result.stderr
