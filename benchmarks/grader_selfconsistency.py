@@ -15,7 +15,7 @@ For GSM8K (``gsm8k`` grader) and MATH (``math`` grader), train and test:
 - speed:    grades per second with k=5 distinct completions per reference, caches cleared
             first (cold), then the same again (warm).
 
-Run:  python benchmarks/grader_selfconsistency.py [--data /work/shared/data] [--show 15]
+Run:  python benchmarks/grader_selfconsistency.py [--data ../shared/data] [--show 15]
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def check(task: str, split: str, references: list[str], show_limit: int) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--show", type=int, default=15, help="failures listed per check")
     parser.add_argument("--task", choices=sorted(DATASETS), action="append", help="default: all")
     args = parser.parse_args()
