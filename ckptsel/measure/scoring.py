@@ -56,6 +56,10 @@ class ScoreResult:
     nll: np.ndarray
     n_tokens: np.ndarray
     entropy: np.ndarray
+    # MoE models scored with ``routers=True``: per-pair router softmax averaged over the target
+    # tokens (N, layers, experts), and the routers' expert vectors (layers, experts, hidden).
+    router_weights: np.ndarray | None = None
+    gate_vectors: np.ndarray | None = None
 
     @property
     def ppl(self) -> np.ndarray:
@@ -89,10 +93,15 @@ def score_targets(
     *,
     append_eos: bool = True,
     batch_size: int | None = None,
+    routers: bool = False,
 ) -> ScoreResult:
-    """Score each target given its prompt; see the module docstring for tokenisation."""
+    """Score each target given its prompt; see the module docstring for tokenisation.
+
+    ``routers``: on a mixture-of-experts model, also capture each pair's routing weights in
+    the same forward pass (``ckptsel.measure.routers``); ignored for dense models.
+    """
     pairs = encode_pairs(tokenizer, prompts, targets, append_eos=append_eos)
-    return score_token_pairs(model, pairs, batch_size=batch_size)
+    return score_token_pairs(model, pairs, batch_size=batch_size, routers=routers)
 
 
 def plan_batches(
@@ -134,8 +143,19 @@ def plan_batches(
 
 
 @torch.inference_mode()
-def score_token_pairs(model, pairs: Sequence[TokenPair], *, batch_size: int | None = None) -> ScoreResult:
+def score_token_pairs(
+    model, pairs: Sequence[TokenPair], *, batch_size: int | None = None, routers: bool = False
+) -> ScoreResult:
     """Score already-tokenised (prompt ids, target ids) pairs; the engine under :func:`score_targets`."""
+    from ckptsel.measure.routers import capture_routers, find_routers
+
+    if routers and find_routers(model) is not None:
+        with capture_routers(model) as capture:
+            return _score_all(model, pairs, batch_size, capture)
+    return _score_all(model, pairs, batch_size, None)
+
+
+def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, capture) -> ScoreResult:
     n = len(pairs)
     nll_sum = np.zeros(n)
     ent_sum = np.zeros(n)
@@ -150,6 +170,9 @@ def score_token_pairs(model, pairs: Sequence[TokenPair], *, batch_size: int | No
         token_budget=GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET,
         scored_budget=(GPU_LOGITS_BUDGET if gpu else CPU_LOGITS_BUDGET) // vocab,
     )
+    weights = None
+    if capture is not None:
+        weights = np.full((n, capture.num_layers, capture.num_experts), np.nan, dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
@@ -157,18 +180,27 @@ def score_token_pairs(model, pairs: Sequence[TokenPair], *, batch_size: int | No
             rows = [i for i in rows if n_tokens[i] > 0]
             if not rows:
                 continue
-            nll, ent, owner = _score_batch(model, [pairs[i] for i in rows], device)
+            nll, ent, owner, routed = _score_batch(model, [pairs[i] for i in rows], device, capture)
             row_ids = np.asarray(rows)[owner]
             np.add.at(nll_sum, row_ids, nll)
             np.add.at(ent_sum, row_ids, ent)
+            if routed is not None:
+                weights[rows] = routed
     finally:
         model.train(was_training)
+    gates = capture.gate_vectors() if capture is not None else None
     with np.errstate(invalid="ignore", divide="ignore"):
-        return ScoreResult(nll=nll_sum / n_tokens, n_tokens=n_tokens, entropy=ent_sum / n_tokens)
+        return ScoreResult(
+            nll=nll_sum / n_tokens,
+            n_tokens=n_tokens,
+            entropy=ent_sum / n_tokens,
+            router_weights=weights,
+            gate_vectors=gates,
+        )
 
 
-def _score_batch(model, pairs: list[TokenPair], device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One forward pass; returns per-target-token NLL, entropy and the batch row each belongs to."""
+def _score_batch(model, pairs: list[TokenPair], device: torch.device, capture=None):
+    """One forward pass: per-target-token NLL, entropy, the batch row each belongs to, and routing weights."""
     width = max(len(p) + len(t) for p, t in pairs)
     ids = torch.zeros((len(pairs), width), dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
@@ -186,12 +218,19 @@ def _score_batch(model, pairs: list[TokenPair], device: torch.device) -> tuple[n
         position_ids=positions.to(device),
         logits_to_keep=keep.to(device),
         use_cache=False,
+        **(capture.forward_kwargs if capture is not None else {}),
     )
     # Row-major boolean indexing keeps the (row, position) order that ``labels`` was built in.
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     nll, ent = token_nll_entropy(logits, torch.tensor(labels, device=logits.device))
     owner = keep.nonzero()[:, 0].numpy()
-    return nll, ent, owner
+    routed = None
+    if capture is not None:
+        # Router tokens are the positions whose *input* is a target token: ``keep`` shifted by one.
+        targets = torch.zeros_like(keep)
+        targets[:, 1:] = keep[:, :-1]
+        routed = capture.reduce(targets, out)
+    return nll, ent, owner, routed
 
 
 def token_nll_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elems: int | None = None) -> tuple[np.ndarray, np.ndarray]:
