@@ -12,7 +12,16 @@ missing. Samples are seeded per (example uid, sample index), so a resumed run eq
 uninterrupted one.
 
 Measurement kinds are an explicit table (:data:`KINDS`); each turns a loaded model and a
-list of examples into store records.
+list of examples into store records. Besides target NLL (``score``) and graded samples
+(``sample``) they are the over-memorization proxies of :mod:`ckptsel.proxies`: perturbed-prompt
+NLL, alternative-solution NLL and held-out NLL, measured while the checkpoint is loaded anyway.
+
+The alternative-solution set is harvested from the earliest checkpoints' samples before any
+checkpoint can be alt-scored (see :class:`ckptsel.proxies.Harvest` for the ordering): in the
+common case the first checkpoint's samples fix the set and every checkpoint is still loaded
+once; when the first checkpoints have too few correct samples, the checkpoints measured before
+the set was fixed are loaded once more at the end of the run (``Collected.loaded`` counts
+every load).
 """
 
 from __future__ import annotations
@@ -21,19 +30,20 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
+from ckptsel import proxies
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, fingerprint
 from ckptsel.errors import CheckpointError
-from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
+from ckptsel.proxies import Harvest
+from ckptsel.settings import EngineSettings, ProxySettings, Recipe, SelectionSettings
 from ckptsel.store import Record, Store
 
 log = logging.getLogger(__name__)
-
-# Examples per stored chunk: small enough that a crash loses little, large enough to batch well.
-CHUNK = {"score": 256, "sample": 32}
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,11 @@ class Collected:
     settings_key: str
     examples: list[Example]
     failures: dict[int, str] = field(default_factory=dict)  # checkpoint index -> one-line reason
-    loaded: int = 0  # checkpoints that had to be loaded (the rest came from the store)
+    loaded: int = 0  # checkpoint loads (1 per measured checkpoint, +1 per harvest source revisited)
     base_loads: int = 0  # base models loaded for adapter checkpoints (one per distinct base)
+    heldout: list[Example] = field(default_factory=list)
+    series: dict[str, str] = field(default_factory=dict)  # kind -> its store kind (e.g. "perturb:<hash>")
+    harvest: Harvest | None = None  # the alternative-solution set, when "alt" was measured
 
 
 # --------------------------------------------------------------------------- measurement kinds
@@ -106,11 +119,28 @@ def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Reci
 
 MeasureFn = Callable[..., dict[str, Record]]
 
-# kind -> function(model, tokenizer, examples, recipe, ctx) -> {uid: Record}
-KINDS: dict[str, MeasureFn] = {
-    "score": _measure_scores,
-    "sample": _measure_samples,
+
+@dataclass(frozen=True)
+class Kind:
+    """A measurement kind: function(model, tokenizer, examples, recipe, ctx) -> {uid: Record}.
+
+    ``chunk``: examples per stored batch (small enough that a crash loses little, large
+    enough to batch well). ``examples``: the training examples, or the ``--heldout`` ones.
+    """
+
+    measure: MeasureFn
+    chunk: int
+    examples: Literal["train", "heldout"] = "train"
+
+
+KINDS: dict[str, Kind] = {
+    "score": Kind(_measure_scores, 256),
+    "sample": Kind(_measure_samples, 32),
+    "perturb": Kind(proxies.measure_perturbed, 128),  # len(perturbations) pairs per example
+    "alt": Kind(proxies.measure_alternatives, 256),  # after "sample": harvested from samples
+    "heldout": Kind(proxies.measure_heldout, 256, examples="heldout"),
 }
+DEFAULT_KINDS = tuple(KINDS)
 
 
 # --------------------------------------------------------------------------- planning
@@ -185,13 +215,17 @@ def collect(
     *,
     tokenizer,
     engine: EngineSettings = EngineSettings(),
-    kinds: Sequence[str] = ("score", "sample"),
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    heldout: Sequence[Example] = (),
+    proxy_settings: ProxySettings = ProxySettings(),
     on_progress: Callable[[Progress], None] | None = None,
 ) -> Collected:
-    """Measure ``kinds`` for every checkpoint × example the store does not hold yet.
+    """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
 
-    ``tokenizer`` (the run's: see :func:`ckptsel.measure.loading.load_tokenizer`) sizes the
-    sampling budgets. One checkpoint
+    ``checkpoints`` are in training order (the alternative-solution set is harvested from
+    the first ones). ``tokenizer`` (the run's: see
+    :func:`ckptsel.measure.loading.load_tokenizer`) sizes the sampling budgets. ``heldout``
+    examples are scored by the ``heldout`` kind (nothing to do when empty). One checkpoint
     failing to load or measure is recorded in ``Collected.failures``; the others go on.
     """
     from ckptsel import graders
@@ -202,57 +236,121 @@ def collect(
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown measurement kinds {unknown}; known: {sorted(KINDS)}")
-    ctx = {"engine": engine, "grader": graders.get(recipe.data.grader)}
+    grader = graders.get(recipe.data.grader)
+    alt_grader = graders.get(proxy_settings.alt_grader) if proxy_settings.alt_grader else grader
+    ctx = {"engine": engine, "grader": grader, "proxies": proxy_settings}
     ctx["budgets"] = budgets(tokenizer, examples, recipe)
     key = settings_key(recipe, engine)
     fps = fingerprints(checkpoints, store)
-    result = Collected(checkpoints, fps, key, examples)
+    result = Collected(checkpoints, fps, key, examples, heldout=list(heldout))
     for i, ckpt in enumerate(checkpoints):
         if ckpt.kind == "error":
             result.failures[i] = ckpt.error or "unreadable checkpoint"
 
-    uids = [ex.uid for ex in examples]
-    by_uid = {ex.uid: ex for ex in examples}
-
-    def todo(i: int) -> dict[str, list[str]]:
-        return {kind: store.missing(fps[i], key, kind, uids) for kind in kinds}
-
     pending = [i for i in range(len(checkpoints)) if fps[i] is not None]
+    pools = {"train": examples, "heldout": result.heldout}
+    plain = [k for k in kinds if k != "alt"]  # alt goes last: it needs this checkpoint's samples
+    result.series = {k: proxies.perturb_series(proxy_settings.perturbations) if k == "perturb" else k for k in plain}
+    harvest_key = None
+    if "alt" in kinds and pending:
+        harvest_key = Harvest.key(key, fps[pending[0]], proxy_settings)
+        stored = store.get_value(harvest_key)
+        result.harvest = Harvest.from_json(stored) if stored is not None else Harvest()
+        ctx["harvest"] = result.harvest
+    uids = [ex.uid for ex in examples]
+
+    def run(session: _Session, i: int, kind: str, pool: list[Example]) -> None:
+        """Measure and store what the store lacks of ``kind`` on ``pool`` for checkpoint ``i``."""
+        series = result.series[kind]
+        missing = set(store.missing(fps[i], key, series, [ex.uid for ex in pool]))
+        todo = [ex for ex in pool if ex.uid in missing]
+        if not todo:
+            return
+        model, tok = session.model()
+        size = KINDS[kind].chunk
+        done = len(pool) - len(todo)
+        _emit(on_progress, checkpoints[i], i, kind, done, len(pool))
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            store.put_many(fps[i], key, series, KINDS[kind].measure(model, tok, chunk, recipe, ctx))
+            done += len(chunk)
+            _emit(on_progress, checkpoints[i], i, kind, done, len(pool))
+
+    def alt_pool() -> list[Example]:
+        solutions = result.harvest.solutions(uids)
+        return [ex for ex in examples if ex.uid in solutions]
+
+    def advance_harvest(i: int) -> bool:
+        """Harvest checkpoint ``i``'s samples if it is (or may become) a source; True once the set is fixed."""
+        harvest = result.harvest
+        was_fixed, looked_up = harvest.fixed, 0
+        if not harvest.fixed or fps[i] in harvest.sources:
+            records = store.get_many(fps[i], key, "sample", uids)
+            looked_up = harvest.harvest(fps[i], records, examples, alt_grader, proxy_settings.alt_min_accuracy)
+        if not harvest.decide(uids, proxy_settings):
+            return False
+        if not was_fixed or looked_up:
+            store.put_value(harvest_key, harvest.to_json())
+        result.series["alt"] = harvest.series
+        return True
+
     with CheckpointLoader(
         engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code, allow_pickle=engine.allow_pickle
     ) as loader:
         for i in pending:
-            ckpt = checkpoints[i]
-            work = todo(i)
-            if not any(work.values()):
-                _emit(on_progress, ckpt, i, "cached", len(uids), len(uids))
-                store.register_checkpoint(fps[i], ckpt.path, ckpt.step)
+            session = _Session(loader, checkpoints[i], i, result, on_progress)
+            with _recording_failure(result, i):
+                for kind in plain:
+                    run(session, i, kind, pools[KINDS[kind].examples])
+                if result.harvest is not None and advance_harvest(i):
+                    run(session, i, "alt", alt_pool())
+            if i in result.failures:
                 continue
-            _emit(on_progress, ckpt, i, "load", 0, 1)
-            try:
-                loaded = loader.load(ckpt)
-                result.loaded += 1
-                store.register_checkpoint(fps[i], ckpt.path, ckpt.step)
-                for kind in kinds:
-                    missing = work[kind]
-                    size = CHUNK.get(kind, 64)
-                    done = len(uids) - len(missing)
-                    _emit(on_progress, ckpt, i, kind, done, len(uids))
-                    for start in range(0, len(missing), size):
-                        chunk = [by_uid[u] for u in missing[start : start + size]]
-                        records = KINDS[kind](loaded.model, loaded.tokenizer, chunk, recipe, ctx)
-                        store.put_many(fps[i], key, kind, records)
-                        done += len(chunk)
-                        _emit(on_progress, ckpt, i, kind, done, len(uids))
-            except CheckpointError as err:
-                result.failures[i] = str(err)
-                log.info("%s", err)
-            except Exception as exc:  # one bad checkpoint must not lose the others' results
-                reason = f"{ckpt.path}: measurement failed: {type(exc).__name__}: {exc}".splitlines()[0]
-                result.failures[i] = reason
-                log.info("%s", reason)
+            store.register_checkpoint(fps[i], checkpoints[i].path, checkpoints[i].step)
+            if not session.loaded:
+                _emit(on_progress, checkpoints[i], i, "cached", len(uids), len(uids))
+        # Checkpoints measured before the set was fixed: their alternative scores, one more load each.
+        if result.harvest is not None and result.harvest.fixed:
+            for i in pending:
+                if i not in result.failures:
+                    with _recording_failure(result, i):
+                        run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt", alt_pool())
         result.base_loads = loader.base_loads
     return result
+
+
+class _Session:
+    """One checkpoint's turn in the loop: the model is loaded on first use, at most once."""
+
+    def __init__(self, loader, ckpt: Checkpoint, index: int, result: Collected, on_progress):
+        self._loader, self._ckpt, self._index = loader, ckpt, index
+        self._result, self._on_progress = result, on_progress
+        self._loaded = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def model(self):
+        if self._loaded is None:
+            _emit(self._on_progress, self._ckpt, self._index, "load", 0, 1)
+            self._loaded = self._loader.load(self._ckpt)
+            self._result.loaded += 1
+        return self._loaded
+
+
+@contextmanager
+def _recording_failure(result: Collected, index: int) -> Iterator[None]:
+    """Record a checkpoint's failure in ``Collected.failures`` and go on with the next one."""
+    try:
+        yield
+    except CheckpointError as err:
+        result.failures[index] = str(err)
+        log.info("%s", err)
+    except Exception as exc:  # one bad checkpoint must not lose the others' results
+        reason = f"{result.checkpoints[index].path}: measurement failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        result.failures[index] = reason
+        log.info("%s", reason)
 
 
 def _emit(callback, ckpt, index, phase, done, total) -> None:

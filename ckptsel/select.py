@@ -1,8 +1,13 @@
-"""From stored measurements to a ranking: per-checkpoint metrics, warnings, a recommendation.
+"""From stored measurements to a ranking: per-checkpoint metrics, stages, flags, a recommendation.
 
 Reads the ``(checkpoints, examples)`` matrices from the store, applies the formulas in
-:mod:`ckptsel.metrics`, and returns plain data (:class:`Ranking`) that the CLI prints and
-serialises. Nothing here loads a model.
+:mod:`ckptsel.metrics` and the stage rule of :mod:`ckptsel.stages`, and returns plain data
+(:class:`Ranking`) that the CLI prints and serialises. Nothing here loads a model.
+
+The over-memorized flag and the recommendation's tie-break use one perplexity proxy
+(:func:`choose_proxy`): the held-out NLL when a held-out file was given (the real thing),
+else the alternative-solution NLL when enough examples have an alternative solution, else
+the target NLL under perturbed prompts.
 """
 
 from __future__ import annotations
@@ -12,16 +17,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ckptsel import metrics
+from ckptsel import metrics, stages
 from ckptsel.collect import Collected
-from ckptsel.settings import MemorizationSettings
+from ckptsel.settings import MemorizationSettings, OvermemSettings
 from ckptsel.store import Store
 
-# A checkpoint is "close to the best" when its PM is inside the best one's interval.
-RULE = (
-    "highest pre-memorization accuracy (predicted test accuracy); among checkpoints whose value lies "
-    "inside the best one's {level:.0%} interval, the one with the lowest memorised fraction"
-)
+PROXIES = ("heldout_nll", "alt_nll", "perturb_nll")  # auto's order of preference
 
 
 @dataclass
@@ -51,6 +52,13 @@ class CheckpointMetrics:
     copy_rate: float = math.nan
     target_nll: float = math.nan
     entropy: float = math.nan
+    alt_nll: float = math.nan  # over the examples with an alternative solution
+    perturb_nll: float = math.nan  # target NLL under perturbed prompts (mean over perturbations)
+    perturb_gap: float = math.nan  # perturb_nll - target NLL, example by example
+    heldout_nll: float = math.nan
+    proxy_ratio: float = math.nan  # the flag's proxy over its baseline (stages.proxy_ratio)
+    stage: str | None = None
+    flag: stages.Flag | None = None
     error: str | None = None
 
 
@@ -61,6 +69,11 @@ class Ranking:
     n_examples: int
     recommended: int | None  # index into checkpoints
     rule: str
+    proxy: str | None = None  # the perplexity proxy of the flag and the tie-break
+    stage_rule: str = ""
+    alt_coverage: float = math.nan  # fraction of examples with an alternative solution
+    alt_sources: list[int] = field(default_factory=list)  # indices of the checkpoints they were harvested from
+    n_heldout: int = 0
     warnings: list[str] = field(default_factory=list)
     # Per-example arrays, for --export-examples: (checkpoints, examples), measured rows only.
     per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -70,14 +83,20 @@ class Ranking:
         for c in self.checkpoints:
             row = asdict(c)
             row["premem_ci"] = list(c.premem_ci)
+            row["flag"] = None if c.flag is None else c.flag.to_json()
             rows.append({k: _clean(v) for k, v in row.items()})
         rec = self.checkpoints[self.recommended] if self.recommended is not None else None
         return {
             "checkpoints": rows,
             "recommended": None if rec is None else {"index": rec.index, "path": rec.path, "step": rec.step},
             "rule": self.rule,
+            "proxy": self.proxy,
+            "stage_rule": self.stage_rule,
+            "alt_coverage": _clean(self.alt_coverage),
+            "alt_sources": [self.checkpoints[i].step for i in self.alt_sources],
             "threshold": {k: _clean(v) for k, v in asdict(self.threshold).items()},
             "n_examples": self.n_examples,
+            "n_heldout": self.n_heldout,
             "warnings": self.warnings,
         }
 
@@ -92,16 +111,52 @@ def _clean(value):
 
 
 def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarray]:
-    """nll, entropy, acc and copy as (measured checkpoints, examples) arrays, in training order."""
+    """The stored measurements as (measured checkpoints, examples) arrays, in training order.
+
+    nll, entropy (target scoring), acc, copy (samples), perturb (mean perturbed-prompt NLL),
+    alt (alternative-solution NLL, NaN for examples without one), and heldout (checkpoints x
+    held-out examples). A kind that was not measured reads as all NaN.
+    """
     fps = [fp for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
     uids = [ex.uid for ex in collected.examples]
     key = collected.settings_key
+
+    def read(kind: str, field: str, which: list[str] = uids) -> np.ndarray:
+        series = collected.series.get(kind)
+        if series is None:
+            return np.full((len(fps), len(which)), np.nan)
+        return store.matrix(fps, key, series, which, field)
+
     return {
         "nll": store.matrix(fps, key, "score", uids, "nll"),
         "entropy": store.matrix(fps, key, "score", uids, "entropy"),
         "acc": store.matrix(fps, key, "sample", uids, "acc"),
         "copy": store.matrix(fps, key, "sample", uids, "copy_rate"),
+        "perturb": read("perturb", "nll"),
+        "alt": read("alt", "nll"),
+        "heldout": read("heldout", "nll", [ex.uid for ex in collected.heldout]),
     }
+
+
+def choose_proxy(
+    columns: dict[str, np.ndarray], alt_coverage: float, overmem: OvermemSettings
+) -> tuple[str | None, str | None]:
+    """The perplexity proxy for the flag, and a warning when the asked one could not be used.
+
+    auto: the first of :data:`PROXIES` that was measured (the alternative-solution NLL only
+    when at least ``min_alt_coverage`` of the examples have an alternative solution).
+    """
+    def usable(name: str) -> bool:
+        if name == "alt_nll" and not alt_coverage >= overmem.min_alt_coverage:
+            return False
+        return not np.isnan(columns[name]).all()
+
+    if overmem.proxy != "auto":
+        if usable(overmem.proxy):
+            return overmem.proxy, None
+        fallback = next((p for p in PROXIES if usable(p)), None)
+        return fallback, f"proxy {overmem.proxy} was not measured (or covers too few examples); using {fallback}"
+    return next((p for p in PROXIES if usable(p)), None), None
 
 
 def memorized_mask(m: dict[str, np.ndarray], memorization: MemorizationSettings) -> tuple[np.ndarray, Threshold]:
@@ -126,9 +181,9 @@ def memorized_mask(m: dict[str, np.ndarray], memorization: MemorizationSettings)
     return mask | np.isnan(m["nll"]), report
 
 
-def rank(collected: Collected, store: Store, memorization: MemorizationSettings, *, level: float = 0.95,
-         n_boot: int = 1000) -> Ranking:
-    """Per-checkpoint metrics, the pre-memorization accuracy with its interval, and a recommendation."""
+def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
+         overmem: OvermemSettings = OvermemSettings(), *, level: float = 0.95, n_boot: int = 1000) -> Ranking:
+    """Per-checkpoint metrics and proxies, stages and flags, PM with its interval, and a recommendation."""
     measured = [i for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
     m = measured_matrices(collected, store)
     rows = [
@@ -145,7 +200,10 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
     ]
     default = memorization.threshold if memorization.threshold != "auto" else None
     ranking = Ranking(rows, Threshold(memorization.rule, None, default), len(collected.examples), None,
-                      RULE.format(level=level))
+                      stages.RECOMMEND_RULE.format(level=level, proxy="proxy"), n_heldout=len(collected.heldout))
+    if collected.harvest is not None and collected.harvest.fixed:
+        ranking.alt_coverage = collected.harvest.coverage(ex.uid for ex in collected.examples)
+        ranking.alt_sources = [i for i, fp in enumerate(collected.fingerprints) if fp in collected.harvest.sources]
     if not measured:
         ranking.warnings.append("no checkpoint could be measured")
         return ranking
@@ -155,20 +213,41 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
     pm = metrics.per_checkpoint_mean(per_example)
     lo, hi = metrics.bootstrap_ci(per_example, n_boot=n_boot, level=level)
     measured_mask = ~np.isnan(m["nll"] if memorization.rule == "nll" else m["copy"])
-    memorized_frac = metrics.memorized_fraction(mask & measured_mask, measured_mask)
     columns = {
         "train_acc": metrics.train_accuracy(m["acc"]),
         "premem_acc": pm,
-        "memorized_frac": memorized_frac,
+        "memorized_frac": metrics.memorized_fraction(mask & measured_mask, measured_mask),
         "copy_rate": metrics.copy_rate(m["copy"]),
         "target_nll": metrics.per_checkpoint_mean(m["nll"]),
         "entropy": metrics.per_checkpoint_mean(m["entropy"]),
+        "alt_nll": metrics.per_checkpoint_mean(m["alt"]),
+        "perturb_nll": metrics.per_checkpoint_mean(m["perturb"]),
+        "perturb_gap": metrics.per_checkpoint_mean(m["perturb"] - m["nll"]),
+        "heldout_nll": metrics.per_checkpoint_mean(m["heldout"]),
     }
+
+    proxy, note = choose_proxy(columns, ranking.alt_coverage, overmem)
+    if note:
+        ranking.warnings.append(note)
+    if collected.harvest is not None and not collected.harvest.fixed:
+        ranking.warnings.append(_open_harvest_warning(collected))
+    proxy_values = columns[proxy] if proxy else np.full(len(measured), np.nan)
+    assessment = stages.assess(columns["train_acc"], pm, columns["memorized_frac"], proxy_values, proxy or "proxy",
+                               overmem)
+    columns["proxy_ratio"] = assessment.ratio
     for r, i in enumerate(measured):
         for name, values in columns.items():
             setattr(rows[i], name, float(values[r]))
         rows[i].premem_ci = (float(lo[r]), float(hi[r]))
+        rows[i].stage, rows[i].flag = assessment.stages[r], assessment.flags[r]
+    flagged = np.array([f is not None for f in assessment.flags])
 
+    # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
+    tie_break = proxy_values if proxy else columns["memorized_frac"]
+    ranking.proxy = proxy
+    ranking.rule = stages.RECOMMEND_RULE.format(level=level, proxy=proxy or "memorised fraction")
+    ranking.stage_rule = stages.STAGE_RULE.format(proxy=proxy or "proxy", rise=1 + overmem.proxy_rise,
+                                                  **overmem.model_dump(exclude={"proxy"}))
     support = metrics.premem_support(m["acc"], mask)
     if (warning := support.warning()) is not None:
         ranking.warnings.append(warning)
@@ -177,19 +256,20 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
             f"only {len(measured)} checkpoint(s) measured; pre-memorization accuracy needs the history "
             "before memorisation — save more frequent checkpoints"
         )
-    ranking.recommended = _recommend(rows, measured)
+    if flagged.all():
+        ranking.warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
+    pick = stages.recommend(pm, lo, tie_break, flagged)
+    ranking.recommended = measured[pick] if pick is not None else None
     ranking.per_example = {"premem": per_example, "memorized": mask, "measured_index": np.array(measured), **m}
     return ranking
 
 
-def _recommend(rows: list[CheckpointMetrics], measured: list[int]) -> int | None:
-    """The rule in :data:`RULE`: best PM; ties within its interval go to the least memorised."""
-    pm = np.array([rows[i].premem_acc for i in measured])
-    best = metrics.best_index(pm, "premem_acc")
-    if best is None:
-        return None
-    floor = rows[measured[best]].premem_ci[0]
-    close = [i for i in measured if rows[i].premem_acc >= floor] if not math.isnan(floor) else [measured[best]]
-    fractions = np.array([rows[i].memorized_frac for i in close])
-    pick = metrics.best_index(fractions, "memorized_frac")
-    return close[pick] if pick is not None else measured[best]
+def _open_harvest_warning(collected: Collected) -> str:
+    n = len(collected.harvest.sources)
+    uids = [ex.uid for ex in collected.examples]
+    if n == 0:
+        what = "no checkpoint has a correct sample that differs from its training target yet"
+    else:
+        what = (f"{n} checkpoint(s) gave alternative solutions for {collected.harvest.coverage(uids):.0%} of the "
+                "examples so far")
+    return f"alternative-solution NLL not reported: {what}; the set is completed as checkpoints are added"

@@ -99,3 +99,60 @@ class SelectionSettings(_Frozen):
 
     max_examples: int | None = Field(None, ge=1, description="Measure at most this many training examples.")
     examples_seed: int = Field(0, description="Seed of the subset drawn when max_examples is set.")
+
+
+class ProxySettings(_Frozen):
+    """How the over-memorization proxies are measured on the training questions (DESIGN.md).
+
+    The perturbations are named in ``ckptsel.proxies.PERTURBATIONS``. The alternative-solution
+    set is harvested from the run's earliest checkpoints: one checkpoint at a time, in training
+    order, until ``alt_min_coverage`` of the examples have a correct sample that differs from
+    their training target (on a question the checkpoint answers reliably), or
+    ``alt_max_sources`` checkpoints have contributed; it is then fixed.
+    """
+
+    perturbations: tuple[str, ...] = Field(
+        ("preamble", "format", "instruction"), min_length=1, description="Prompt perturbations, by name."
+    )
+    alt_min_coverage: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of examples with an alternative solution that fixes the set."
+    )
+    alt_max_sources: int = Field(
+        3, ge=1, description="Most checkpoints harvested from; each past the first may cost one extra load."
+    )
+    alt_min_accuracy: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="Harvest a question only where at least this fraction of the k samples is correct: "
+        "a lucky final answer after a broken trace is not a solution.",
+    )
+    alt_grader: str | None = Field(
+        None,
+        description="Grader that decides which samples are alternative solutions (None: the recipe's). A stricter "
+        "one that checks the steps, not only the final answer, keeps broken traces out of the set.",
+    )
+
+
+class OvermemSettings(_Frozen):
+    """Stages and the over-memorized flag (DESIGN.md, "Stages and the over-memorized flag").
+
+    A checkpoint is flagged over-memorized when all three hold: its train accuracy is within
+    ``acc_margin`` of the run's best, its memorised fraction is at least ``memorized_min``, and
+    its perplexity proxy is at least ``1 + proxy_rise`` times the proxy's minimum over the
+    checkpoints up to it. Otherwise it is underfit when its train accuracy is below
+    ``underfit_fraction`` of the run's best, and generalizing if not.
+    """
+
+    proxy: Literal["auto", "heldout_nll", "alt_nll", "perturb_nll"] = Field(
+        "auto",
+        description="Perplexity proxy of the flag; auto = held-out NLL when given, else alternative-solution NLL "
+        "when its coverage suffices, else the perturbed-prompt NLL.",
+    )
+    acc_margin: float = Field(0.05, ge=0.0, le=1.0, description="'Near the run's best' train accuracy.")
+    memorized_min: float = Field(0.5, ge=0.0, le=1.0, description="Memorised fraction that counts as high.")
+    proxy_rise: float = Field(0.25, gt=0.0, description="Relative rise of the proxy over its running minimum.")
+    underfit_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Below this share of the best train accuracy: underfit.")
+    min_alt_coverage: float = Field(
+        0.05, ge=0.0, le=1.0, description="auto uses the alternative-solution NLL only above this coverage."
+    )

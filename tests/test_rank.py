@@ -51,7 +51,7 @@ def invoke(args):
 
 
 def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path):
-    result = invoke(rank_args(tiny_run, tmp_path, "--json"))
+    result = invoke(rank_args(tiny_run, tmp_path, "--json", "--heldout", str(tiny_run / "test.jsonl")))
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     rows = out["checkpoints"]
@@ -74,6 +74,9 @@ def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path
         key = out["settings_key"]
         acc = store.matrix(fps, key, "sample", uids, "acc")
         nll = store.matrix(fps, key, "score", uids, "nll")
+        from ckptsel.proxies import perturb_series
+
+        perturbed = store.matrix(fps, key, perturb_series(("preamble", "format", "instruction")), uids, "nll")
     assert acc.shape == (3, 6) and not np.isnan(acc).any() and not np.isnan(nll).any()
     expected = metrics.premem_accuracy(acc, nll, out["threshold"]["used"])
     assert [r["premem_acc"] for r in rows] == pytest.approx(expected.tolist())
@@ -81,6 +84,26 @@ def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path
         lo, hi = r["premem_ci"]
         assert lo <= r["premem_acc"] <= hi
         assert 0.0 <= r["memorized_frac"] <= 1.0
+    # The proxies: the perturbation gap from the stored perturbed NLLs, the held-out NLL as the
+    # flag's proxy (a held-out file was given), a stage for every checkpoint.
+    assert [r["perturb_gap"] for r in rows] == pytest.approx((perturbed - nll).mean(axis=1).tolist())
+    assert out["proxy"] == "heldout_nll" and out["n_heldout"] == 6
+    assert all(r["heldout_nll"] > 0 and r["entropy"] > 0 for r in rows)
+    # The tiny model never answers correctly: no alternative solutions, every checkpoint underfit.
+    assert [r["stage"] for r in rows] == ["underfit"] * 3 and all(r["flag"] is None for r in rows)
+    assert "not flagged over-memorized" in out["rule"] and "heldout_nll" in out["rule"]
+
+    # The gate on the same run and cache measures nothing again; exit 0 pass, 1 fail.
+    gate = ["gate", str(tiny_run), "--data", str(tiny_run / "train.jsonl"), "--recipe", str(tiny_run / "recipe.yaml"),
+            "--cache-dir", str(tmp_path), *FAST, "--heldout", str(tiny_run / "test.jsonl"), "--json"]
+    passed = invoke(gate)
+    assert passed.exit_code == 0, passed.output
+    report = json.loads(passed.stdout)
+    assert report["passed"] and report["candidate"]["step"] == 6 and report["ranking"]["cache"]["measured"] == 0
+    failed = invoke([*gate, "--min-premem-acc", "0.5"])
+    assert failed.exit_code == 1 and json.loads(failed.stdout)["reasons"] == [
+        "predicted test accuracy 0.000 (must be ≥ 0.5)"
+    ]
 
 
 def test_rank_is_incremental_when_a_checkpoint_is_added(tiny_run, tmp_path):
@@ -178,3 +201,17 @@ def test_a_checkpoint_that_fails_to_load_does_not_lose_the_others(tiny_run, tmp_
     assert by_step[4]["error"] and "checkpoint-4" in by_step[4]["error"]
     assert by_step[2]["premem_acc"] is not None and by_step[6]["premem_acc"] is not None
     assert "checkpoint-4" in result.stderr
+
+
+def test_choose_proxy_prefers_heldout_then_alternatives_with_coverage_then_perturbed():
+    from ckptsel.select import choose_proxy
+    from ckptsel.settings import OvermemSettings
+
+    nan = np.full(3, np.nan)
+    cols = {"heldout_nll": nan, "alt_nll": np.ones(3), "perturb_nll": np.ones(3)}
+    assert choose_proxy(cols, 0.3, OvermemSettings()) == ("alt_nll", None)
+    assert choose_proxy(cols, 0.01, OvermemSettings()) == ("perturb_nll", None)  # too few alternatives
+    assert choose_proxy({**cols, "heldout_nll": np.ones(3)}, 0.3, OvermemSettings()) == ("heldout_nll", None)
+    proxy, note = choose_proxy(cols, 0.3, OvermemSettings(proxy="heldout_nll"))
+    assert proxy == "alt_nll" and "heldout_nll was not measured" in note
+    assert choose_proxy({k: nan for k in cols}, 0.3, OvermemSettings()) == (None, None)

@@ -30,8 +30,11 @@ COMMANDS: dict[str, str] = {
     "data": "ckptsel.cli.data:data",
     "rank": "ckptsel.cli.rank:rank",
     "merge": "ckptsel.cli.merge:merge",
+    "gate": "ckptsel.cli.gate:gate",
     "lab": "ckptsel.cli.lab:lab",
     "demo": "ckptsel.cli.demo:demo",
+    "verify": "ckptsel.cli.verify:verify",
+    "report": "ckptsel.cli.report:report",
 }
 
 

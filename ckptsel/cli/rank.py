@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,44 +20,147 @@ from ckptsel.cli.options import (
 )
 
 
+# --------------------------------------------------------------------------- options shared with `gate`
+# What is measured and how; `rank` and `gate` take the same ones, so a gate in CI reuses the
+# cache of a rank run made with the same options.
+
+_MEASUREMENT_OPTIONS = (
+    click.option("--base-model", metavar="PATH", help="Base model for LoRA adapters (overrides adapter_config.json)."),
+    click.option("--max-examples", type=click.IntRange(min=1), help="Measure a fixed random subset of this many examples."),
+    click.option("--examples-seed", type=int, default=0, show_default=True, help="Seed of the --max-examples subset."),
+    click.option("-k", "--samples", "k", type=click.IntRange(min=1), help="Samples per question (recipe default: 5)."),
+    click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature (default 0.8; 0 = greedy)."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass (default 0.95)."),
+    click.option("--max-new-tokens", type=click.IntRange(min=1), help="Generation budget (default: from target lengths)."),
+    click.option("--seed", type=int, help="Base sampling seed (default 0)."),
+    click.option(
+        "--threshold",
+        metavar="NU|auto",
+        help="Memorisation threshold nu in nats/token (recipe default), or 'auto' to calibrate it from copy rates.",
+    ),
+    click.option(
+        "--memorization",
+        "memorization_rule",
+        type=click.Choice(["nll", "copy"]),
+        help="nll: target NLL below the threshold (default); copy: samples reproduce the training solution.",
+    ),
+    click.option("--skip-bad", is_flag=True, help="Skip malformed data rows instead of stopping."),
+    click.option(
+        "--heldout",
+        "heldout_path",
+        type=click.Path(path_type=Path),
+        help="Held-out data (same layout and recipe as --data): its reference-solution NLL becomes the flag's proxy.",
+    ),
+    click.option(
+        "--alt-grader",
+        metavar="NAME",
+        help="Grader deciding which correct samples are alternative solutions (default: --grader); one that "
+        "checks the steps keeps right-answer-wrong-steps samples out.",
+    ),
+    click.option(
+        "--proxy",
+        type=click.Choice(["auto", "heldout_nll", "alt_nll", "perturb_nll"]),
+        help="Perplexity proxy of the over-memorized flag (default auto: held-out, else alternative-solution, "
+        "else perturbed-prompt NLL).",
+    ),
+)
+
+
+def measurement_options(command):
+    """Add the measurement options; the command receives ``measurement`` (the keyword arguments
+    of :func:`measure_and_rank` they set) and ``proxy`` (None unless given) instead."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, base_model, max_examples, examples_seed, k, temperature, top_p, max_new_tokens, seed, threshold,
+                memorization_rule, skip_bad, heldout_path, alt_grader, proxy, **kwargs):
+        measurement = {
+            "base_model": base_model,
+            "max_examples": max_examples,
+            "examples_seed": examples_seed,
+            "sampling": {"k": k, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                         "seed": seed},
+            "memorization": {"rule": memorization_rule, "threshold": _threshold(threshold)},
+            "skip_bad": skip_bad,
+            "heldout_path": heldout_path,
+            "alt_grader": alt_grader,
+        }
+        return command(*args, measurement=measurement, proxy=proxy, **kwargs)
+
+    for option in reversed(_MEASUREMENT_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+# --------------------------------------------------------------------------- the command
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Training data file or folder.")
 @recipe_options
-@click.option("--base-model", metavar="PATH", help="Base model for LoRA adapters (overrides adapter_config.json).")
-@click.option("--max-examples", type=click.IntRange(min=1), help="Measure a fixed random subset of this many examples.")
-@click.option("--examples-seed", type=int, default=0, show_default=True, help="Seed of the --max-examples subset.")
-@click.option("-k", "--samples", "k", type=click.IntRange(min=1), help="Samples per question (recipe default: 5).")
-@click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature (default 0.8; 0 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Nucleus sampling mass (default 0.95).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Generation budget (default: from target lengths).")
-@click.option("--seed", type=int, help="Base sampling seed (default 0).")
-@click.option(
-    "--threshold",
-    metavar="NU|auto",
-    help="Memorisation threshold nu in nats/token (recipe default), or 'auto' to calibrate it from copy rates.",
-)
-@click.option(
-    "--memorization",
-    "memorization_rule",
-    type=click.Choice(["nll", "copy"]),
-    help="nll: target NLL below the threshold (default); copy: samples reproduce the training solution.",
-)
-@click.option("--skip-bad", is_flag=True, help="Skip malformed data rows instead of stopping.")
+@measurement_options
 @click.option("--export-examples", type=click.Path(path_type=Path), help="Write the per-example table (.csv or .jsonl).")
 @engine_options
 @json_option
 @quiet_option
-def rank(paths, data_path, recipe, base_model, max_examples, examples_seed, k, temperature, top_p, max_new_tokens,
-         seed, threshold, memorization_rule, skip_bad, export_examples, engine, cache_dir, as_json, quiet):
-    """Rank checkpoints by pre-memorization train accuracy (predicted test accuracy).
+def rank(paths, data_path, recipe, measurement, proxy, export_examples, engine, cache_dir, as_json, quiet):
+    """Rank checkpoints by pre-memorization train accuracy (predicted test accuracy); flag over-memorization.
 
-    Measures each checkpoint once (target NLL, k graded samples per question), keeps the
-    results in the cache (resumable, incremental), and recommends one checkpoint.
+    Measures each checkpoint once (target NLL, k graded samples per question, and the
+    over-memorization proxies: alternative-solution NLL, perturbed-prompt NLL, entropy),
+    keeps the results in the cache (resumable, incremental), gives each checkpoint a stage
+    (underfit / generalizing / over-memorized) and recommends one.
 
     \b
     Example:
       ckptsel rank ./run --data train.jsonl --recipe gsm8k --max-examples 500
+    """
+    from ckptsel.settings import OvermemSettings
+
+    run = measure_and_rank(paths, data_path, recipe, overmem=OvermemSettings(proxy=proxy or "auto"), engine=engine,
+                           cache_dir=cache_dir, quiet=quiet, command="rank", **measurement)
+    ranking, collected = run.ranking, run.collected
+    if export_examples:
+        _export(export_examples, ranking, collected)
+    if as_json:
+        print_json(run.to_json())
+    else:
+        _print_table(stdout_console(), ranking, run.recipe)
+    alert = stderr_console()
+    for warning in ranking.warnings:
+        alert.print(f"[yellow]warning:[/] {warning}")
+    for reason in collected.failures.values():
+        alert.print(f"[red]failed:[/] {reason}")
+    if collected.failures:
+        raise SystemExit(3)
+
+
+@dataclass
+class RankedRun:
+    """What :func:`measure_and_rank` returns: the ranking, the raw collection, the recipe used."""
+
+    ranking: Any
+    collected: Any
+    recipe: Any
+    usable: int  # checkpoints that could be read (the rest were broken on disk)
+
+    def to_json(self) -> dict:
+        out = self.ranking.to_json()
+        out["settings_key"] = self.collected.settings_key
+        out["cache"] = {"measured": self.collected.loaded, "from_cache": self.usable - self.collected.loaded}
+        return out
+
+
+def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: dict, overmem, base_model,
+                     max_examples: int | None, examples_seed: int, skip_bad: bool, heldout_path, engine, cache_dir,
+                     quiet: bool, command: str, checkpoints=None, alt_grader: str | None = None) -> RankedRun:
+    """Discover, load the data, measure what the cache lacks (with progress on stderr), rank.
+
+    Shared by the commands that need a ranking (rank, gate, report, verify). ``sampling`` and
+    ``memorization`` override the recipe's sections (None values keep them); ``checkpoints``
+    (already discovered) skips discovery; ``alt_grader`` picks the alternative solutions
+    (:class:`ckptsel.settings.ProxySettings`).
     """
     from ckptsel.cli.progress import CollectProgress
     from ckptsel.collect import collect, select_examples
@@ -65,52 +170,46 @@ def rank(paths, data_path, recipe, base_model, max_examples, examples_seed, k, t
     from ckptsel.measure.loading import load_tokenizer
     from ckptsel.recipes import override
     from ckptsel.select import rank as rank_checkpoints
-    from ckptsel.settings import SelectionSettings
+    from ckptsel import graders
+    from ckptsel.settings import ProxySettings, SelectionSettings
     from ckptsel.store import Store, ensure_outside
 
     err = stderr_console(quiet=quiet)  # progress; warnings and failures always print
-    alert = stderr_console()
-    sampling = {"k": k, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
-    memo = {"rule": memorization_rule, "threshold": _threshold(threshold)}
-    recipe = override(recipe, sampling=sampling, memorization=memo)
-
-    checkpoints = discover(paths, base_model=base_model)
+    recipe = override(recipe, sampling=sampling, memorization=memorization)
+    if alt_grader is not None:
+        graders.get(alt_grader)  # an unknown name is a usage error before any work
+    proxy_settings = ProxySettings(alt_grader=alt_grader)
+    if checkpoints is None:
+        checkpoints = discover(paths, base_model=base_model)
     usable = [c for c in checkpoints if c.kind != "error"]
     if not usable:
         reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
         raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, paths))} ({reasons})")
     tokenizer = load_tokenizer(usable[0], trust_remote_code=engine.trust_remote_code)
+    selection = SelectionSettings(max_examples=max_examples, examples_seed=examples_seed)
     loaded = load_data(data_path, recipe, tokenizer=tokenizer, skip_bad=skip_bad)
-    examples = select_examples(loaded.examples, SelectionSettings(max_examples=max_examples, examples_seed=examples_seed))
+    examples = select_examples(loaded.examples, selection)
     if not examples:
         raise CkptselError(f"{data_path}: no training examples")
+    heldout = []
+    if heldout_path is not None:
+        rows = load_data(heldout_path, recipe, tokenizer=tokenizer, skip_bad=skip_bad)
+        heldout = select_examples(rows.examples, selection)
+        if not heldout:
+            raise CkptselError(f"{heldout_path}: no held-out examples")
     ensure_outside(cache_dir, [c.path for c in checkpoints])
 
     with Store.open(cache_dir) as store:
         err.print(
-            f"[bold]ckptsel rank[/]: {len(checkpoints)} checkpoint(s), {len(examples)} example(s), "
-            f"k={recipe.sampling.k}, cache {store.path}"
+            f"[bold]ckptsel {command}[/]: {len(checkpoints)} checkpoint(s), {len(examples)} example(s)"
+            + (f", {len(heldout)} held-out" if heldout else "")
+            + f", k={recipe.sampling.k}, cache {store.path}"
         )
         with CollectProgress(err, len(checkpoints)) as progress:
             collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, engine=engine,
-                                on_progress=progress.update)
-        ranking = rank_checkpoints(collected, store, recipe.memorization)
-
-    if export_examples:
-        _export(export_examples, ranking, collected)
-    if as_json:
-        out = ranking.to_json()
-        out["settings_key"] = collected.settings_key
-        out["cache"] = {"measured": collected.loaded, "from_cache": len(usable) - collected.loaded}
-        print_json(out)
-    else:
-        _print_table(stdout_console(), ranking, recipe)
-    for warning in ranking.warnings:
-        alert.print(f"[yellow]warning:[/] {warning}")
-    for reason in collected.failures.values():
-        alert.print(f"[red]failed:[/] {reason}")
-    if collected.failures:
-        raise SystemExit(3)
+                                heldout=heldout, proxy_settings=proxy_settings, on_progress=progress.update)
+        ranking = rank_checkpoints(collected, store, recipe.memorization, overmem)
+    return RankedRun(ranking, collected, recipe, len(usable))
 
 
 def _threshold(value: str | None):
@@ -138,21 +237,34 @@ def _print_table(console, ranking, recipe) -> None:
             rule += f" (recipe default {t.recipe_default:.3f})"
     else:
         rule = f"memorised: ≥ {recipe.memorization.copy_fraction:.0%} of samples copy the training solution"
+    heldout = ranking.n_heldout > 0
     table = Table(title=f"{ranking.n_examples} training examples · {rule}", title_justify="left")
-    for name, justify in [("", "left"), ("step", "right"), ("epoch", "right"), ("train loss", "right"),
-                          ("train acc", "right"), ("pre-mem acc (95% CI)", "right"), ("memorised", "right"),
-                          ("copy", "right"), ("target NLL", "right")]:
-        table.add_column(name, justify=justify)
+    columns = ["", "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)", "memorised", "copy",
+               "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []), "stage"]
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("", "stage") else "right")
     for c in ranking.checkpoints:
         mark = "★" if c.index == ranking.recommended else ""
         if c.error:
             table.add_row(mark, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"),
-                          f"[red]failed: {c.error}[/]", "", "", "", "")
+                          f"[red]failed: {c.error}[/]", *[""] * (len(columns) - 5))
             continue
         ci = f"{_fmt(c.premem_acc)} ({_fmt(c.premem_ci[0], '.2f')}–{_fmt(c.premem_ci[1], '.2f')})"
+        stage = {"over-memorized": "[red]over-memorized[/]", "underfit": "[dim]underfit[/]"}.get(c.stage, c.stage or "")
         table.add_row(mark, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"), _fmt(c.train_acc),
-                      ci, _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll))
+                      ci, _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll), _fmt(c.alt_nll),
+                      _fmt(c.perturb_gap, "+.3f"), _fmt(c.entropy), *([_fmt(c.heldout_nll)] if heldout else []), stage)
+    if not console.is_terminal:  # piped or redirected: no screen width to respect, keep the table unsqueezed
+        console.width = max(console.width, 200)
     console.print(table)
+    coverage = ""
+    if not math.isnan(ranking.alt_coverage):
+        steps = ", ".join(_fmt(ranking.checkpoints[i].step, "d") for i in ranking.alt_sources)
+        coverage = f" · alternative solutions for {ranking.alt_coverage:.0%} of examples, from step(s) {steps}"
+    console.print(f"stages ({ranking.proxy or 'no proxy'}{coverage}): {ranking.stage_rule}")
+    for c in ranking.checkpoints:
+        if c.flag is not None:
+            console.print(f"[red]over-memorized[/] step {_fmt(c.step, 'd')}: {c.flag.reason()}")
     if ranking.recommended is not None:
         rec = ranking.checkpoints[ranking.recommended]
         console.print(f"[bold green]recommended:[/] {rec.path} (step {_fmt(rec.step, 'd')}, predicted test accuracy "

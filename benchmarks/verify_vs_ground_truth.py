@@ -1,0 +1,134 @@
+"""Does `ckptsel verify` (lm-eval) measure what the lab's ground truth measures? Per checkpoint of a lab run.
+
+Two comparisons on the run's held-out test.jsonl, with the lab's own generation budget:
+
+* greedy: the lab's ground-truth code (ckptsel's sampler, temperature 0) against verify
+  --greedy (lm-eval's HF generate). Expected: equal, question by question;
+* sampled: RUN/ground_truth.json (k samples, T=0.8, top-p 0.95, ckptsel's seeded sampler)
+  against verify with the same k, T and top-p (lm-eval's sampler, its own random stream).
+  Expected: equal within sampling error -- reported as the paired difference over questions
+  and its z-score.
+
+    python benchmarks/verify_vs_ground_truth.py RUN [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes about pre-loaded models are expected here
+
+
+def lab_budget(run: Path, settings) -> int:
+    """The generation budget write_ground_truth used: from the first n_train_eval train and all test answers."""
+    from ckptsel.lab.splits import read_jsonl
+    from ckptsel.lab.tokenizer import build_tokenizer
+    from ckptsel.measure.sampling import max_new_tokens_for
+
+    if settings.sampling.max_new_tokens is not None:
+        return settings.sampling.max_new_tokens
+    tokenizer = build_tokenizer()
+    rows = read_jsonl(run / "train.jsonl")[: settings.n_train_eval] + read_jsonl(run / "test.jsonl")
+    ids = tokenizer([r.answer for r in rows], add_special_tokens=False)["input_ids"]
+    return max_new_tokens_for([len(t) + 1 for t in ids])
+
+
+def greedy_ground_truth(run: Path, budget: int) -> dict:
+    """The lab's ground-truth code run greedily, on a scratch copy of the run (links, nothing rewritten)."""
+    from ckptsel.lab.ground_truth import GroundTruthSettings, write_ground_truth
+    from ckptsel.settings import SamplingSettings
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        for item in run.iterdir():
+            if item.name.startswith("checkpoint-") or item.name in ("train.jsonl", "test.jsonl"):
+                (scratch / item.name).symlink_to(item.resolve())
+        settings = GroundTruthSettings(sampling=SamplingSettings(temperature=0, max_new_tokens=budget),
+                                       n_train_eval=1, perturbed=False)
+        return json.loads(write_ground_truth(scratch, settings).read_text())
+
+
+def main() -> None:
+    import numpy as np
+
+    from ckptsel.data import load_data
+    from ckptsel.discover import discover
+    from ckptsel.lab.ground_truth import GroundTruthSettings, read_ground_truth
+    from ckptsel.measure.loading import load_tokenizer
+    from ckptsel.recipes import load_recipe, override
+    from ckptsel.settings import EngineSettings
+    from ckptsel.store import Store
+    from ckptsel.verify import verify_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    run = args.run.resolve()
+    truth = read_ground_truth(run)
+    gt_settings = GroundTruthSettings(**truth["settings"])
+    budget = lab_budget(run, gt_settings)
+    checkpoints = discover([run])
+    recipe = load_recipe(run / "recipe.yaml")
+    tokenizer = load_tokenizer(checkpoints[0])
+    examples = load_data(run / "test.jsonl", recipe, tokenizer=tokenizer).examples
+    engine = EngineSettings(device="cpu", dtype="float32")
+    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="verify-bench-"))
+    print(f"run {run}: {len(checkpoints)} checkpoints, {len(examples)} test questions, budget {budget} tokens")
+
+    t0 = time.perf_counter()
+    lab_greedy = greedy_ground_truth(run, budget)
+    t_lab = time.perf_counter() - t0
+    with Store.open(cache) as store:
+        t0 = time.perf_counter()
+        greedy = verify_file(checkpoints, examples, override(recipe, sampling={"temperature": 0.0}), store,
+                             source="test.jsonl", engine=engine, max_new_tokens=budget)
+        t_greedy = time.perf_counter() - t0
+        sampling = gt_settings.sampling.model_dump(include={"k", "temperature", "top_p"})
+        t0 = time.perf_counter()
+        sampled = verify_file(checkpoints, examples, override(recipe, sampling=sampling), store,
+                              source="test.jsonl", engine=engine, max_new_tokens=budget)
+        t_sampled = time.perf_counter() - t0
+
+    uids = [ex.uid for ex in examples]
+    print(f"\ngreedy: lab ground-truth code (ckptsel sampler) vs ckptsel verify (lm-eval HF generate)")
+    print(f"{'step':>6} {'lab':>7} {'verify':>7} {'diff':>8} {'questions equal':>16}")
+    worst = 0.0
+    for ckpt, m in zip(checkpoints, greedy.checkpoints):
+        lab = lab_greedy["checkpoints"][str(ckpt.step)]
+        per_lab = lab["per_example"]["test_accuracy"]
+        same = sum(abs(m.per_example[u] - a) < 1e-9 for u, a in zip(uids, per_lab))
+        worst = max(worst, abs(m.accuracy - lab["test_accuracy"]))
+        print(f"{ckpt.step:>6} {lab['test_accuracy']:>7.3f} {m.accuracy:>7.3f} {m.accuracy - lab['test_accuracy']:>+8.3f} "
+              f"{same:>9}/{len(uids)}")
+    print(f"max |diff| {worst:.4f}")
+
+    print(f"\nsampled (k={sampling['k']}, T={sampling['temperature']}, top-p {sampling['top_p']}): "
+          "RUN/ground_truth.json vs ckptsel verify")
+    print(f"{'step':>6} {'lab':>7} {'verify':>7} {'verify 95% CI':>15} {'diff':>8} {'se(diff)':>9} {'z':>6}")
+    zs = []
+    for ckpt, m in zip(checkpoints, sampled.checkpoints):
+        lab = truth["checkpoints"][str(ckpt.step)]
+        d = np.array([m.per_example[u] - a for u, a in zip(uids, lab["per_example"]["test_accuracy"])])
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+        z = float(d.mean() / se) if se > 0 else 0.0
+        zs.append(z)
+        print(f"{ckpt.step:>6} {lab['test_accuracy']:>7.3f} {m.accuracy:>7.3f} "
+              f"{f'[{m.ci[0]:.3f}, {m.ci[1]:.3f}]':>15} {d.mean():>+8.3f} {se:>9.4f} {z:>+6.2f}")
+    within = sum(abs(z) <= 1.96 for z in zs)
+    print(f"|z| <= 1.96 for {within}/{len(zs)} checkpoints (paired over questions)")
+    print(f"\ntime: lab greedy {t_lab:.1f} s, verify greedy {t_greedy:.1f} s, verify sampled {t_sampled:.1f} s "
+          f"(cache {cache})")
+
+
+if __name__ == "__main__":
+    main()

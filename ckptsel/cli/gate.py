@@ -1,0 +1,159 @@
+"""``ckptsel gate``: pass or fail one checkpoint of a run, for release pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptsel.cli.options import (
+    engine_options,
+    json_option,
+    print_json,
+    quiet_option,
+    recipe_options,
+    stderr_console,
+    stdout_console,
+)
+from ckptsel.cli.rank import measurement_options
+
+EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2 (ckptsel.cli)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Training data file or folder.")
+@recipe_options
+@click.option(
+    "--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (rules, candidate, stage thresholds)."
+)
+@click.option(
+    "--candidate",
+    metavar="last|recommended|PATH",
+    help="Checkpoint to judge when PATH is a run (policy default: last).",
+)
+@click.option("--min-premem-acc", type=click.FloatRange(0, 1), help="Fail below this predicted test accuracy.")
+@click.option(
+    "--max-drop",
+    type=click.FloatRange(0, 1),
+    help="Fail when predicted accuracy is this far below the recommended checkpoint's.",
+)
+@click.option("--max-memorized", type=click.FloatRange(0, 1), help="Fail above this memorised fraction.")
+@click.option(
+    "--max-proxy-ratio",
+    type=click.FloatRange(min=1),
+    help="Fail when the perplexity proxy is this many times its minimum so far.",
+)
+@click.option("--allow-overmemorized", is_flag=True, help="Do not fail on the over-memorized flag.")
+@measurement_options
+@engine_options
+@json_option
+@quiet_option
+def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_memorized, max_proxy_ratio,
+         allow_overmemorized, measurement, proxy, engine, cache_dir, as_json, quiet):
+    """Pass or fail a checkpoint against a policy, judged from the training data and its run's history.
+
+    PATH is a run folder (the candidate is its last checkpoint unless --candidate or the
+    policy says otherwise) or one checkpoint-N folder (its earlier siblings are the
+    history). The run is measured like `ckptsel rank` (cached, incremental). Options
+    override the policy file.
+
+    \b
+    Exit codes: 0 pass · 1 fail (the reasons are printed) · 2 usage or data error.
+
+    \b
+    Example:
+      ckptsel gate ./run --data train.jsonl --recipe gsm8k --policy recipes/ci/policy.yaml --json
+    """
+    from ckptsel.cli import rank as rank_cli
+    from ckptsel.errors import CkptselError
+    from ckptsel.policy import Policy, evaluate, load_policy, validate
+
+    policy = load_policy(policy_path) if policy_path else Policy()
+    overrides = {
+        "min_premem_acc": min_premem_acc,
+        "max_drop_from_recommended": max_drop,
+        "max_memorized_frac": max_memorized,
+        "max_proxy_ratio": max_proxy_ratio,
+        "fail_if_overmemorized": False if allow_overmemorized else None,
+    }
+    payload = policy.model_dump()
+    payload["rules"].update({k: v for k, v in overrides.items() if v is not None})
+    if candidate in ("last", "recommended"):
+        payload["candidate"] = candidate
+    if proxy is not None:
+        payload["stages"]["proxy"] = proxy
+    policy = validate(payload, "options")
+
+    checkpoints, chosen = _candidate(path, candidate, measurement["base_model"])
+    run = rank_cli.measure_and_rank(
+        [path], data_path, recipe, overmem=policy.stages, engine=engine, cache_dir=cache_dir, quiet=quiet,
+        command="gate", checkpoints=checkpoints, **measurement,
+    )
+    ranking = run.ranking
+    if chosen is None:
+        chosen = ranking.recommended if policy.candidate == "recommended" else _last_measured(ranking)
+    if chosen is None or ranking.checkpoints[chosen].error:
+        reason = ranking.checkpoints[chosen].error if chosen is not None else "no checkpoint could be measured"
+        raise CkptselError(f"gate: the candidate could not be measured: {reason}")
+
+    checks = evaluate(ranking, chosen, policy.rules)
+    passed = all(ch.passed for ch in checks)
+    c = ranking.checkpoints[chosen]
+    if as_json:
+        print_json({
+            "passed": passed,
+            "candidate": {"index": c.index, "path": c.path, "step": c.step, "stage": c.stage,
+                          "premem_acc": c.premem_acc, "flag": None if c.flag is None else c.flag.to_json()},
+            "reasons": [ch.detail for ch in checks if not ch.passed],
+            "checks": [ch.to_json() for ch in checks],
+            "policy": policy.model_dump(),
+            "ranking": run.to_json(),
+        })
+    else:
+        console = stdout_console()
+        verdict = "[bold green]PASS[/]" if passed else "[bold red]FAIL[/]"
+        console.print(f"{verdict} {c.path} (step {c.step}, {c.stage}, predicted test accuracy {c.premem_acc:.3f})")
+        for ch in checks:
+            console.print(f"  {'ok' if ch.passed else '[red]failed[/]'} {ch.name}: {ch.detail}")
+    alert = stderr_console()
+    for warning in ranking.warnings:
+        alert.print(f"[yellow]warning:[/] {warning}")
+    for reason in run.collected.failures.values():
+        alert.print(f"[yellow]not measured:[/] {reason}")
+    raise SystemExit(EXIT_PASS if passed else EXIT_FAIL)
+
+
+def _candidate(path: Path, candidate: str | None, base_model: str | None):
+    """(checkpoints to measure, index of the candidate or None to pick after ranking).
+
+    A checkpoint-N folder inside a run is judged with the run's checkpoints up to it as
+    history; a run folder gives all its checkpoints; ``--candidate PATH`` must be one of them.
+    """
+    from ckptsel.discover import discover
+    from ckptsel.errors import CkptselError
+
+    found = discover([path], base_model=base_model)
+    target = path.expanduser().resolve()
+    is_single = len(found) == 1 and found[0].path.resolve() == target
+    if is_single:
+        if candidate not in (None, "last", "recommended"):
+            raise click.UsageError("--candidate applies to a run folder; PATH is already one checkpoint")
+        history = discover([target.parent], base_model=base_model)
+        paths = [c.path.resolve() for c in history]
+        if target not in paths:  # a lone checkpoint folder: no history to judge against
+            return found, 0
+        history = history[: paths.index(target) + 1]
+        return history, len(history) - 1
+    if candidate in (None, "last", "recommended"):
+        return found, None
+    wanted = Path(candidate).expanduser().resolve()
+    for i, c in enumerate(found):
+        if c.path.resolve() == wanted:
+            return found, i
+    raise CkptselError(f"--candidate {candidate}: not a checkpoint of {path} (found {len(found)})")
+
+
+def _last_measured(ranking) -> int | None:
+    """The last checkpoint of the run (in training order), even if it failed: the gate must not skip it."""
+    return len(ranking.checkpoints) - 1 if ranking.checkpoints else None

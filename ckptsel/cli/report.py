@@ -1,0 +1,130 @@
+"""``ckptsel report``: one self-contained HTML page with the plots, the numbers and the rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptsel.cli.options import (
+    RECIPE_OPTION_NAMES,
+    engine_options,
+    json_option,
+    print_json,
+    quiet_option,
+    recipe_options,
+    stderr_console,
+)
+
+# A run folder written by the lab (or laid out like one) carries its data, recipe and ground truth.
+RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.json"
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+              show_default=True, help="The HTML file to write.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help=f"Training data, when PATH is a run folder (default: PATH/{RUN_DATA} if there).")
+@recipe_options
+@click.option("--max-examples", type=click.IntRange(min=1), help="The fixed random subset of training examples.")
+@click.option("--examples-seed", type=int, default=0, show_default=True, help="Seed of that subset.")
+@click.option("--heldout", "heldout_path", type=click.Path(path_type=Path), help="Held-out data for the NLL proxy.")
+@click.option("--base-model", metavar="PATH", help="Base model for LoRA adapters (overrides adapter_config.json).")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed data rows instead of stopping.")
+@click.option("--verify", "verify_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Measured accuracy: `ckptsel verify --json` output (default: the newest verify results in the cache).")
+@click.option("--ground-truth", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"True held-out numbers per step (default: {RUN_TRUTH} beside the checkpoints, if there).")
+@click.option("--merge", "merges", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A merged checkpoint (its ckptsel_merge.json) or a merge comparison JSON; repeatable.")
+@click.option("--title", help="Page title (default: the run folder's name).")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write each plot as a PNG into this folder (needs matplotlib).")
+@engine_options
+@json_option
+@quiet_option
+@click.pass_context
+def report(ctx, path, out, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
+           verify_path, ground_truth, merges, title, png_dir, engine, cache_dir, as_json, quiet):
+    """Write the report: plots over training, the recommendation and why, every number.
+
+    PATH is a run folder (ranked from the cache; only what it lacks is measured) or the
+    output of `ckptsel rank --json`. Verify results, the lab's ground_truth.json and merge
+    comparisons are added when present. The page needs no network and no script.
+
+    \b
+    Example:
+      ckptsel report ./run --data train.jsonl --recipe gsm8k -o report.html
+      ckptsel rank ./run --data train.jsonl --json > rank.json && ckptsel report rank.json
+    """
+    from ckptsel.errors import CkptselError
+    from ckptsel.report import write_report
+    from ckptsel.report.inputs import read_json
+    from ckptsel.store import Store
+
+    err = stderr_console(quiet=quiet)
+    provenance = []
+    if path.is_file():
+        ranking = read_json(path, "ranking")
+        provenance.append(f"ranking: {path}")
+        run_dir = _run_dir(ranking)
+    else:
+        run_dir = path
+        if data_path is None and (path / RUN_DATA).is_file():
+            data_path = path / RUN_DATA
+        if data_path is None:
+            raise CkptselError(f"{path}: give --data (training data) to rank this run, or a rank --json file as PATH")
+        if not any(ctx.params.get(name) is not None for name in RECIPE_OPTION_NAMES) and (path / RUN_RECIPE).is_file():
+            from ckptsel.recipes import load_recipe
+
+            recipe = load_recipe(path / RUN_RECIPE)
+            provenance.append(f"recipe: {path / RUN_RECIPE}")
+        ranking = _rank(path, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
+                        engine, cache_dir, quiet)
+        provenance.append(f"training data: {data_path} (ranked from the cache at report time)")
+
+    verification = read_json(verify_path, "verify") if verify_path is not None else None
+    if verify_path is not None:
+        provenance.append(f"measured: {verify_path}")
+    if ground_truth is None and run_dir is not None and (run_dir / RUN_TRUTH).is_file():
+        ground_truth = run_dir / RUN_TRUTH
+    truth = read_json(ground_truth, "ground truth") if ground_truth is not None else None
+    if ground_truth is not None:
+        provenance.append(f"lab ground truth: {ground_truth}")
+    provenance += [f"merge: {m}" for m in merges]
+
+    with Store.open(cache_dir) as store:
+        written = write_report(
+            ranking, out, verification=verification, ground_truth=truth, merges=merges,
+            store=store if verification is None else None, title=title or f"ckptsel report: {_name(run_dir, path)}",
+            provenance=provenance, png_dir=png_dir,
+        )
+    pngs = sorted(str(p) for p in Path(png_dir).glob("*.png")) if png_dir is not None else []
+    if as_json:
+        print_json({"report": str(written), "png": pngs})
+    else:
+        err.print(f"report written to [bold]{written}[/]" + (f"; plots as PNG in {png_dir}" if png_dir else ""))
+
+
+def _rank(path, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad, engine,
+          cache_dir, quiet) -> dict:
+    from ckptsel.cli.rank import measure_and_rank
+    from ckptsel.settings import OvermemSettings
+
+    run = measure_and_rank(
+        (path,), data_path, recipe, sampling={}, memorization={}, overmem=OvermemSettings(), base_model=base_model,
+        max_examples=max_examples, examples_seed=examples_seed, skip_bad=skip_bad, heldout_path=heldout_path,
+        engine=engine, cache_dir=cache_dir, quiet=quiet, command="report",
+    )
+    return run.to_json()
+
+
+def _run_dir(ranking: dict) -> Path | None:
+    """The folder holding the ranked checkpoints, when they share one (where ground_truth.json would be)."""
+    parents = {Path(r["path"]).parent for r in ranking.get("checkpoints", []) if r.get("path")}
+    return parents.pop() if len(parents) == 1 else None
+
+
+def _name(run_dir: Path | None, path: Path) -> str:
+    return (run_dir or path).resolve().name

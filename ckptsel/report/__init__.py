@@ -1,0 +1,95 @@
+"""The report: one self-contained HTML page (and optionally PNGs) from a ranking and what sits beside it.
+
+INTERFACE:
+
+    write_report(ranking, out_path, *, verification=None, ground_truth=None, merges=(), store=None,
+                 title=None, png_dir=None, provenance=()) -> Path
+    render_report(...same inputs...) -> str          the HTML, written nowhere
+
+``ranking`` is a :class:`ckptsel.select.Ranking`, its ``to_json()`` dict, or a path to
+``ckptsel rank --json`` output. Measured accuracy comes from ``verification`` (``ckptsel
+verify --json`` output, a dict) or else from the verify summaries in ``store``.
+
+Modules: :mod:`.inputs` (gather and match), :mod:`.charts` (which plots), :mod:`.svg`,
+:mod:`.html`, :mod:`.png` (drawing).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from ckptsel.report import charts as _charts
+from ckptsel.report import html as _html
+from ckptsel.report.inputs import (
+    ReportInputs,
+    measured_from_summaries,
+    measured_from_verification,
+    merge_comparison,
+    ranking_json,
+    truth_from_ground_truth,
+)
+
+__all__ = ["ReportInputs", "build_inputs", "render_report", "write_report"]
+
+
+def build_inputs(
+    ranking,
+    *,
+    verification: Mapping | None = None,
+    ground_truth: Mapping | None = None,
+    merges: Iterable[Path | Mapping] = (),
+    store=None,
+    title: str | None = None,
+    provenance: Sequence[str] = (),
+) -> ReportInputs:
+    """Gather the report's inputs and match them to the ranking's checkpoints."""
+    data = ranking_json(ranking)
+    rows = data.get("checkpoints", [])
+    inputs = ReportInputs(ranking=data, title=title or "ckptsel report", provenance=list(provenance))
+    if verification is not None:
+        # ckptsel verify --json: {"verifications": [...]} or one verification object
+        for v in verification.get("verifications", [verification]):
+            found = measured_from_verification(rows, v)
+            if found:
+                inputs.measured, inputs.measured_source = found, v.get("source")
+                break
+    elif store is not None:
+        from ckptsel.verify import stored_summaries
+
+        summaries = {i: stored_summaries(store, r["fingerprint"]) for i, r in enumerate(rows) if r.get("fingerprint")}
+        inputs.measured, inputs.measured_source = measured_from_summaries(rows, summaries)
+    if ground_truth is not None:
+        inputs.truth = truth_from_ground_truth(rows, ground_truth)
+    inputs.merges = [m if isinstance(m, Mapping) else merge_comparison(Path(m)) for m in merges]
+    return inputs
+
+
+def render_report(ranking, **kwargs) -> str:
+    """The report's HTML for ``ranking`` (see :func:`build_inputs` for the other inputs)."""
+    inputs = build_inputs(ranking, **kwargs)
+    return _html.page(inputs, _charts.build_charts(inputs))
+
+
+def write_report(ranking, out_path: str | os.PathLike, *, png_dir: str | os.PathLike | None = None, **kwargs) -> Path:
+    """Write the HTML report to ``out_path`` (atomically: temp file, then rename); PNGs too with ``png_dir``."""
+    inputs = build_inputs(ranking, **kwargs)
+    charts = _charts.build_charts(inputs)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_html.page(inputs, charts))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if png_dir is not None:
+        from ckptsel.report.png import write_pngs
+
+        write_pngs(charts, Path(png_dir))
+    return out

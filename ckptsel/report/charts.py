@@ -1,0 +1,245 @@
+"""Which plots a report has, as plain specs; :mod:`.svg` and :mod:`.png` draw the same specs.
+
+A chart exists only when its numbers do: proxies appear when the ranking measured them,
+pathway metrics for MoE runs, the scatter when verify results or lab ground truth exist,
+the merge bars when a comparison was given. Colours are named roles (``pm``, ``train``...)
+looked up in :data:`PALETTE`, one table for the page (light and dark) and the PNGs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ckptsel.report.inputs import ReportInputs
+
+# role -> (light, dark) colour. Colour-blind-safe hues (Okabe-Ito), one role per quantity.
+PALETTE: dict[str, tuple[str, str]] = {
+    "pm": ("#0072b2", "#56b4e9"),        # pre-memorization accuracy: the prediction
+    "train": ("#e69f00", "#f0c050"),     # train accuracy
+    "measured": ("#009e73", "#2fd4a0"),  # ckptsel verify: lm-eval on the test file
+    "truth": ("#444444", "#c8c8c8"),     # lab ground truth
+    "mem": ("#cc79a7", "#e6a3c8"),       # memorised fraction
+    "copy": ("#8e6bbf", "#b9a0e0"),      # copy rate
+    "nll": ("#d55e00", "#ff8c42"),       # target NLL
+    "alt": ("#882255", "#e07ab0"),       # alternative-solution NLL
+    "perturb": ("#999933", "#d6d66b"),   # perturbed-prompt NLL / gap
+    "heldout": ("#332288", "#9a8cff"),   # held-out reference NLL (ckptsel rank --heldout)
+    "entropy": ("#8e6bbf", "#b9a0e0"),
+    "path": ("#cc79a7", "#e6a3c8"),
+    "recommended": ("#b8860b", "#ffd24d"),
+}
+# stage -> (light, dark) background band colour
+STAGE_COLORS: dict[str, tuple[str, str]] = {
+    "underfit": ("#e8e8e8", "#2c2c2c"),
+    "generalizing": ("#dff3e8", "#16372a"),
+    "over-memorized": ("#fbe0d6", "#4a2418"),
+}
+
+
+@dataclass
+class Series:
+    name: str
+    role: str  # key of PALETTE
+    x: list[float]
+    y: list[float | None]
+    lo: list[float | None] | None = None  # interval band / error bars
+    hi: list[float | None] | None = None
+    style: str = "line"  # line | dashed | points | bars
+    labels: list[str] | None = None  # per point, for tooltips and scatter labels
+    x_lo: list[float | None] | None = None  # scatter: horizontal error bars
+    x_hi: list[float | None] | None = None
+
+
+@dataclass
+class Chart:
+    id: str
+    title: str
+    caption: str
+    x_label: str
+    y_label: str
+    kind: str = "steps"  # steps | scatter | bars
+    series: list[Series] = field(default_factory=list)
+    bands: list[tuple[float, float, str]] = field(default_factory=list)  # (x0, x1, stage)
+    marker_x: float | None = None  # the recommended checkpoint
+    y_range: tuple[float, float] | None = None  # fixed axis (accuracies: 0..1)
+    note: str = ""  # a line under the plot (e.g. R²)
+    categories: list[str] = field(default_factory=list)  # bars: one per candidate
+
+
+def _value(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def x_positions(rows: Sequence[dict]) -> tuple[list[float], str]:
+    """Training steps when every row has one, else checkpoint order."""
+    if rows and all(r.get("step") is not None for r in rows):
+        return [float(r["step"]) for r in rows], "training step"
+    return [float(i) for i in range(len(rows))], "checkpoint (training order)"
+
+
+def stage_bands(xs: Sequence[float], stages: Sequence[str | None]) -> list[tuple[float, float, str]]:
+    """Background spans, one per run of equal stages; borders halfway between checkpoints."""
+    bands: list[tuple[float, float, str]] = []
+    for j, (x, stage) in enumerate(zip(xs, stages)):
+        if stage is None:
+            continue
+        left = (xs[j - 1] + x) / 2 if j > 0 else x
+        right = (x + xs[j + 1]) / 2 if j + 1 < len(xs) else x
+        if bands and bands[-1][2] == stage and math.isclose(bands[-1][1], left):
+            bands[-1] = (bands[-1][0], right, stage)
+        else:
+            bands.append((left, right, stage))
+    return bands
+
+
+def _series(name, role, xs, rows, key, style="line", ci_key=None, labels=None) -> Series | None:
+    ys = [_value(r, key) for r in rows]
+    if all(y is None for y in ys):
+        return None
+    lo = hi = None
+    if ci_key:
+        cis = [r.get(ci_key) or [None, None] for r in rows]
+        lo, hi = [c[0] for c in cis], [c[1] for c in cis]
+    return Series(name, role, list(xs), ys, lo, hi, style, labels)
+
+
+def build_charts(inputs: ReportInputs) -> list[Chart]:
+    """Every chart the inputs support, in reading order (checkpoints that failed are left out)."""
+    kept = [i for i, r in enumerate(inputs.rows) if not r.get("error")]
+    if not kept:
+        return []
+    rows = [inputs.rows[i] for i in kept]
+    xs, x_label = x_positions(rows)
+    labels = [_label(r) for r in rows]
+    rec = (inputs.ranking.get("recommended") or {}).get("index")
+    marker = next((x for x, i in zip(xs, kept) if i == rec), None)
+    common = {"x_label": x_label, "bands": stage_bands(xs, [r.get("stage") for r in rows]), "marker_x": marker}
+    charts = []
+
+    measured_rows = [inputs.measured.get(i, {}) for i in kept]
+    truth_rows = [inputs.truth.get(i, {}) for i in kept]
+    acc = [
+        _series("train accuracy", "train", xs, rows, "train_acc", labels=labels),
+        _series("pre-memorization accuracy (predicted test)", "pm", xs, rows, "premem_acc", ci_key="premem_ci",
+                labels=labels),
+        _series(f"measured test accuracy ({inputs.measured_source or 'verify'})", "measured", xs, measured_rows,
+                "accuracy", style="points", ci_key="ci", labels=labels),
+        _series("held-out accuracy (lab ground truth)", "truth", xs, truth_rows, "test_accuracy", style="dashed",
+                labels=labels),
+    ]
+    charts.append(Chart("accuracy", "Accuracy over training",
+                        "Pre-memorization train accuracy (band: 95% interval) is ckptsel's prediction of test "
+                        "accuracy; train accuracy keeps rising as examples are memorised.",
+                        y_label="accuracy", series=[s for s in acc if s], y_range=(0.0, 1.0), **common))
+
+    mem = [_series("memorised fraction", "mem", xs, rows, "memorized_frac", labels=labels),
+           _series("copy rate", "copy", xs, rows, "copy_rate", style="dashed", labels=labels)]
+    if any(mem):
+        charts.append(Chart("memorisation", "Memorisation",
+                            "Fraction of training examples whose target is reproduced near-certainly, and of "
+                            "samples that copy the training solution word for word.",
+                            y_label="fraction", series=[s for s in mem if s], y_range=(0.0, 1.0), **common))
+
+    nll = [_series("target NLL", "nll", xs, rows, "target_nll", labels=labels),
+           _series("alternative-solution NLL", "alt", xs, rows, "alt_nll", labels=labels),
+           _series("perturbed-prompt NLL", "perturb", xs, rows, "perturb_nll", style="dashed", labels=labels),
+           _series("held-out NLL", "heldout", xs, rows, "heldout_nll", labels=labels),
+           _series("held-out NLL (lab ground truth)", "truth", xs, truth_rows, "test_nll", style="dashed",
+                   labels=labels)]
+    if any(nll):
+        proxy = inputs.ranking.get("proxy")
+        caption = ("Perplexity proxies for over-memorization (Ruan et al.): a checkpoint that grows sharp on its "
+                   "own training phrasing pays for every other valid solution.")
+        if proxy:
+            caption += f" The flag uses {proxy.replace('_', ' ')}."
+        charts.append(Chart("perplexity", "Perplexity proxies", caption, y_label="nats per token",
+                            series=[s for s in nll if s], **common))
+
+    for key, title, caption in PATHWAY_CHARTS:
+        s = _series(title.removeprefix("MoE "), "path", xs, rows, key, labels=labels)
+        if s:
+            charts.append(Chart(key.replace("_", "-"), title, caption, y_label=key.split("_")[1], series=[s],
+                                **common))
+
+    scatter = _scatter(inputs, kept, labels)
+    if scatter is not None:
+        charts.append(scatter)
+    charts += [c for c in map(_merge_chart, inputs.merges) if c is not None]
+    return charts
+
+
+PATHWAY_CHARTS = (
+    ("pathway_distance", "MoE pathway distance",
+     "Mean pairwise edit distance between memorised examples' expert pathways (Li, Fan & Zhou): falls as "
+     "routing turns from sample-specific to shared."),
+    ("pathway_complexity", "MoE pathway complexity", "1 − consistency of routing across consecutive layers."),
+    ("pathway_consistency", "MoE pathway consistency", "Consistency of routing across consecutive layers."),
+)
+
+
+def _label(row: dict) -> str:
+    return f"step {row['step']}" if row.get("step") is not None else str(row.get("path", "")).rsplit("/", 1)[-1]
+
+
+def _scatter(inputs: ReportInputs, kept: list[int], labels: list[str]) -> Chart | None:
+    """Predicted (x) against measured (y): verify's measurement and the lab's ground truth, when present."""
+    from ckptsel.verify.compare import agreement
+
+    rows = [inputs.rows[i] for i in kept]
+    predicted = [_value(r, "premem_acc") for r in rows]
+    pm_ci = [r.get("premem_ci") or [None, None] for r in rows]
+    sources = (
+        (f"ckptsel verify ({inputs.measured_source or 'test set'})", "measured", inputs.measured),
+        ("lab ground truth (held-out)", "truth",
+         {i: {"accuracy": t.get("test_accuracy")} for i, t in inputs.truth.items()}),
+    )
+    series, notes = [], []
+    for name, role, source in sources:
+        measured = [source.get(i) or {} for i in kept]
+        keep = [j for j, m in enumerate(measured) if predicted[j] is not None and m.get("accuracy") is not None]
+        if not keep:
+            continue
+        ys = [measured[j]["accuracy"] for j in keep]
+        cis = [measured[j].get("ci") or [None, None] for j in keep]
+        series.append(Series(name, role, [predicted[j] for j in keep], ys, [c[0] for c in cis], [c[1] for c in cis],
+                             "points", [labels[j] for j in keep],
+                             x_lo=[pm_ci[j][0] for j in keep], x_hi=[pm_ci[j][1] for j in keep]))
+        a = agreement([predicted[j] for j in keep], ys)
+        if a.r2_identity is not None:
+            notes.append(f"{name}: R² (identity) {a.r2_identity:.2f}, R² (fitted) {_fmt(a.r2_fitted)}, "
+                         f"Spearman {_fmt(a.spearman)} over {a.n} checkpoints")
+        elif a.mean_abs_error is not None:
+            notes.append(f"{name}: mean |predicted − measured| {a.mean_abs_error:.3f} over {a.n} checkpoint(s); "
+                         f"R² needs ≥ 3")
+    if not series:
+        return None
+    return Chart("predicted-vs-measured", "Predicted vs measured test accuracy",
+                 "Each point is a checkpoint; on the dashed identity line the prediction is exact. "
+                 "Bars: 95% intervals.", x_label="predicted (pre-memorization accuracy)",
+                 y_label="measured test accuracy", kind="scatter", series=series, note=" · ".join(notes))
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+MERGE_METRICS = ("premem_acc", "train_acc", "accuracy", "test_accuracy")
+
+
+def _merge_chart(merge: dict) -> Chart | None:
+    rows = merge["rows"]
+    metric = next((m for m in MERGE_METRICS if any(_value(r, m) is not None for r in rows)), None)
+    if metric is None:
+        return None
+    values = [_value(r, metric) for r in rows]
+    cis = [r.get("premem_ci") or [None, None] if metric == "premem_acc" else [None, None] for r in rows]
+    cats = [r["candidate"] for r in rows]
+    series = Series(metric.replace("_", " "), "pm", [float(i) for i in range(len(rows))], values,
+                    [c[0] for c in cis], [c[1] for c in cis], "bars", cats)
+    return Chart(f"merge-{merge['name']}", f"Merge comparison: {merge['name']}",
+                 "Candidates measured with the train-only metrics; the best one is written.",
+                 x_label="", y_label=metric.replace("_", " "), kind="bars", series=[series], categories=cats,
+                 y_range=(0.0, 1.0) if "acc" in metric else None)

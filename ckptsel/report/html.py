@@ -1,0 +1,253 @@
+"""The report page: one self-contained HTML file (inline CSS and SVG; no script, font or URL).
+
+Reading order: the headline (which checkpoint, the predicted test accuracy, why, what was
+flagged), the plots over training, the table of every number, then the rules and where the
+inputs came from. Light and dark follow the reader's system setting
+(``prefers-color-scheme``); the chart colours come from :data:`ckptsel.report.charts.PALETTE`.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from html import escape
+
+from ckptsel import __version__
+from ckptsel.report import svg
+from ckptsel.report.charts import PALETTE, STAGE_COLORS, Chart
+from ckptsel.report.inputs import ReportInputs
+
+# (key in a ranking row, header, format) -- a column appears when any row has a value.
+COLUMNS = (
+    ("step", "step", "d"),
+    ("epoch", "epoch", ".2f"),
+    ("train_loss", "train loss", ".4f"),
+    ("stage", "stage", "s"),
+    ("train_acc", "train acc", ".3f"),
+    ("premem_acc", "pre-mem acc (95% CI)", "ci"),
+    ("memorized_frac", "memorised", ".3f"),
+    ("copy_rate", "copy rate", ".3f"),
+    ("target_nll", "target NLL", ".3f"),
+    ("alt_nll", "alt-solution NLL", ".3f"),
+    ("perturb_gap", "perturb gap", "+.3f"),
+    ("heldout_nll", "held-out NLL", ".3f"),
+    ("entropy", "entropy", ".3f"),
+    ("pathway_distance", "pathway distance", ".3f"),
+    ("pathway_complexity", "pathway complexity", ".3f"),
+)
+
+
+def _css() -> str:
+    light = "".join(f".s-{role}{{--c:{colors[0]}}}" for role, colors in PALETTE.items())
+    dark = "".join(f".s-{role}{{--c:{colors[1]}}}" for role, colors in PALETTE.items())
+    bands_light = "".join(f".band-{s.replace(' ', '-')},.stage-{s.replace(' ', '-')}{{--b:{c[0]}}}"
+                          for s, c in STAGE_COLORS.items())
+    bands_dark = "".join(f".band-{s.replace(' ', '-')},.stage-{s.replace(' ', '-')}{{--b:{c[1]}}}"
+                         for s, c in STAGE_COLORS.items())
+    return f"""
+:root{{--bg:#ffffff;--fg:#1d1d1f;--muted:#5f6368;--line:#d9dce1;--card:#f6f7f9;--grid:#eceef1;--accent:#0072b2;
+--good:#0b7a4b;--warn:#9a6700;--bad:#b3261e;color-scheme:light dark}}
+{light}{bands_light}
+@media (prefers-color-scheme:dark){{:root{{--bg:#15171a;--fg:#e8eaed;--muted:#a0a4a8;--line:#3a3d42;--card:#1f2226;
+--grid:#2a2d31;--accent:#56b4e9;--good:#3ddc97;--warn:#f2c14e;--bad:#ff8a80}}{dark}{bands_dark}}}
+*{{box-sizing:border-box}}
+body{{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",Arial,sans-serif}}
+main{{max-width:1480px;margin:0 auto;padding:28px 28px 48px}}
+h1{{font-size:26px;margin:0 0 4px}} h2{{font-size:19px;margin:34px 0 10px}} h3{{font-size:16px;margin:0 0 2px}}
+.sub{{color:var(--muted);margin:0 0 18px}}
+.headline{{background:var(--card);border:1px solid var(--line);border-left:6px solid var(--accent);border-radius:10px;
+padding:16px 20px}}
+.headline .big{{font-size:22px;font-weight:650}} .headline p{{margin:6px 0}}
+.num{{font-variant-numeric:tabular-nums}}
+.callout{{border-radius:8px;padding:8px 12px;margin:8px 0;border:1px solid var(--line)}}
+.callout.warn{{border-color:var(--warn)}} .callout.bad{{border-color:var(--bad)}}
+.callout b{{margin-right:6px}}
+.grid{{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:18px}}
+figure{{margin:0;background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 14px 10px}}
+figcaption{{color:var(--muted);font-size:13px;margin-top:4px}}
+.legend{{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:13px;margin:6px 0 2px}}
+.legend span{{display:inline-flex;align-items:center;gap:6px}}
+.swatch{{width:18px;height:0;border-top:3px solid var(--c);display:inline-block}}
+.swatch.dashed{{border-top-style:dashed}} .swatch.points,.swatch.bars{{width:10px;height:10px;border:0;background:var(--c);
+border-radius:50%}} .swatch.bars{{border-radius:2px}}
+.swatch.band{{width:14px;height:12px;border:1px solid var(--line);background:var(--b)}}
+.swatch.rec{{border-top:2px dashed var(--c)}}
+svg.chart{{width:100%;height:auto;display:block;font-size:12px}}
+svg .plot{{fill:none;stroke:var(--line)}} svg .gridline{{stroke:var(--grid);stroke-width:1}}
+svg .tick,svg .pt-label,svg .bar-value{{fill:var(--muted)}} svg .axis-label{{fill:var(--fg);font-size:13px}}
+svg .band{{fill:var(--b)}}
+svg .line{{fill:none;stroke:var(--c);stroke-width:2.2;stroke-linejoin:round}} svg .line.dashed{{stroke-dasharray:6 4}}
+svg .ci{{fill:var(--c);opacity:.18;stroke:none}} svg .pt{{fill:var(--c);stroke:var(--bg);stroke-width:1}}
+svg .err{{stroke:var(--c);stroke-width:1.6}} svg .bar{{fill:var(--c);opacity:.85}}
+svg .identity{{stroke:var(--muted);stroke-dasharray:5 5}}
+svg .marker line{{stroke:var(--c);stroke-width:1.6;stroke-dasharray:4 3}} svg .marker text{{fill:var(--c);font-weight:600}}
+.note{{font-size:13px;margin-top:4px}}
+table{{border-collapse:collapse;width:100%;font-size:13.5px}}
+.table-wrap{{overflow-x:auto;border:1px solid var(--line);border-radius:10px}}
+th,td{{padding:6px 10px;text-align:right;border-bottom:1px solid var(--line);white-space:nowrap}}
+th{{background:var(--card);position:sticky;top:0}} th:first-child,td:first-child{{text-align:left}}
+tr.rec td{{font-weight:650;background:color-mix(in srgb,var(--accent) 10%,transparent)}}
+td.stage span{{background:var(--b);padding:1px 8px;border-radius:10px}}
+td.error{{color:var(--bad);text-align:left;white-space:normal}}
+dl{{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;font-size:14px}} dt{{color:var(--muted)}} dd{{margin:0}}
+code{{font-size:13px}} .muted{{color:var(--muted)}}
+"""
+
+
+def _f(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if spec == "s":
+        return str(value)
+    return format(value, spec)
+
+
+def _ci(value, ci) -> str:
+    if value is None:
+        return "—"
+    if not ci or ci[0] is None or ci[1] is None:
+        return _f(value)
+    return f"{_f(value)} <span class='muted'>({_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})</span>"
+
+
+def _name(row: dict) -> str:
+    path = str(row.get("path", ""))
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+
+def headline(inputs: ReportInputs) -> str:
+    ranking, rows = inputs.ranking, inputs.rows
+    rec = ranking.get("recommended")
+    out = ['<section class="headline">']
+    if rec is None:
+        out.append('<p class="big">No checkpoint could be recommended.</p>')
+    else:
+        row = rows[rec["index"]]
+        step = f" (step {row['step']})" if row.get("step") is not None else ""
+        out.append(f'<p class="big">★ Recommended: {escape(_name(row))}{escape(step)}</p>')
+        ci = row.get("premem_ci") or [None, None]
+        out.append(f'<p>Predicted test accuracy <b class="num">{_f(row.get("premem_acc"))}</b> '
+                   f'(95% interval {_f(ci[0], ".2f")}–{_f(ci[1], ".2f")}): pre-memorization train accuracy over '
+                   f'{ranking.get("n_examples", "?")} training examples.</p>')
+        measured = inputs.measured.get(rec["index"])
+        if measured:
+            mci = measured.get("ci") or [None, None]
+            out.append(f'<p>Measured with lm-eval on {escape(str(measured.get("source")))} '
+                       f'({escape(str(measured.get("mode")))}): <b class="num">{_f(measured["accuracy"])}</b> '
+                       f'({_f(mci[0], ".2f")}–{_f(mci[1], ".2f")}).</p>')
+        truth = inputs.truth.get(rec["index"])
+        if truth and truth.get("test_accuracy") is not None:
+            best = max((t.get("test_accuracy") or 0.0 for t in inputs.truth.values()), default=0.0)
+            out.append(f'<p>Lab ground truth: held-out accuracy <b class="num">{_f(truth["test_accuracy"])}</b> '
+                       f'(best checkpoint of the run: {_f(best)}).</p>')
+        out.append(f'<p><b>Why:</b> {escape(ranking.get("rule", ""))}.</p>')
+    for row in rows:
+        flag = row.get("flag")
+        if flag:
+            out.append(f'<div class="callout bad"><b>Over-memorized: {escape(_name(row))}</b>'
+                       f'{escape(flag.get("reason", ""))}</div>')
+        if row.get("error"):
+            out.append(f'<div class="callout bad"><b>Not measured: {escape(_name(row))}</b>{escape(row["error"])}</div>')
+    for warning in ranking.get("warnings", []):
+        out.append(f'<div class="callout warn"><b>Warning</b>{escape(warning)}</div>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def figure(chart: Chart) -> str:
+    legend = []
+    for s in chart.series:
+        legend.append(f'<span class="s-{escape(s.role)}"><i class="swatch {escape(s.style)}"></i>{escape(s.name)}</span>')
+    if chart.marker_x is not None:
+        legend.append('<span class="s-recommended"><i class="swatch rec"></i>recommended checkpoint</span>')
+    note = f'<div class="note">{escape(chart.note)}</div>' if chart.note else ""
+    return (f'<figure id="fig-{escape(chart.id)}"><h3>{escape(chart.title)}</h3>'
+            f'<div class="legend">{"".join(legend)}</div>{svg.render(chart)}{note}'
+            f"<figcaption>{escape(chart.caption)}</figcaption></figure>")
+
+
+def table(inputs: ReportInputs) -> str:
+    rows = inputs.rows
+    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    extra = []
+    if inputs.measured:
+        extra.append(("measured", f"measured ({escape(inputs.measured_source or 'verify')})"))
+    if any(t.get("test_accuracy") is not None for t in inputs.truth.values()):
+        extra.append(("truth_acc", "lab held-out acc"))
+    if any(t.get("test_nll") is not None for t in inputs.truth.values()):
+        extra.append(("truth_nll", "lab held-out NLL"))
+    rec = (inputs.ranking.get("recommended") or {}).get("index")
+    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{escape(h)}</th>" for _, h, _ in columns)
+    head += "".join(f"<th>{h}</th>" for _, h in extra) + "</tr>"
+    body = []
+    for i, row in enumerate(rows):
+        mark = "★ " if i == rec else ""
+        cells = [f"<td>{mark}{escape(_name(row))}</td>"]
+        if row.get("error"):
+            cells.append(f'<td class="error" colspan="{len(columns) + len(extra)}">{escape(row["error"])}</td>')
+        else:
+            for key, _, spec in columns:
+                if spec == "ci":
+                    cells.append(f'<td class="num">{_ci(row.get(key), row.get("premem_ci"))}</td>')
+                elif key == "stage" and row.get("stage"):
+                    cls = "stage-" + row["stage"].replace(" ", "-")
+                    cells.append(f'<td class="stage"><span class="{escape(cls)}">{escape(row["stage"])}</span></td>')
+                else:
+                    cells.append(f'<td class="num">{escape(_f(row.get(key), spec))}</td>')
+            for key, _ in extra:
+                if key == "measured":
+                    m = inputs.measured.get(i) or {}
+                    cells.append(f'<td class="num">{_ci(m.get("accuracy"), m.get("ci"))}</td>')
+                else:
+                    t = inputs.truth.get(i) or {}
+                    cells.append(f'<td class="num">{_f(t.get("test_accuracy" if key == "truth_acc" else "test_nll"))}</td>')
+        body.append(f'<tr class="{"rec" if i == rec else ""}">{"".join(cells)}</tr>')
+    return f'<div class="table-wrap"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def rules(inputs: ReportInputs) -> str:
+    ranking = inputs.ranking
+    t = ranking.get("threshold") or {}
+    if t.get("rule") == "copy":
+        memo = "an example is memorised when at least half of its samples copy the training solution"
+    else:
+        memo = f"an example is memorised when its target NLL is below ν = {_f(t.get('used'))} nats/token"
+        if t.get("auto") is not None:
+            memo += f" (calibrated from copy rates: {_f(t['auto'])}, AUC {_f(t.get('auto_auc'), '.2f')})"
+    items = [("Pre-memorization accuracy", "PM_i(J) = min(max_{j≤J} acc_ij · m_ij, acc_iJ), averaged over training "
+              "examples (Kang et al. 2024), read as predicted test accuracy; interval: bootstrap over examples."),
+             ("Memorised", memo + ".")]
+    if ranking.get("stage_rule"):
+        items.append(("Stages", ranking["stage_rule"] + "."))
+    items.append(("Recommendation", (ranking.get("rule") or "") + "."))
+    items += [("Input", p) for p in inputs.provenance]
+    items.append(("Written", f"ckptsel {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"))
+    return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items) + "</dl>"
+
+
+def page(inputs: ReportInputs, charts: list[Chart]) -> str:
+    """The whole HTML document."""
+    rows = inputs.rows
+    sub = f"{len(rows)} checkpoint(s) · {inputs.ranking.get('n_examples', '?')} training examples"
+    if inputs.ranking.get("n_heldout"):
+        sub += f" · {inputs.ranking['n_heldout']} held-out examples"
+    figures = "".join(figure(c) for c in charts)
+    stages = list(dict.fromkeys(b[2] for c in charts for b in c.bands))
+    stage_legend = ""
+    if stages:
+        items = "".join(f'<span class="stage-{escape(s.replace(" ", "-"))}"><i class="swatch band"></i>{escape(s)}</span>'
+                        for s in stages)
+        stage_legend = f'<div class="legend">Background: the stage of each checkpoint {items}</div>'
+
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{escape(inputs.title)}</title><style>{_css()}</style></head><body><main>"
+        f"<h1>{escape(inputs.title)}</h1><p class=\"sub\">{escape(sub)}</p>"
+        f"{headline(inputs)}"
+        f'<h2>Over training</h2>{stage_legend}<div class="grid">{figures}</div>'
+        f"<h2>Every number</h2>{table(inputs)}"
+        f"<h2>How these were computed</h2>{rules(inputs)}"
+        "</main></body></html>\n"
+    )

@@ -1,0 +1,196 @@
+"""Stages, the over-memorized flag and the recommendation, as pure functions over arrays.
+
+Ruan et al. (2025, arXiv 2508.04117) describe three stages of fine-tuning: (a) low accuracy;
+(b) high accuracy, low perplexity on held-out reference solutions -- the good region;
+(c) high accuracy, high perplexity -- over-memorized. ckptsel reads them off the training
+data (DESIGN.md, "Stages and the over-memorized flag"), one value per checkpoint in training
+order, with the thresholds of :class:`ckptsel.settings.OvermemSettings`:
+
+* **underfit** -- stage (a): predicted test accuracy (pre-memorization accuracy) <
+  ``underfit_fraction`` x the run's best, or 0 (a run that never answers correctly is
+  underfit throughout);
+* **over-memorized** -- stage (c), when all three hold:
+  train accuracy >= the run's best - ``acc_margin`` (accuracy stays high),
+  memorised fraction >= ``memorized_min`` (the targets are reproduced near-certainly),
+  proxy >= (1 + ``proxy_rise``) x its *baseline*: the proxy's minimum over the checkpoints up
+  to this one that are past stage (a) (the perplexity proxy has risen clearly above its level
+  in the good region);
+* **generalizing** -- stage (b): the others.
+
+The proxy is a per-checkpoint NLL (held-out, alternative-solution or perturbed-prompt), all
+lower-is-better and positive, so "risen" is a ratio. Why the baseline skips stage (a): there
+the model is still learning the task, and a test-free proxy can be low for reasons that have
+nothing to do with over-memorization (on the lab, early samples reach the right answer
+through wrong steps; as the model learns the steps it rightly pays more for them, and an
+alternative-solution NLL measured against such samples rises from the first checkpoints on).
+
+Recommendation (Ruan et al.: choose by accuracy *and* perplexity): the highest
+pre-memorization accuracy (predicted test accuracy, Kang et al. 2024) among unflagged
+checkpoints; among those whose value lies inside that best one's interval, the lowest proxy.
+
+Missing values are NaN: a checkpoint with a NaN input is never flagged on it, and is
+skipped by the recommendation when its predicted accuracy is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ckptsel.settings import OvermemSettings
+
+UNDERFIT, GENERALIZING, OVERMEMORIZED = "underfit", "generalizing", "over-memorized"
+
+STAGE_RULE = (
+    "over-memorized: train acc ≥ run best − {acc_margin:g}, memorised fraction ≥ {memorized_min:g}, "
+    "and {proxy} ≥ {rise:g}× its minimum over the earlier checkpoints that are not underfit; "
+    "underfit: pre-memorization acc < {underfit_fraction:g}× run best, or 0"
+)
+RECOMMEND_RULE = (
+    "highest pre-memorization accuracy (predicted test accuracy) among checkpoints not flagged over-memorized; "
+    "among those inside the best one's {level:.0%} interval, the lowest {proxy}"
+)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The numbers that made a checkpoint over-memorized, and the thresholds they crossed."""
+
+    train_acc: float
+    best_train_acc: float
+    acc_margin: float
+    memorized_frac: float
+    memorized_min: float
+    proxy: str
+    proxy_value: float
+    proxy_baseline: float
+    proxy_ratio: float
+    proxy_rise: float
+
+    def reason(self) -> str:
+        """One line a user can check by hand."""
+        return (
+            f"train acc {self.train_acc:.3f} ≥ {self.best_train_acc:.3f} − {self.acc_margin:g}; "
+            f"memorised {self.memorized_frac:.2f} ≥ {self.memorized_min:g}; "
+            f"{self.proxy} {self.proxy_value:.3f} = {self.proxy_ratio:.2f}× its minimum "
+            f"{self.proxy_baseline:.3f} since underfitting (≥ {1 + self.proxy_rise:g}×)"
+        )
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "reason": self.reason()}
+
+
+def running_min(values: np.ndarray) -> np.ndarray:
+    """min_{j' <= j} values[j'], skipping NaN; NaN until the first measured value."""
+    values = np.asarray(values, dtype=float)
+    filled = np.where(np.isnan(values), np.inf, values)
+    out = np.minimum.accumulate(filled) if values.size else filled
+    return np.where(np.isinf(out), np.nan, out)
+
+
+def underfit(predicted_acc: np.ndarray, settings: OvermemSettings = OvermemSettings()) -> np.ndarray:
+    """Stage (a): predicted test accuracy below ``underfit_fraction`` of the run's best, or 0.
+
+    Stage (a) is about *test* accuracy; train accuracy would keep a run that memorises in
+    stage (a) long after its test accuracy has levelled off. NaN: not underfit.
+    """
+    acc = np.asarray(predicted_acc, dtype=float)
+    if acc.size == 0 or np.isnan(acc).all():
+        return np.zeros(acc.shape, dtype=bool)
+    return (acc < settings.underfit_fraction * np.nanmax(acc)) | (acc == 0)
+
+
+def proxy_ratio(proxy: np.ndarray, excluded: np.ndarray | None = None) -> np.ndarray:
+    """proxy_j / min over j' <= j not ``excluded`` of proxy_j': how far the proxy has risen (1 = at its minimum).
+
+    NaN before the first checkpoint that may set the minimum.
+    """
+    proxy = np.asarray(proxy, dtype=float)
+    low = running_min(proxy if excluded is None else np.where(np.asarray(excluded, dtype=bool), np.nan, proxy))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(low > 0, proxy / low, np.nan)
+
+
+def overmemorized(
+    train_acc: np.ndarray, memorized_frac: np.ndarray, ratio: np.ndarray, settings: OvermemSettings = OvermemSettings()
+) -> np.ndarray:
+    """The over-memorized flag per checkpoint (Ruan et al.'s stage (c)); ``ratio`` from :func:`proxy_ratio`."""
+    acc = np.asarray(train_acc, dtype=float)
+    mem = np.asarray(memorized_frac, dtype=float)
+    ratio = np.asarray(ratio, dtype=float)
+    _check_shapes(acc, mem, ratio)
+    if acc.size == 0 or np.isnan(acc).all():
+        return np.zeros(acc.shape, dtype=bool)
+    near_best = acc >= np.nanmax(acc) - settings.acc_margin  # stage (c): accuracy still high
+    memorised = mem >= settings.memorized_min  # the targets are reproduced near-certainly
+    risen = ratio >= 1.0 + settings.proxy_rise  # held-out-like perplexity clearly up
+    return near_best & memorised & risen  # NaN compares False: never flagged on a missing value
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Per checkpoint: the stage, the flag with its numbers (or None), and the proxy's rise."""
+
+    stages: list[str]
+    flags: list[Flag | None]
+    ratio: np.ndarray
+
+
+def assess(
+    train_acc: np.ndarray,
+    predicted_acc: np.ndarray,
+    memorized_frac: np.ndarray,
+    proxy: np.ndarray,
+    proxy_name: str,
+    settings: OvermemSettings = OvermemSettings(),
+) -> Assessment:
+    """Stages and flags of a run (the rule in the module docstring); ``predicted_acc`` decides stage (a)."""
+    acc = np.asarray(train_acc, dtype=float)
+    mem = np.asarray(memorized_frac, dtype=float)
+    proxy = np.asarray(proxy, dtype=float)
+    low = underfit(predicted_acc, settings)
+    _check_shapes(acc, low, mem, proxy)
+    ratio = proxy_ratio(proxy, low)
+    flagged = overmemorized(acc, mem, ratio, settings)
+    best = float(np.nanmax(acc)) if flagged.any() else math.nan
+    flags = [
+        Flag(float(acc[j]), best, settings.acc_margin, float(mem[j]), settings.memorized_min, proxy_name,
+             float(proxy[j]), float(proxy[j] / ratio[j]), float(ratio[j]), settings.proxy_rise)
+        if flagged[j] else None
+        for j in range(acc.size)
+    ]
+    names = [OVERMEMORIZED if f else UNDERFIT if u else GENERALIZING for f, u in zip(flagged, low)]
+    return Assessment(names, flags, ratio)
+
+
+def recommend(premem: np.ndarray, premem_lo: np.ndarray, proxy: np.ndarray, flagged: np.ndarray) -> int | None:
+    """Index of the recommended checkpoint (the rule in the module docstring); None if nothing is measured.
+
+    When every measured checkpoint is flagged the rule falls back to all of them (the caller
+    warns). Among equal values the earliest checkpoint wins; when no candidate has a proxy
+    value, the best predicted accuracy is kept.
+    """
+    pm = np.asarray(premem, dtype=float)
+    lo = np.asarray(premem_lo, dtype=float)
+    proxy = np.asarray(proxy, dtype=float)
+    flagged = np.asarray(flagged, dtype=bool)
+    _check_shapes(pm, lo, proxy, flagged)
+    measured = ~np.isnan(pm)
+    if not measured.any():
+        return None
+    pool = measured & ~flagged
+    if not pool.any():
+        pool = measured
+    best = int(np.argmax(np.where(pool, pm, -np.inf)))
+    floor = lo[best] if not np.isnan(lo[best]) else pm[best]
+    close = pool & (pm >= floor)
+    candidates = np.where(close & ~np.isnan(proxy), proxy, np.inf)
+    return int(np.argmin(candidates)) if np.isfinite(candidates).any() else best
+
+
+def _check_shapes(*arrays) -> None:
+    shapes = {np.shape(a) for a in arrays}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"expected 1-d arrays of one length per checkpoint; got shapes {sorted(shapes)}")

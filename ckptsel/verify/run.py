@@ -1,0 +1,331 @@
+"""Measure test accuracy of checkpoints with lm-eval, through the result store.
+
+Local test file: every (checkpoint, test question) result is a store record (kind
+``"verify"``; the settings key holds the rendering, sampling, budget and dtype), so a rerun
+loads no model, a larger ``--limit`` evaluates only the new questions, and one bad
+checkpoint does not lose the others. Named lm-eval tasks: lm-eval owns the documents, so the
+store keeps each task's summary and per-document values per checkpoint and settings.
+
+Each checkpoint's summary also goes to the store's key-value table under
+``verify/<fingerprint>`` (one entry per settings key), which is where ``ckptsel report``
+finds measured accuracy to put beside the prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+import numpy as np
+
+from ckptsel.collect import Progress, fingerprints
+from ckptsel.data import Example
+from ckptsel.discover import Checkpoint
+from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.settings import EngineSettings, Recipe, SamplingSettings
+from ckptsel.store import Record, Store
+from ckptsel.verify import compare, harness
+
+log = logging.getLogger(__name__)
+
+KIND = "verify"
+SUMMARY_PREFIX = "verify/"
+
+
+@dataclass
+class Measured:
+    """One checkpoint's measured test accuracy, with the prediction beside it when one was given."""
+
+    index: int
+    path: str
+    step: int | None
+    fingerprint: str | None
+    accuracy: float | None = None
+    ci: tuple[float | None, float | None] = (None, None)
+    n: int = 0
+    from_cache: bool = False
+    predicted: float | None = None
+    predicted_ci: tuple[float | None, float | None] | None = None
+    error: str | None = None
+    per_example: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "per_example"}
+        out["ci"] = list(self.ci)
+        out["predicted_ci"] = None if self.predicted_ci is None else list(self.predicted_ci)
+        return out
+
+
+@dataclass
+class Verification:
+    """Measured accuracy of every checkpoint on one test set, and its agreement with the prediction."""
+
+    source: str  # the test file, or the lm-eval task name
+    metric: str  # what "accuracy" is: the grader's mean, or the task's headline metric
+    mode: str  # "greedy" or "sampled k=5, T=0.8, top-p 0.95"
+    settings_key: str
+    n_examples: int
+    max_new_tokens: int | None
+    checkpoints: list[Measured]
+    agreement: compare.Agreement | None = None
+    harness: str = field(default_factory=lambda: f"lm-eval {version('lm_eval')}")
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("checkpoints", "agreement")}
+        out["checkpoints"] = [c.to_json() for c in self.checkpoints]
+        out["agreement"] = None if self.agreement is None else self.agreement.to_json()
+        return out
+
+    def attach_predictions(self, ranking: Mapping | None) -> None:
+        """Pair each checkpoint with its pre-memorization accuracy from a ranking, and score the pairs."""
+        if ranking is None:
+            return
+        index = compare.predictions_from_ranking(ranking)
+        for m in self.checkpoints:
+            entry = compare.lookup(index, m.fingerprint, m.path)
+            if entry is not None:
+                m.predicted = entry["premem_acc"]
+                ci = entry.get("premem_ci")
+                m.predicted_ci = tuple(ci) if ci else None
+        self.agreement = compare.agreement([m.predicted for m in self.checkpoints],
+                                           [m.accuracy for m in self.checkpoints])
+
+
+def describe_sampling(sampling: SamplingSettings) -> str:
+    if sampling.temperature == 0:
+        return "greedy"
+    return f"sampled k={sampling.k}, T={sampling.temperature:g}, top-p {sampling.top_p:g}"
+
+
+def default_budget(tokenizer, examples: Sequence[Example], recipe: Recipe) -> int:
+    """The recipe's fixed budget, else room for the longest reference: ceil(1.5 x (tokens + EOS)) + 16.
+
+    One budget for the whole test set (lm-eval's ``max_gen_toks`` is per task), the rule the
+    lab's ground truth uses, so a budget never depends on one question's own reference.
+    """
+    if recipe.sampling.max_new_tokens is not None:
+        return recipe.sampling.max_new_tokens
+    from ckptsel.measure.sampling import max_new_tokens_for
+
+    ids = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
+    return max_new_tokens_for([len(t) + recipe.data.append_eos for t in ids])
+
+
+def settings_key(recipe: Recipe, engine: EngineSettings, max_new_tokens: int, seed: int) -> str:
+    """Everything that changes a verify result: rendering, grader, sampling, budget, dtype, seed."""
+    from ckptsel.measure.loading import resolve_device, resolve_dtype
+
+    dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+    sampling = recipe.sampling
+    decoding = {"greedy": True} if sampling.temperature == 0 else {
+        "k": sampling.k, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed,
+    }
+    payload = {"harness": "lm-eval", "data": recipe.data.model_dump(), "decoding": decoding,
+               "max_new_tokens": max_new_tokens, "dtype": dtype}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unique_examples(examples: Sequence[Example], limit: int | None = None) -> list[Example]:
+    """File order, duplicates (same rendered prompt and target) once, the first ``limit``."""
+    unique = list({ex.uid: ex for ex in examples}.values())
+    return unique if limit is None else unique[:limit]
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def verify_file(
+    checkpoints: Sequence[Checkpoint],
+    examples: Sequence[Example],
+    recipe: Recipe,
+    store: Store,
+    *,
+    source: str,
+    engine: EngineSettings = EngineSettings(),
+    max_new_tokens: int,
+    seed: int = 0,
+    on_progress: ProgressFn | None = None,
+) -> Verification:
+    """lm-eval accuracy of each checkpoint on ``examples``; what the store holds is not re-run."""
+    from ckptsel import graders
+    from ckptsel.measure.loading import CheckpointLoader
+
+    grader = graders.get(recipe.data.grader)
+    key = settings_key(recipe, engine, max_new_tokens, seed)
+    examples = list(examples)
+    uids = [ex.uid for ex in examples]
+    by_uid = {ex.uid: ex for ex in examples}
+    fps = fingerprints(checkpoints, store)
+    rows = [Measured(i, str(c.path), c.step, fps[i], error=c.error if c.kind == "error" else None)
+            for i, c in enumerate(checkpoints)]
+
+    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
+                          allow_pickle=engine.allow_pickle) as loader:
+        for i, ckpt in enumerate(checkpoints):
+            if fps[i] is None:
+                continue
+            missing = store.missing(fps[i], key, KIND, uids)
+            rows[i].from_cache = not missing
+            if not missing:
+                _emit(on_progress, ckpt, i, "cached", len(uids), len(uids))
+                continue
+            try:
+                _emit(on_progress, ckpt, i, "load", 0, 1)
+                loaded = loader.load(ckpt)
+                store.register_checkpoint(fps[i], ckpt.path, ckpt.step)
+                _emit(on_progress, ckpt, i, "lm-eval", len(uids) - len(missing), len(uids))
+                task = harness.build_task([by_uid[u] for u in missing], grader, recipe.sampling, max_new_tokens)
+                lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
+                results = harness.file_results(harness.evaluate(lm, [task], seed=seed))
+                store.put_many(fps[i], key, KIND, {
+                    uid: Record(acc=r.acc, samples=r.completions) for uid, r in results.items()
+                })
+                _emit(on_progress, ckpt, i, "lm-eval", len(uids), len(uids))
+            except CheckpointError as err:
+                rows[i].error = str(err)
+            except Exception as exc:  # one bad checkpoint must not lose the others' results
+                rows[i].error = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                log.info("%s", rows[i].error)
+
+    measured = [i for i in range(len(rows)) if fps[i] is not None and rows[i].error is None]
+    matrix = np.array([[_acc(store.get_many(fps[i], key, KIND, uids), u) for u in uids] for i in measured])
+    verification = Verification(source, f"{recipe.data.grader} grader, mean over questions",
+                                describe_sampling(recipe.sampling), key, len(uids), max_new_tokens, rows)
+    if measured:
+        acc, lo, hi = compare.accuracy_with_interval(matrix, seed=seed)
+        for r, i in enumerate(measured):
+            rows[i].accuracy, rows[i].ci = _num(acc[r]), (_num(lo[r]), _num(hi[r]))
+            rows[i].n = int((~np.isnan(matrix[r])).sum())
+            rows[i].per_example = {u: float(v) for u, v in zip(uids, matrix[r]) if not math.isnan(v)}
+            save_summary(store, rows[i], verification)
+    return verification
+
+
+def _acc(records: Mapping[str, Record], uid: str) -> float:
+    record = records.get(uid)
+    return math.nan if record is None or record.acc is None else float(record.acc)
+
+
+def _num(value) -> float | None:
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+def save_summary(store: Store, row: Measured, verification: Verification) -> None:
+    """Record one checkpoint's measured accuracy under ``verify/<fingerprint>`` for ``ckptsel report``."""
+    key = SUMMARY_PREFIX + row.fingerprint
+    entries = store.get_value(key, {})
+    entries[verification.settings_key + ":" + verification.source] = {
+        "source": verification.source,
+        "metric": verification.metric,
+        "mode": verification.mode,
+        "harness": verification.harness,
+        "accuracy": row.accuracy,
+        "ci": list(row.ci),
+        "n": row.n,
+        "time": time.time(),
+    }
+    store.put_value(key, entries)
+
+
+def stored_summaries(store: Store, fingerprint: str) -> list[dict]:
+    """Every verify summary stored for one checkpoint, newest first."""
+    entries = store.get_value(SUMMARY_PREFIX + fingerprint, {})
+    return sorted(entries.values(), key=lambda e: e.get("time", 0), reverse=True)
+
+
+# --------------------------------------------------------------------------- named lm-eval tasks
+
+
+def task_settings_key(name: str, engine: EngineSettings, limit: int | None, num_fewshot: int | None,
+                      seed: int) -> str:
+    from ckptsel.measure.loading import resolve_device, resolve_dtype
+
+    dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+    payload = {"harness": "lm-eval", "task": name, "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype,
+               "seed": seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def verify_tasks(
+    checkpoints: Sequence[Checkpoint],
+    names: Sequence[str],
+    store: Store,
+    *,
+    engine: EngineSettings = EngineSettings(),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    seed: int = 0,
+    on_progress: ProgressFn | None = None,
+) -> list[Verification]:
+    """Each named lm-eval task on each checkpoint (the tasks' data must be available locally)."""
+    from ckptsel.measure.loading import CheckpointLoader
+
+    fps = fingerprints(checkpoints, store)
+    keys = {name: task_settings_key(name, engine, limit, num_fewshot, seed) for name in names}
+    found: dict[tuple[int, str], dict] = {}
+    errors: dict[int, str] = {i: c.error or "unreadable" for i, c in enumerate(checkpoints) if c.kind == "error"}
+    manager = None
+    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
+                          allow_pickle=engine.allow_pickle) as loader:
+        for i, ckpt in enumerate(checkpoints):
+            if fps[i] is None:
+                continue
+            for name in names:
+                cached = store.get_value(f"verify-task/{fps[i]}/{keys[name]}")
+                if cached is not None:
+                    found[i, name] = {**cached, "from_cache": True}
+            todo = [name for name in names if (i, name) not in found]
+            if not todo:
+                _emit(on_progress, ckpt, i, "cached", 1, 1)
+                continue
+            try:
+                _emit(on_progress, ckpt, i, "load", 0, 1)
+                loaded = loader.load(ckpt)
+                if manager is None:
+                    manager = harness.task_manager_for(names, include_path)
+                _emit(on_progress, ckpt, i, "lm-eval", 0, 1)
+                lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
+                results = harness.evaluate(lm, list(todo), task_manager=manager, limit=limit,
+                                           num_fewshot=num_fewshot, seed=seed)
+                for name in todo:
+                    metric, _ = harness.headline_metric(results["results"][name])
+                    values = harness.task_doc_values(results, name, metric)
+                    entry = {"metric": metric, "values": [values[d] for d in sorted(values)]}
+                    store.put_value(f"verify-task/{fps[i]}/{keys[name]}", entry)
+                    found[i, name] = entry
+                _emit(on_progress, ckpt, i, "lm-eval", 1, 1)
+            except CheckpointError as err:
+                errors[i] = str(err)
+            except CkptselError:  # an unknown task or missing data: the same for every checkpoint
+                raise
+            except Exception as exc:
+                errors[i] = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
+
+    out = []
+    for name in names:
+        rows = [Measured(i, str(c.path), c.step, fps[i], error=errors.get(i)) for i, c in enumerate(checkpoints)]
+        metric = next((found[i, name]["metric"] for i in range(len(rows)) if (i, name) in found), "")
+        n_docs = max((len(found[i, name]["values"]) for i in range(len(rows)) if (i, name) in found), default=0)
+        verification = Verification(name, metric, "task's own generation settings", keys[name], n_docs, None, rows)
+        for i, row in enumerate(rows):
+            if (i, name) not in found:
+                continue
+            values = np.array([found[i, name]["values"]], dtype=float)
+            acc, lo, hi = compare.accuracy_with_interval(values, seed=seed)
+            row.accuracy, row.ci, row.n = _num(acc[0]), (_num(lo[0]), _num(hi[0])), values.shape[1]
+            row.from_cache = bool(found[i, name].get("from_cache"))
+            save_summary(store, row, verification)
+        out.append(verification)
+    return out
+
+
+def _emit(callback, ckpt, index, phase, done, total) -> None:
+    if callback is not None:
+        callback(Progress(ckpt, index, phase, done, total))

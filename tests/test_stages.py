@@ -1,0 +1,103 @@
+"""ckptsel.stages on hand-made arrays whose answers are worked out in the comments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ckptsel import stages as S
+from ckptsel.settings import OvermemSettings
+
+NAN = np.nan
+
+# Five checkpoints of one run. Train accuracy keeps climbing (memorisation), predicted test
+# accuracy levels off. Best train acc 0.93: "near best" (margin 0.05) is >= 0.88. Best
+# predicted 0.50: underfit (below 0.8 x 0.50 = 0.40) are checkpoints 0 and 1.
+ACC = np.array([0.20, 0.60, 0.90, 0.92, 0.93])
+PM = np.array([0.15, 0.35, 0.45, 0.50, 0.48])
+MEM = np.array([0.00, 0.20, 0.60, 0.80, 0.90])
+# Baseline = running minimum over checkpoints 2.. (not underfit): 0.40 -> ratio [NaN, NaN, 1.0, 1.3, 1.5].
+PROXY = np.array([1.00, 0.50, 0.40, 0.52, 0.60])
+UNDERFIT = np.array([True, True, False, False, False])
+
+
+def test_running_min_skips_missing_values():
+    assert S.running_min(np.array([NAN, 3.0, 1.0, NAN, 2.0])).tolist()[1:] == [3.0, 1.0, 1.0, 1.0]
+    assert np.isnan(S.running_min(np.array([NAN, 3.0]))[0])
+
+
+def test_underfit_is_relative_to_the_best_predicted_accuracy():
+    assert S.underfit(PM).tolist() == UNDERFIT.tolist()
+    # With 0.5 x 0.50 = 0.25 only checkpoint 0 is underfit.
+    assert S.underfit(PM, OvermemSettings(underfit_fraction=0.5)).tolist() == [True] + [False] * 4
+    assert S.underfit(np.zeros(2)).tolist() == [True, True]  # never answers correctly
+    assert S.underfit(np.full(2, NAN)).tolist() == [False, False]
+
+
+def test_ratio_is_against_the_minimum_over_checkpoints_not_excluded():
+    assert S.proxy_ratio(PROXY) == pytest.approx([1.0, 1.0, 1.0, 1.3, 1.5])  # nothing excluded: min 1.0, 0.5, 0.4
+    ratio = S.proxy_ratio(PROXY, UNDERFIT)
+    assert np.isnan(ratio[:2]).all() and ratio[2:] == pytest.approx([1.0, 1.3, 1.5])
+    # A low value while underfit (0.25) would make 0.35-0.37 look risen (1.4-1.48x); past
+    # underfitting the minimum is 0.35 and the proxy barely moves.
+    ratio = S.proxy_ratio(np.array([1.00, 0.25, 0.35, 0.36, 0.37]), UNDERFIT)
+    assert ratio[4] == pytest.approx(0.37 / 0.35)
+
+
+def test_flag_needs_all_three_conditions():
+    ratio = np.array([NAN, NAN, 1.0, 1.3, 1.5])
+    # near best [F F T T T] & memorised >= 0.5 [F F T T T] & ratio >= 1.25 [F F F T T]
+    assert S.overmemorized(ACC, MEM, ratio).tolist() == [False, False, False, True, True]
+    low_memorised = np.array([0.0, 0.2, 0.6, 0.4, 0.4])  # proxy risen, accuracy high, targets not reproduced
+    assert not S.overmemorized(ACC, low_memorised, ratio).any()
+    assert not S.overmemorized(ACC, MEM, np.ones(5)).any()  # proxy never rises
+    # Accuracy collapsed at the end (0.80 < 0.88): a broken checkpoint, not over-memorized.
+    assert S.overmemorized(np.array([0.2, 0.6, 0.9, 0.93, 0.8]), MEM, ratio).tolist() == [False] * 3 + [True, False]
+    # Thresholds move it: a 1.4x rise, memorized_min 0.85, or acc_margin 0.005 leave only the last.
+    for settings in (OvermemSettings(proxy_rise=0.4), OvermemSettings(memorized_min=0.85),
+                     OvermemSettings(acc_margin=0.005)):
+        assert S.overmemorized(ACC, MEM, ratio, settings).tolist() == [False] * 4 + [True]
+    # Missing values are never flagged.
+    assert S.overmemorized(ACC, MEM, np.array([NAN, NAN, 1.0, 1.3, NAN])).tolist() == [False] * 3 + [True, False]
+    assert not S.overmemorized(np.full(5, NAN), MEM, ratio).any()
+
+
+def test_assess_stages_and_flags_with_their_numbers():
+    a = S.assess(ACC, PM, MEM, PROXY, "alt_nll")
+    assert a.stages == ["underfit", "underfit", "generalizing", "over-memorized", "over-memorized"]
+    assert a.flags[:3] == [None, None, None]
+    f = a.flags[3]
+    assert (f.train_acc, f.best_train_acc, f.memorized_frac) == (0.92, 0.93, 0.80)
+    assert (f.proxy, f.proxy_value) == ("alt_nll", 0.52)
+    assert (f.proxy_baseline, f.proxy_ratio) == pytest.approx((0.40, 1.3))
+    assert "alt_nll 0.520 = 1.30× its minimum 0.400 since underfitting (≥ 1.25×)" in f.reason()
+    assert f.to_json()["reason"] == f.reason()
+    # Staged by train accuracy, checkpoint 2 (0.90 train, but 0.45 predicted) would not be the baseline.
+    assert S.assess(ACC, np.zeros(5), MEM, PROXY, "alt_nll").stages == ["underfit"] * 5
+
+
+def test_recommend_best_unflagged_then_lowest_proxy_inside_the_interval():
+    pm = np.array([0.10, 0.40, 0.50, 0.52, 0.55])
+    flagged = np.array([False, False, False, True, True])
+    proxy = np.array([1.00, 0.50, 0.55, 0.70, 0.80])
+    # Best unflagged is 2 (0.50); its interval starts at 0.45, so 1 (0.40) is outside: pick 2.
+    lo = np.array([0.0, 0.35, 0.45, 0.47, 0.50])
+    assert S.recommend(pm, lo, proxy, flagged) == 2
+    # A wider interval (from 0.38) lets 1 in, and 1 has the lower proxy.
+    lo[2] = 0.38
+    assert S.recommend(pm, lo, proxy, flagged) == 1
+    # Unflagged, the best (4) wins; nothing else lies inside its interval.
+    assert S.recommend(pm, np.array([0.0, 0.3, 0.4, 0.45, 0.53]), proxy, np.zeros(5, bool)) == 4
+
+
+def test_recommend_edge_cases():
+    pm = np.array([0.3, 0.5])
+    lo = np.array([0.2, 0.4])
+    # Everything flagged: fall back to all checkpoints rather than recommend nothing.
+    assert S.recommend(pm, lo, np.array([1.0, 2.0]), np.array([True, True])) == 1
+    # No proxy value anywhere: the best predicted accuracy.
+    assert S.recommend(pm, np.array([0.2, 0.25]), np.full(2, NAN), np.zeros(2, bool)) == 1
+    # Nothing measured.
+    assert S.recommend(np.full(2, NAN), lo, np.ones(2), np.zeros(2, bool)) is None
+    with pytest.raises(ValueError):
+        S.recommend(pm, lo, np.ones(3), np.zeros(2, bool))
