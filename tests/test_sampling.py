@@ -146,3 +146,26 @@ def test_per_row_budgets_and_prefix_stability(model, tokenizer):
         assert ids == full[: len(ids)]
     with pytest.raises(ValueError):
         sample_token_ids(model, prompt_ids[:1], seeds=seeds[:1], max_new_tokens=0, **kwargs)
+
+
+def test_preallocated_cache_writes_in_place_and_equals_a_dynamic_cache(model, tokenizer):
+    """Decoding reads and writes one buffer per layer; the keys, values and logits are DynamicCache's."""
+    from transformers import DynamicCache
+
+    from ckptsel.measure.sampling import _preallocated_cache
+
+    ids = torch.tensor([tokenizer(PROMPTS[3])["input_ids"]])
+    ours, ref = _preallocated_cache(model, ids.shape[1] + 4), DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(ids, past_key_values=ours, use_cache=True).logits[:, -1]
+        model(ids, past_key_values=ref, use_cache=True)
+        buffer = ours.layers[0]._keys.data_ptr()
+        for _ in range(3):
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(token, past_key_values=ours, use_cache=True).logits[:, -1]
+            ref_logits = model(token, past_key_values=ref, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)
+    assert ours.get_seq_length() == ref.get_seq_length() == ids.shape[1] + 3
+    assert ours.layers[0]._keys.data_ptr() == buffer  # written in place, never reallocated
+    for mine, theirs in zip(ours.layers, ref.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

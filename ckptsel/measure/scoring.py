@@ -16,15 +16,24 @@ projects only the hidden states at target positions through the LM head (with a 
 vocabulary that head is most of the cost); log-softmax runs in float32 in row chunks.
 The result never depends on batch size or order, only on each (prompt, target) pair.
 
-Several targets per prompt (perturbations, alternative solutions) come in as separate
-pairs; :func:`score_token_pairs` is the place where shared prompt prefixes can be scored
-once (issue 9).
+Shared prompt prefixes are run once. Pairs whose prompts begin alike (several targets for
+one prompt: the training target and alternative solutions; prompt perturbations that keep
+the question and change its frame) are grouped (:func:`share_prefixes`). A group's common
+prefix goes through the model once, into a KV cache; the cache rows are repeated for the
+group's members, and each member's forward pass covers only the rest of its prompt and its
+target, at positions after the prefix. Causal attention makes this exact: a prefix token
+never sees what follows it, so its keys and values are the same in every member. Prefixes
+run in waves (a batch of groups); the rests of a wave's members are then sorted by length
+across its groups and batched, so they carry as little padding as lone pairs do. Router
+capture (``routers=True``) needs each target in a pass of its own shape and scores
+unshared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -42,6 +51,9 @@ CPU_LOGITS_BUDGET, GPU_LOGITS_BUDGET = 2**27, 2**30
 # Elements per float32 log-softmax chunk: on CPU 1 MiB, about an L2 cache, which makes the
 # passes over it 2-3x faster than over main memory; on a GPU, large enough to fill it.
 CPU_FLOAT32_CHUNK, GPU_FLOAT32_CHUNK = 2**18, 2**26
+# Fewest prompt tokens worth sharing: below this a prefix saves less than its row in the prefix pass
+# and its cache copies cost.
+MIN_SHARED_PREFIX = 8
 
 
 @dataclass(frozen=True)
@@ -142,11 +154,61 @@ def plan_batches(
     return batches
 
 
+def share_prefixes(
+    prompts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
+) -> list[tuple[int, list[int]]]:
+    """Group prompts that begin with the same tokens: ``[(tokens shared, [prompt indices])]``.
+
+    Sorted, prompts with a common beginning are neighbours, and a run of neighbours shares
+    the smallest common prefix of adjacent pairs. Walking them in order, a prompt joins the
+    current group when that lowers the tokens to compute: n members sharing s tokens, a
+    newcomer that leaves s' in common joins iff n*s' > (n-1)*s (the n members each recompute
+    s - s' tokens; the newcomer saves s'). A member shares at most its prompt minus the last
+    token, whose logits predict the first target token. A group sharing fewer than
+    ``min_shared`` tokens is not worth its place in the prefix pass; its prompts stand
+    alone, as ``(0, [i])``. Every index appears once, in prompt order within a group.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i]), i))
+    groups: list[tuple[int, list[int]]] = []
+    shared, members = 0, []
+    for i in order:
+        cap = max(len(prompts[i]) - 1, 0)
+        if members:
+            common = min(shared, cap, _common_prefix(prompts[members[-1]], prompts[i]))
+            n = len(members)
+            if common >= min_shared and n * common > (n - 1) * shared:
+                shared = common
+                members.append(i)
+                continue
+            groups.extend(_close_group(shared, members))
+        shared, members = cap, [i]
+    if members:
+        groups.extend(_close_group(shared, members))
+    return groups
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _close_group(shared: int, members: list[int]) -> list[tuple[int, list[int]]]:
+    return [(shared, members)] if len(members) > 1 else [(0, members)]
+
+
 @torch.inference_mode()
 def score_token_pairs(
     model, pairs: Sequence[TokenPair], *, batch_size: int | None = None, routers: bool = False
 ) -> ScoreResult:
-    """Score already-tokenised (prompt ids, target ids) pairs; the engine under :func:`score_targets`."""
+    """Score already-tokenised (prompt ids, target ids) pairs; the engine under :func:`score_targets`.
+
+    Pairs whose prompts share a prefix have it computed once (see the module docstring);
+    the numbers equal scoring each pair on its own.
+    """
     from ckptsel.measure.routers import capture_routers, find_routers
 
     if routers and find_routers(model) is not None:
@@ -163,24 +225,31 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
     device = _input_device(model)
     gpu = device.type == "cuda"
     vocab = model.config.get_text_config().vocab_size
-    batches = plan_batches(
-        [len(p) + len(t) for p, t in pairs],
-        n_tokens.tolist(),
-        batch_size=batch_size,
-        token_budget=GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET,
-        scored_budget=(GPU_LOGITS_BUDGET if gpu else CPU_LOGITS_BUDGET) // vocab,
-    )
+
+    def plan(lengths: list[int], scored: list[int]) -> list[list[int]]:
+        return plan_batches(
+            lengths,
+            scored,
+            batch_size=batch_size,
+            token_budget=GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET,
+            scored_budget=(GPU_LOGITS_BUDGET if gpu else CPU_LOGITS_BUDGET) // vocab,
+        )
+
+    live = [i for i in range(n) if n_tokens[i] > 0]
+    share = capture is None and _plain_cache(model)
+    groups = share_prefixes([pairs[i][0] for i in live]) if share else [(0, [k]) for k in range(len(live))]
+    lone = [live[k] for shared, members in groups if not shared for k in members]
+    groups = [(shared, [live[k] for k in members]) for shared, members in groups if shared]
     weights = None
     if capture is not None:
         weights = np.full((n, capture.num_layers, capture.num_experts), np.nan, dtype=np.float32)
     was_training = model.training
     model.eval()
     try:
-        for rows in batches:
-            rows = [i for i in rows if n_tokens[i] > 0]
-            if not rows:
-                continue
-            nll, ent, owner, routed = _score_batch(model, [pairs[i] for i in rows], device, capture)
+        batches = chain(
+            _shared_batches(model, pairs, groups, plan, device), _lone_batches(model, pairs, lone, plan, device, capture)
+        )
+        for rows, nll, ent, owner, routed in batches:
             row_ids = np.asarray(rows)[owner]
             np.add.at(nll_sum, row_ids, nll)
             np.add.at(ent_sum, row_ids, ent)
@@ -199,8 +268,37 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
         )
 
 
-def _score_batch(model, pairs: list[TokenPair], device: torch.device, capture=None):
-    """One forward pass: per-target-token NLL, entropy, the batch row each belongs to, and routing weights."""
+def _lone_batches(model, pairs: Sequence[TokenPair], lone: list[int], plan, device: torch.device, capture):
+    """Score the pairs ``lone`` whole; yields (pair indices, then :func:`_score_batch`'s four results) per batch."""
+    for batch in plan([len(pairs[i][0]) + len(pairs[i][1]) for i in lone], [len(pairs[i][1]) for i in lone]):
+        rows = [lone[b] for b in batch]
+        yield rows, *_score_batch(model, [pairs[i] for i in rows], device, capture)
+
+
+def _shared_batches(model, pairs: Sequence[TokenPair], groups: list[tuple[int, list[int]]], plan, device: torch.device):
+    """Score groups sharing a prefix, a wave of groups at a time; yields as :func:`_lone_batches` does.
+
+    One pass over the wave's prefixes fills a cache; the members' rests are then sorted by
+    length across the wave's groups and batched, each row with its own group's cache row.
+    """
+    for wave in plan([shared for shared, _ in groups], [0] * len(groups)):
+        prefixes = [pairs[groups[g][1][0]][0][: groups[g][0]] for g in wave]
+        cache, prefix_mask = _run_prefixes(model, prefixes, device)
+        members = [(w, i) for w, g in enumerate(wave) for i in groups[g][1]]
+        rests = [(pairs[i][0][len(prefixes[w]) :], pairs[i][1]) for w, i in members]
+        for batch in plan([len(p) + len(t) for p, t in rests], [len(t) for _, t in rests]):
+            source = [members[b][0] for b in batch]
+            prefix = (_select_rows(cache, source, device), prefix_mask[source], [len(prefixes[w]) for w in source])
+            yield [members[b][1] for b in batch], *_score_batch(model, [rests[b] for b in batch], device, prefix=prefix)
+
+
+def _score_batch(model, pairs: list[TokenPair], device: torch.device, capture=None, prefix=None):
+    """One forward pass: per-target-token NLL, entropy, the batch row each belongs to, and routing weights.
+
+    ``prefix``: (KV cache with one row per pair, its padding mask, each row's prefix length)
+    when ``pairs`` hold the rests of prompts whose prefixes are in the cache. Rows are
+    right-padded, so a padding slot is never attended to by a real position.
+    """
     width = max(len(p) + len(t) for p, t in pairs)
     ids = torch.zeros((len(pairs), width), dtype=torch.long)
     mask = torch.zeros((len(pairs), width), dtype=torch.long)
@@ -212,12 +310,20 @@ def _score_batch(model, pairs: list[TokenPair], device: torch.device, capture=No
         keep[r, len(p) - 1 : len(p) + len(t) - 1] = True
         labels.extend(t)
     positions = torch.arange(width).expand(len(pairs), width)
+    # Without a prefix no mask is needed: with causal attention a real position never sees the
+    # right padding after it, and the model can then use its cheaper causal attention kernel.
+    cache, attention_mask = None, None
+    if prefix is not None:
+        cache, prefix_mask, offsets = prefix
+        attention_mask = torch.cat([prefix_mask, mask], dim=1).to(device)
+        positions = positions + torch.tensor(offsets)[:, None]
     out = model(
         input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+        attention_mask=attention_mask,
         position_ids=positions.to(device),
+        past_key_values=cache,
         logits_to_keep=keep.to(device),
-        use_cache=False,
+        use_cache=cache is not None,
         **(capture.forward_kwargs if capture is not None else {}),
     )
     # Row-major boolean indexing keeps the (row, position) order that ``labels`` was built in.
@@ -231,6 +337,49 @@ def _score_batch(model, pairs: list[TokenPair], device: torch.device, capture=No
         targets[:, 1:] = keep[:, :-1]
         routed = capture.reduce(targets, out)
     return nll, ent, owner, routed
+
+
+def _run_prefixes(model, prefixes: list[list[int]], device: torch.device):
+    """One right-padded pass over the prefixes into a fresh KV cache (no logits); returns it and the padding mask."""
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prefixes)
+    ids = torch.zeros((len(prefixes), width), dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for r, p in enumerate(prefixes):
+        ids[r, : len(p)] = torch.tensor(p)
+        mask[r, : len(p)] = 1
+    cache = DynamicCache(config=model.config)
+    model(  # no mask: right padding is invisible to causal attention (see _score_batch)
+        input_ids=ids.to(device),
+        position_ids=torch.arange(width).expand(len(prefixes), width).to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=torch.zeros((len(prefixes), width), dtype=torch.bool, device=device),
+    )
+    return cache, mask
+
+
+def _select_rows(cache, rows: list[int], device: torch.device):
+    """A new cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` is left as it was."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(rows, device=device)
+    kept = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=kept)
+
+
+def _plain_cache(model) -> bool:
+    """Whether every layer caches plain full attention, which :func:`_select_rows` copies faithfully.
+
+    Sliding-window, linear-attention and other special layers keep more state than keys and
+    values (and a window counts cache slots, which the prefix padding would shift): no sharing.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def token_nll_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elems: int | None = None) -> tuple[np.ndarray, np.ndarray]:
