@@ -156,3 +156,6 @@ class OvermemSettings(_Frozen):
     min_alt_coverage: float = Field(
         0.05, ge=0.0, le=1.0, description="auto uses the alternative-solution NLL only above this coverage."
     )
+    proxy_tie: float = Field(
+        0.05, ge=0.0, description="Recommendation: proxy values within this share of the lowest count as equal."
+    )

@@ -26,7 +26,8 @@ alternative-solution NLL measured against such samples rises from the first chec
 
 Recommendation (Ruan et al.: choose by accuracy *and* perplexity): the highest
 pre-memorization accuracy (predicted test accuracy, Kang et al. 2024) among unflagged
-checkpoints; among those whose value lies inside that best one's interval, the lowest proxy.
+checkpoints; among those whose value lies inside that best one's interval, the lowest proxy,
+where values within ``proxy_tie`` of the lowest count as equal (then predicted accuracy decides).
 
 Missing values are NaN: a checkpoint with a NaN input is never flagged on it, and is
 skipped by the recommendation when its predicted accuracy is NaN.
@@ -50,7 +51,8 @@ STAGE_RULE = (
 )
 RECOMMEND_RULE = (
     "highest pre-memorization accuracy (predicted test accuracy) among checkpoints not flagged over-memorized; "
-    "among those inside the best one's {level:.0%} interval, the lowest {proxy}"
+    "among those inside the best one's {level:.0%} interval, the lowest {proxy} (within {tie:.0%} of it: "
+    "the highest predicted accuracy)"
 )
 
 
@@ -165,12 +167,17 @@ def assess(
     return Assessment(names, flags, ratio)
 
 
-def recommend(premem: np.ndarray, premem_lo: np.ndarray, proxy: np.ndarray, flagged: np.ndarray) -> int | None:
+def recommend(
+    premem: np.ndarray, premem_lo: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0
+) -> int | None:
     """Index of the recommended checkpoint (the rule in the module docstring); None if nothing is measured.
 
-    When every measured checkpoint is flagged the rule falls back to all of them (the caller
-    warns). Among equal values the earliest checkpoint wins; when no candidate has a proxy
-    value, the best predicted accuracy is kept.
+    Proxy values within ``tie`` (relative) of the lowest count as equal, and among them the
+    highest predicted accuracy wins: a few percent of mean NLL is within the noise of a
+    proxy measured on tens of examples, and then accuracy should decide. When every measured
+    checkpoint is flagged the rule falls back to all of them (the caller warns). Among equal
+    values the earliest checkpoint wins; when no candidate has a proxy value, the best
+    predicted accuracy is kept.
     """
     pm = np.asarray(premem, dtype=float)
     lo = np.asarray(premem_lo, dtype=float)
@@ -183,11 +190,14 @@ def recommend(premem: np.ndarray, premem_lo: np.ndarray, proxy: np.ndarray, flag
     pool = measured & ~flagged
     if not pool.any():
         pool = measured
-    best = int(np.argmax(np.where(pool, pm, -np.inf)))
+    best = int(np.argmax(np.where(pool, pm, -np.inf)))  # Kang et al.: highest predicted test accuracy
     floor = lo[best] if not np.isnan(lo[best]) else pm[best]
-    close = pool & (pm >= floor)
-    candidates = np.where(close & ~np.isnan(proxy), proxy, np.inf)
-    return int(np.argmin(candidates)) if np.isfinite(candidates).any() else best
+    close = pool & (pm >= floor) & ~np.isnan(proxy)  # inside the best one's interval
+    if not close.any():
+        return best
+    lowest = np.min(proxy[close])  # Ruan et al.: then the lower held-out-like perplexity
+    tied = close & (proxy <= lowest * (1.0 + tie))
+    return int(np.argmax(np.where(tied, pm, -np.inf)))
 
 
 def _check_shapes(*arrays) -> None:

@@ -262,6 +262,8 @@ def test_overmemorized_needs_both_the_rise_and_the_accuracy():
     nll = np.array([1.0, 0.40, 0.45, 0.60, 0.60])
     # step 3: NLL 1.5x min but accuracy 0.12 below best; step 4: 1.5x and within 0.05 of 0.82
     assert overmemorized(acc, nll).tolist() == [False, False, False, False, True]
+    # the same curves at a tenth of the accuracy: memorising without ever solving is not stage (c)
+    assert not overmemorized(acc / 10, nll).any()
 
 
 def test_summarize_and_phenomena():

@@ -90,6 +90,18 @@ def test_recommend_best_unflagged_then_lowest_proxy_inside_the_interval():
     assert S.recommend(pm, np.array([0.0, 0.3, 0.4, 0.45, 0.53]), proxy, np.zeros(5, bool)) == 4
 
 
+def test_recommend_treats_proxy_values_within_the_tie_as_equal():
+    pm = np.array([0.70, 0.74, 0.76])
+    lo = np.array([0.65, 0.70, 0.72])  # the best (2) has its interval from 0.72: 1 and 2 are close
+    proxy = np.array([0.100, 0.121, 0.125])
+    flagged = np.zeros(3, bool)
+    assert S.recommend(pm, lo, proxy, flagged) == 1  # strictly the lowest proxy
+    # 0.125 is within 5% of 0.121: a tie, and 2 predicts the higher accuracy.
+    assert S.recommend(pm, lo, proxy, flagged, tie=0.05) == 2
+    # 3% is not enough (0.121 x 1.03 = 0.1246 < 0.125).
+    assert S.recommend(pm, lo, proxy, flagged, tie=0.03) == 1
+
+
 def test_recommend_edge_cases():
     pm = np.array([0.3, 0.5])
     lo = np.array([0.2, 0.4])

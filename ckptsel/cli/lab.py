@@ -139,4 +139,4 @@ def table(out, as_json):
         mark = {True: "[green]yes[/]", False: "[red]no[/]"}
         console.print(f"held-out accuracy spread {checks['accuracy_spread']['value']:.2f} (>= 0.4): {mark[checks['accuracy_spread']['ok']]}")
         console.print(f"memorising runs (gap >= 0.2, copy > 0.5): {', '.join(checks['memorising_runs']['runs']) or 'none'}")
-        console.print(f"over-memorized runs (NLL >= 1.25x min, acc within 0.05 of best): {', '.join(checks['overmemorized_runs']['runs']) or 'none'}")
+        console.print(f"over-memorized runs (NLL >= 1.25x running min, acc within 0.05 of best, best >= 0.3): {', '.join(checks['overmemorized_runs']['runs']) or 'none'}")

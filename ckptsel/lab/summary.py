@@ -19,6 +19,10 @@ import numpy as np
 # The issue's thresholds: NLL at least 1.25x its minimum, accuracy within 0.05 of the best.
 NLL_RISE = 1.25
 ACC_TOLERANCE = 0.05
+# Ruan et al.'s stage (c) is *high* accuracy with high perplexity. A run that never gets
+# anything right (pure memorisation of a small set) also has rising held-out NLL at a flat,
+# near-zero accuracy; it is stage (a), not over-memorization, so a floor on the best accuracy.
+ACC_FLOOR = 0.3
 
 
 def nll_rise(nll: np.ndarray) -> np.ndarray:
@@ -27,10 +31,17 @@ def nll_rise(nll: np.ndarray) -> np.ndarray:
     return nll / np.minimum.accumulate(nll)
 
 
-def overmemorized(acc: np.ndarray, nll: np.ndarray, rise: float = NLL_RISE, tolerance: float = ACC_TOLERANCE) -> np.ndarray:
-    """Checkpoints in stage (c): NLL >= ``rise`` x its running minimum, accuracy >= run best - ``tolerance``."""
+def overmemorized(
+    acc: np.ndarray,
+    nll: np.ndarray,
+    rise: float = NLL_RISE,
+    tolerance: float = ACC_TOLERANCE,
+    floor: float = ACC_FLOOR,
+) -> np.ndarray:
+    """Checkpoints in stage (c): NLL >= ``rise`` x its running minimum, accuracy >= run best - ``tolerance``,
+    in a run whose best accuracy reaches ``floor``."""
     acc = np.asarray(acc, dtype=float)
-    return (nll_rise(nll) >= rise) & (acc >= acc.max() - tolerance)
+    return (nll_rise(nll) >= rise) & (acc >= acc.max() - tolerance) & (acc.max() >= floor)
 
 
 @dataclass(frozen=True)
