@@ -138,7 +138,7 @@ KINDS: dict[str, Kind] = {
     "sample": Kind(_measure_samples, 32),
     "perturb": Kind(proxies.measure_perturbed, 128),  # len(perturbations) pairs per example
     "alt": Kind(proxies.measure_alternatives, 256),  # after "sample": harvested from samples
-    "heldout": Kind(proxies.measure_heldout, 256, examples="heldout"),
+    "heldout": Kind(_measure_scores, 256, examples="heldout"),  # the held-out file's references
 }
 DEFAULT_KINDS = tuple(KINDS)
 

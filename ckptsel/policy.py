@@ -92,37 +92,12 @@ def validate(payload: dict, source: str, text: str | None = None) -> Policy:
     """A :class:`Policy` from a mapping; the first problem becomes ``source[:line]: field: message``."""
     from pydantic import ValidationError
 
+    from ckptsel.recipes import validation_message
+
     try:
         return Policy.model_validate(payload)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        field = ".".join(str(part) for part in loc) or "(top level)"
-        line = _line_of(text, loc) if text is not None else None
-        where = f"{source}:{line}" if line else source
-        unknown = error["type"] == "extra_forbidden"
-        message = "unknown setting" if unknown else error["msg"].removeprefix("Value error, ")
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise PolicyError(f"{where}: {field}: {message}{more}") from None
-
-
-def _line_of(text: str, loc: tuple) -> int | None:
-    """1-based line of the deepest YAML key of ``loc`` present in ``text``."""
-    import yaml
-
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
-        if match is None:
-            break
-        line, node = match[0].start_mark.line + 1, match[1]
-    return line
+        raise PolicyError(validation_message(exc, source, text)) from None
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -119,27 +119,6 @@ def measure_alternatives(model, tokenizer, examples: Sequence[Example], recipe: 
     return {ex.uid: Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i])) for i, ex in enumerate(examples)}
 
 
-def measure_heldout(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
-    """NLL of held-out reference solutions, rendered with the training recipe."""
-    from ckptsel.measure.scoring import score_targets
-
-    result = score_targets(
-        model,
-        tokenizer,
-        [ex.prompt for ex in examples],
-        [ex.target for ex in examples],
-        append_eos=recipe.data.append_eos,
-        batch_size=ctx["engine"].batch_size,
-    )
-    return {
-        ex.uid: Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]))
-        for i, ex in enumerate(examples)
-    }
-
-
-# --------------------------------------------------------------------------- alternative solutions
-
-
 def alternative_solution(
     samples: Sequence[str], correct: Sequence[bool], target: str, min_accuracy: float = 0.0
 ) -> str | None:

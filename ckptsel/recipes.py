@@ -101,14 +101,23 @@ def _validate(payload: dict, source: str, text: str | None = None) -> Recipe:
     try:
         return Recipe.model_validate(payload)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        field = ".".join(str(part) for part in loc) or "(top level)"
-        line = _yaml_line(text, loc) if text is not None else None
-        where = f"{source}:{line}" if line else source
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{where}: {field}: {message}{more}") from None
+        raise RecipeError(validation_message(exc, source, text)) from None
+
+
+def validation_message(exc, source: str, text: str | None = None) -> str:
+    """``source[:line]: field: message`` for the first problem of a pydantic ValidationError.
+
+    ``text`` is the YAML the payload came from, to find the line; shared by every settings file
+    ckptsel reads (recipes, gate policies).
+    """
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    field = ".".join(str(part) for part in loc) or "(top level)"
+    line = _yaml_line(text, loc) if text is not None else None
+    where = f"{source}:{line}" if line else source
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+    return f"{where}: {field}: {message}{more}"
 
 
 def _yaml_line(text: str, loc: tuple) -> int | None:
