@@ -9,8 +9,11 @@ held-out reference NLL ``test_nll``, accuracy on perturbed held-out questions
 ``test_perturbed_accuracy``). Figures, as issue 5 asks:
 
 1. Spearman correlation across a run's checkpoints between each proxy and ``test_nll``;
-   the median over runs (target >= 0.8 for the better proxy). Beside it, the lab's ideal
-   alternative-solution NLL (``train_alt_nll``: another valid trace, never trained on).
+   the median over runs (target >= 0.8 for the better proxy); ``used``: the proxy ckptsel
+   chose for that run (alternative-solution NLL when it had enough alternatives, else the
+   perturbed-prompt NLL). Beside them, the lab's ideal alternative-solution NLL
+   (``train_alt_nll``: another valid trace, never trained on), and for reference the plain
+   training-target NLL and the negated entropy.
 2. Flagged vs truly over-memorized checkpoints, pooled over runs. Truly over-memorized is the
    lab's own definition (:func:`ckptsel.lab.summary.overmemorized`, the [lab] issue's):
    ``test_nll`` >= 1.25 x its minimum so far while ``test_accuracy`` is within 0.05 of the
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROXIES = ("alt_nll", "perturb_nll", "perturb_gap", "neg_entropy", "target_nll", "lab_alt_nll")
+PROXIES = ("alt_nll", "perturb_nll", "perturb_gap", "neg_entropy", "target_nll", "lab_alt_nll", "used")
 ORACLE_MARGIN = 0.02
 
 
@@ -97,6 +100,8 @@ def valid_trace(question: str, text: str) -> bool | None:
         return None
     merge = (lambda a, b: a + b) if op == "+" else (lambda a, b: a * b)
     terms = [int(t) for t in expr.split(op)]
+    if not text.strip():
+        return False
     *lines, last = [line.strip() for line in text.strip().splitlines()]
     for line in lines:
         if not re.fullmatch(rf"\d+(\{op}\d+)*", line):
@@ -141,6 +146,7 @@ def run_figures(run: Path, ranking, collected) -> dict:
         "target_nll": np.array([c.target_nll for c in rows]),
         "lab_alt_nll": np.array([g.get("train_alt_nll", np.nan) for g in gt]),
     }
+    used = {"alt_nll": "alt_nll", "perturb_nll": "perturb_nll"}.get(ranking.proxy)
     truly = overmemorized(test_acc, test_nll)
     flagged = np.array([c.flag is not None for c in rows])
     loss = np.array([c.train_loss if c.train_loss is not None else c.target_nll for c in rows])
@@ -152,7 +158,10 @@ def run_figures(run: Path, ranking, collected) -> dict:
         "alt_coverage": ranking.alt_coverage,
         "alt_valid": alt_validity(collected),
         "alt_sources": [ranking.checkpoints[i].step for i in ranking.alt_sources],
-        "spearman": {name: spearman(values, test_nll) for name, values in proxies.items()},
+        "spearman": {
+            **{name: spearman(values, test_nll) for name, values in proxies.items()},
+            "used": spearman(proxies[used], test_nll) if used else float("nan"),
+        },
         "proxies": {name: values.tolist() for name, values in proxies.items()},
         "memorized_frac": [c.memorized_frac for c in rows],
         "train_acc": [c.train_acc for c in rows],

@@ -12,9 +12,9 @@ on each loaded checkpoint (one load, the same pass as target NLL and sampling):
              question that differs from the training target (after
              :func:`~ckptsel.measure.sampling.normalize_solution`), harvested once from the
              run's earliest checkpoints (:class:`Harvest`) and scored under every checkpoint.
-``heldout``  NLL of the reference solutions of a held-out file (``--heldout``), when given.
-
-The predictive entropy over target tokens comes with the plain target scoring (``score``).
+The other two signals need nothing of their own: the predictive entropy over target tokens
+comes with the plain target scoring (``score``), and the held-out NLL (``--heldout``) is that
+same scoring run on the held-out file's examples (``collect.KINDS["heldout"]``).
 
 Perturbations are applied to the *rendered* prompt text, so they work for any template:
 
