@@ -6,10 +6,12 @@ real data):
 ``lab``       the lab's model (``ckptsel.lab.models.ModelSpec()``: Llama, 3 layers, width 96)
               with the lab's character-level tokenizer: GSM8K in characters.
 ``qwen0.5b``  the Qwen2.5-0.5B architecture (24 layers, width 896, GQA 14/2 heads, tied
-              151,936-token vocabulary, 494M parameters) with a byte-level BPE tokenizer
-              trained here on the GSM8K and MATH training text (no tokenizer can be
-              downloaded). Ids past the BPE's own vocabulary are never produced but are
-              paid for in every LM-head projection and softmax, as with the real vocabulary.
+              151,936-token vocabulary, 494M parameters) with a 32k byte-level BPE trained
+              here on the GSM8K and MATH training text (no tokenizer can be downloaded).
+              Loaded from the model folder, as ckptsel's loader loads it, transformers
+              builds it as a Qwen2 tokenizer: Qwen's pre-tokenisation, digits one by one.
+              Ids past the BPE's own vocabulary are never produced but are paid for in
+              every LM-head projection and softmax, as with the real vocabulary.
 
 Weights are written as safetensors and loaded back with ``from_pretrained``, so the model
 is the one the loader would hand out (and a folder the rank benchmarks can point at).
@@ -119,7 +121,9 @@ def bpe_tokenizer(vocab_size: int = BPE_VOCAB):
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
         core.train_from_iterator(texts, trainer)
-        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+        core.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
         tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
         folder.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(folder)

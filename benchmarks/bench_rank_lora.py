@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1: the cores are shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
     args = parser.parse_args()
     bench.setup(args.threads)
 
@@ -54,7 +54,8 @@ def main() -> None:
     sampling = {"k": args.k, "max_new_tokens": args.max_new_tokens}
     recipe = override(load_recipe("gsm8k"), sampling=sampling)
     tokenizer = load_tokenizer(checkpoints[0])
-    examples = select_examples(load_data(data, recipe, tokenizer=tokenizer).examples, SelectionSettings(max_examples=args.max_examples))
+    rows = load_data(data, recipe, tokenizer=tokenizer).examples
+    examples = select_examples(rows, SelectionSettings(max_examples=args.max_examples))
     engine = EngineSettings(device="cpu")
     ctx = {"engine": engine, "grader": graders.get(recipe.data.grader), "proxies": ProxySettings(),
            "budgets": budgets(tokenizer, examples, recipe)}
@@ -92,8 +93,9 @@ def main() -> None:
         for ckpt in checkpoints:
             with CheckpointLoader(device="cpu") as loader:
                 model, tok = loader.load(ckpt)
-                records = {kind: KINDS[kind].measure(model, tok, examples, recipe, ctx) for kind in DEFAULT_KINDS
-                           if kind not in ("alt", "heldout")}  # no alternative set from random weights; no held-out file
+                # No alternative-solution set from random weights, no held-out file: what rank measures here.
+                kinds = [kind for kind in DEFAULT_KINDS if kind not in ("alt", "heldout")]
+                records = {kind: KINDS[kind].measure(model, tok, examples, recipe, ctx) for kind in kinds}
                 nll.append(float(np.mean([r.nll for r in records["score"].values()])))
         results["reload"] = nll
 

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1: the cores are shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="ckptsel's decode batch (default: automatic)")
     args = parser.parse_args()
     bench.setup(args.threads)

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--size", choices=bench.SIZES, default="lab")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1: the cores are shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
     parser.add_argument("--lm-eval-batch", type=int, default=8, help="lm-eval's batch size (its default is 1)")
     args = parser.parse_args()
     bench.setup(args.threads)

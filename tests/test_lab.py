@@ -166,7 +166,6 @@ def test_recipe_beside_the_run_renders_data_as_trained(tmp_path):
     assert recipe.data.grader == "gsm8k"
 
 
-@pytest.mark.slow
 def test_lora_run_points_at_an_absolute_base(tmp_path):
     from ckptsel.lab.ground_truth import load_checkpoint
     from ckptsel.lab.quick import train_tiny_run

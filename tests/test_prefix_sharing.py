@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckptsel.measure.scoring import encode_pairs, score_token_pairs, share_prefixes
+from ckptsel.measure.scoring import encode_pairs, plan_batches, score_token_pairs, share_prefixes
 from ckptsel.proxies import PERTURBATIONS
 
 QUESTIONS = [
@@ -62,6 +62,12 @@ def test_share_prefixes_on_hand_made_prompts():
     assert share_prefixes([], min_shared=2) == []
 
 
+def test_plan_batches_bounds_padding():
+    # Longest first: 100, 90, 70, 60. A row shorter than 75% of its batch's longest starts a new batch.
+    assert plan_batches([60, 100, 70, 90], [1] * 4, token_budget=10_000, max_padding=0.25) == [[1, 3], [2, 0]]
+    assert plan_batches([60, 100, 70, 90], [1] * 4, token_budget=10_000) == [[1, 3, 2, 0]]
+
+
 def test_shared_scoring_equals_each_pair_alone(model, tokenizer):
     pairs = workload(tokenizer)
     shared = score_token_pairs(model, pairs)
@@ -76,10 +82,11 @@ def test_shared_scoring_equals_each_pair_alone(model, tokenizer):
 def test_shared_prefix_runs_once(model, tokenizer):
     """Three targets for one prompt: one pass over the prompt, one over the three targets."""
     prompt = "Question: " + QUESTIONS[0] + "\nAnswer:"
-    targets = [" " + s for s in SOLUTIONS[0]]
+    targets = [" " + s for s in SOLUTIONS[0][:2]] + [" She sold 24 in May, 72 in all.\n#### 72"]  # similar lengths
     pairs = encode_pairs(tokenizer, [prompt] * 3, targets)
     shapes = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    embeddings = model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     try:
         shared = score_token_pairs(model, pairs)
     finally:
@@ -109,7 +116,8 @@ def test_sharing_through_a_lora_wrapper(model, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = get_peft_model(copy.deepcopy(model), config)
     wrapped.eval()
     pairs = workload(tokenizer)
     shared = score_token_pairs(wrapped, pairs)

@@ -22,7 +22,7 @@ DEMO_RUN = "demo"
 def demo(ctx, out, quiet):
     """Train a tiny model on synthetic arithmetic, then list and inspect its checkpoints.
 
-    Takes about three minutes on two CPU cores; nothing is downloaded. The run folder is a
+    Takes under three minutes on one CPU core; nothing is downloaded. The run folder is a
     real Trainer run (checkpoint-N/ folders, train.jsonl, recipe.yaml) with the true
     held-out accuracy and held-out NLL of every checkpoint in ground_truth.json, so you can
     see what ckptsel is meant to predict from the training data alone.

@@ -38,7 +38,7 @@ def resolve_grid(name_or_path: str) -> Path:
 @click.argument("grid")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the runs.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Runs trained in parallel processes.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per job [default: cores / jobs].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per job [default: 1; use --jobs for parallelism].")
 @click.option("--only", multiple=True, help="Train only this run (repeatable).")
 @json_option
 @quiet_option

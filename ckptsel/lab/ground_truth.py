@@ -33,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckptsel.lab.splits import Row, read_jsonl
+from ckptsel.lab.train import PROMPT_TEMPLATE
 from ckptsel.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ def load_checkpoint(path: Path):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
 
 
+def _prompt(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
 def _accuracy(
     model, tokenizer, questions: list[str], rows: list[Row], keys: list[str], settings: GroundTruthSettings, budget: int
 ) -> tuple[np.ndarray, list[list[str]]]:
@@ -86,7 +91,7 @@ def _accuracy(
     from ckptsel.measure.sampling import sample_completions
 
     grade = get(GRADER)
-    prompts = [f"{q}\n" for q in questions]
+    prompts = [_prompt(q) for q in questions]
     samples = sample_completions(
         model,
         tokenizer,
@@ -106,13 +111,13 @@ def measure_checkpoint(model, tokenizer, train: list[Row], test: list[Row], sett
     from ckptsel.measure.scoring import score_targets
 
     per: dict[str, np.ndarray] = {}
-    test_prompts = [f"{r.question}\n" for r in test]
+    test_prompts = [_prompt(r.question) for r in test]
     per["test_accuracy"], _ = _accuracy(
         model, tokenizer, [r.question for r in test], test, [f"test/{i}" for i in range(len(test))], settings, budget
     )
     per["test_nll"] = score_targets(model, tokenizer, test_prompts, [r.answer for r in test]).nll
 
-    train_prompts = [f"{r.question}\n" for r in train]
+    train_prompts = [_prompt(r.question) for r in train]
     per["train_accuracy"], samples = _accuracy(
         model, tokenizer, [r.question for r in train], train, [f"train/{i}" for i in range(len(train))], settings, budget
     )
@@ -135,7 +140,8 @@ def measure_checkpoint(model, tokenizer, train: list[Row], test: list[Row], sett
             model, tokenizer, [r.perturbed for r in train], train, [f"train-p/{i}" for i in range(len(train))], settings, budget
         )
     summary = {name: float(np.nanmean(values)) for name, values in per.items()}
-    return {**summary, "per_example": {name: [round(float(v), 5) for v in values] for name, values in per.items()}}
+    per_example = {name: [None if np.isnan(v) else round(float(v), 5) for v in values] for name, values in per.items()}
+    return {**summary, "per_example": per_example}
 
 
 def _state(path: Path) -> dict:

@@ -14,7 +14,10 @@ Trainer output is never mixed into a fresh run). ``run.json`` records the spec; 
 run whose spec no longer matches the grid is an error, not a silent reuse.
 
 The bases are trained first, then the runs; each stage goes to a pool of ``jobs``
-processes with ``threads`` torch threads each (the CPU cores are split between them).
+processes with ``threads`` torch threads each. One thread per job is the default: these
+models' matrices are too small for intra-op threads to pay, and on a shared machine
+spinning threads burn CPU time for nothing (measured: 2 threads made a loaded machine
+several times slower per step). Parallelism comes from ``jobs``.
 Progress comes back as :class:`Event` values through a queue.
 """
 
@@ -146,7 +149,7 @@ def _run_jobs(jobs_list: list[_Job], grid: Grid, jobs: int, threads: int, notify
     if jobs <= 1 or len(jobs_list) <= 1:
         forward = _Forward(notify)
         for job in jobs_list:
-            results.append(_work(job, grid, threads * max(1, jobs), forward))
+            results.append(_work(job, grid, threads, forward))
             notify(results[-1])
         return results
     ctx = mp.get_context("spawn")  # torch and fork do not mix
@@ -191,7 +194,7 @@ def run_grid(
         if unknown:
             raise RecipeError(f"--only: no run named {', '.join(unknown)} in grid {grid.name}")
         specs = {n: s for n, s in specs.items() if n in only}
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = threads or 1
     notify = on_event or (lambda event: None)
 
     results: list[Event] = []

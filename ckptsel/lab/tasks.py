@@ -6,12 +6,14 @@ it was trained on. Each training target is one randomly chosen valid trace, and 
 held-out reference solution, so "samples copy the training trace" and "the model pays for
 an equally valid but differently written trace" are both measurable.
 
-A trace folds the question's items one line at a time. Its freedom is kept *local* so a
-tiny model can learn it in minutes: the fold runs left to right or right to left, and each
-line writes its two operands in either order (``9+7=16`` or ``7+9=16``). (Accumulating in
-an arbitrary order was tried first: tiny models learnt the arithmetic but kept losing track
-of which terms were already used, so held-out accuracy stayed low.) A question of n items
-has up to 2 x 2^(n-1) traces.
+A trace rewrites the question's expression one line at a time, merging one adjacent pair
+of terms per line, until one term is left (the ``#### N`` line). Which pair to merge is
+free, so n terms give (n-1)! traces, and the bookkeeping is written out: each line is the
+line above with one local edit. Two formats were tried first: accumulating the terms in
+any order (``7+5=12 / 12+3=15``) and folding left or right with swapped operands. After
+~570 steps the tiny models' errors there were mostly lost or repeated terms rather than
+arithmetic (held-out accuracy about 0.3-0.4); the rewrite format carries the remaining
+terms along in the text instead.
 
 Every family produces GSM8K-layout rows: ``question`` and ``answer``, the answer being the
 trace's lines, then ``#### N``. Texts are short because the lab's tokenizer is character
@@ -19,10 +21,10 @@ level (sequence length is the training cost).
 
 Families (one explicit table, :data:`FAMILIES`):
 
-    sum      7+3+5=?                         7+3=10 / 5+10=15      or  5+3=8 / 8+7=15 ...
-    product  2*5*3=?                         2*5=10 / 10*3=30      or  3*5=15 / 2*15=30 ...
-    word     Ann had 9 cats, got 3, lost 2.  9+3=12 / 12-2=10      or  9-2=7 / 3+7=10 ...
-    max      max(31,8,57)=?                  31>8 / 57>31          or  57>8 / 31<57 ...
+    sum      6+5+9+9=?                       11+9+9 / 20+9 / #### 29    or  6+14+9 / 20+9 / ...
+    product  5*4*3=?                         20*3 / #### 60             or  5*12 / #### 60
+    word     Bo had 14 cats, lost 2, got 9.  14-2+9 / 12+9 / #### 21    or  14-2+9 / 14+7 / ...
+    max      max(62,69,36,64)=?              max(69,36,64) / ...        or  max(62,69,64) / ...
 
 Each family also *perturbs* a question: an equivalent question with a different surface
 (operands reordered, a different name), the prompt perturbation the ground truth uses.

@@ -51,6 +51,9 @@ CPU_LOGITS_BUDGET, GPU_LOGITS_BUDGET = 2**27, 2**30
 # Elements per float32 log-softmax chunk: on CPU 1 MiB, about an L2 cache, which makes the
 # passes over it 2-3x faster than over main memory; on a GPU, large enough to fill it.
 CPU_FLOAT32_CHUNK, GPU_FLOAT32_CHUNK = 2**18, 2**26
+# Most padding a row may carry, as a fraction of its batch's length: with few rows of scattered
+# lengths (a small --max-examples) a full token budget would otherwise pad a third of a batch.
+MAX_PADDING = 0.25
 # Fewest prompt tokens worth sharing: below this a prefix saves less than its row in the prefix pass
 # and its cache copies cost.
 MIN_SHARED_PREFIX = 8
@@ -123,13 +126,16 @@ def plan_batches(
     batch_size: int | None = None,
     token_budget: int = CPU_TOKEN_BUDGET,
     scored_budget: int | None = None,
+    max_padding: float | None = None,
 ) -> list[list[int]]:
     """Cut indices into batches of similar length, longest first.
 
     ``lengths`` are the total (padded-to) lengths, ``scored`` the target-token counts.
     With ``batch_size`` the batches have that many rows; otherwise a batch grows while
     rows x longest length stays within ``token_budget`` and the scored tokens within
-    ``scored_budget``. A single row is never split, however long. Longest first, so an
+    ``scored_budget``. With ``max_padding`` a row padded by more than that fraction of the
+    batch's length starts a new batch (few rows of scattered lengths would otherwise share
+    one wide batch). A single row is never split, however long. Longest first, so an
     out-of-memory error shows up on the first batch rather than after an hour.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -144,6 +150,8 @@ def plan_batches(
                 full = (len(current) + 1) * lengths[current[0]] > token_budget or (
                     scored_budget is not None and current_scored + scored[i] > scored_budget
                 )
+            if max_padding is not None:
+                full = full or lengths[i] < (1 - max_padding) * lengths[current[0]]
             if full:
                 batches.append(current)
                 current, current_scored = [], 0
@@ -233,6 +241,7 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
             batch_size=batch_size,
             token_budget=GPU_TOKEN_BUDGET if gpu else CPU_TOKEN_BUDGET,
             scored_budget=(GPU_LOGITS_BUDGET if gpu else CPU_LOGITS_BUDGET) // vocab,
+            max_padding=MAX_PADDING,
         )
 
     live = [i for i in range(n) if n_tokens[i] > 0]
@@ -247,7 +256,8 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
     model.eval()
     try:
         batches = chain(
-            _shared_batches(model, pairs, groups, plan, device), _lone_batches(model, pairs, lone, plan, device, capture)
+            _shared_batches(model, pairs, groups, plan, device),
+            _lone_batches(model, pairs, lone, plan, device, capture),
         )
         for rows, nll, ent, owner, routed in batches:
             row_ids = np.asarray(rows)[owner]
