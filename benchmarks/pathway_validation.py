@@ -1,15 +1,18 @@
 """Do the pathway metrics track held-out accuracy? Validation on the lab's MoE runs.
 
 For every MoE run in a lab output folder (a run folder: ``checkpoint-N/``, ``train.jsonl``,
-``recipe.yaml`` and ``ground_truth.json``, as ``ckptsel lab`` writes them), per checkpoint:
+``recipe.yaml`` and ``ground_truth.json``, as ``ckptsel lab`` writes them), the library path
+of ``ckptsel rank`` (``collect`` with the ``score`` kind, then ``select.rank``) on the run's
+``--max-examples`` seeded training subset gives, per checkpoint:
 
-* the target NLL and the routing weights of the first ``--n-train`` training examples
-  (rendered as the run was trained: prompt ``"{question}\\n"`` with BOS, target + EOS);
-* memorised examples: NLL below the run recipe's threshold nu (``--threshold`` overrides);
-* pathway distance and pathway complexity over the memorised examples (DESIGN.md), and
-  over all examples (the memorised set is small or empty early in a run);
+* pathway distance and pathway complexity over the memorised examples (target NLL below the
+  run recipe's threshold nu; ``--threshold`` overrides), as ``ckptsel rank`` reports them;
+* the same over all measured examples (the memorised set is small or empty early in a run);
 * the training loss the Trainer logged last at that step, and the held-out test accuracy
   from ``ground_truth.json`` (k samples per test question, graded).
+
+With ``--cache-dir`` pointing at a store that already holds the runs' target scores (a copy
+of the over-memorization validation's store), only the routing weights are measured.
 
 The paper (Li, Fan & Zhou 2025) reports |Pearson r| 0.92-0.99 between these metrics and
 downstream accuracy once training loss has stopped moving. Our window: the checkpoints
@@ -19,7 +22,8 @@ accuracy never rises by 0.02 carries no signal and is reported but not counted).
 and Spearman per run and metric; the headline is the median |r| over runs (target >= 0.8),
 next to the training loss's.
 
-    python benchmarks/pathway_validation.py LAB_OUT [--n-train 200 --cutoff 0.8 --order weight --json out.json]
+    python benchmarks/pathway_validation.py LAB_OUT --cache-dir DIR [--max-examples 100 --cutoff 0.8
+        --order weight --json out.json]
 """
 
 from __future__ import annotations
@@ -57,57 +61,50 @@ def is_moe_run(run: Path) -> bool:
     return moe_from_config(json.loads(config.read_text()))[0] is not None
 
 
-def train_loss(checkpoint: Path, step: int) -> float:
-    """The training loss the Trainer logged last at or before ``step``."""
-    state = checkpoint / "trainer_state.json"
-    if not state.is_file():
-        return float("nan")
-    history = json.loads(state.read_text()).get("log_history", [])
-    logged = [e for e in history if "loss" in e and e.get("step", 0) <= step]
-    return float(logged[-1]["loss"]) if logged else float("nan")
+def measure_run(run: Path, cache_dir: Path, max_examples: int, threshold: float | None, cutoff: float,
+                order: str) -> list[dict]:
+    from ckptsel.collect import collect, select_examples
+    from ckptsel.data import load_examples
+    from ckptsel.discover import discover
+    from ckptsel.lab.ground_truth import read_ground_truth
+    from ckptsel.measure.loading import load_tokenizer
+    from ckptsel.recipes import load_recipe, override
+    from ckptsel.select import pathway_metrics, rank
+    from ckptsel.settings import PathwaySettings, SelectionSettings
+    from ckptsel.store import Store
 
-
-def measure_run(run: Path, n_train: int, threshold: float | None, cutoff: float, order: str) -> list[dict]:
-    import torch
-
-    from ckptsel.lab.ground_truth import load_checkpoint, read_ground_truth
-    from ckptsel.lab.splits import read_jsonl
-    from ckptsel.lab.tokenizer import build_tokenizer
-    from ckptsel.measure.routers import routing_weights
-    from ckptsel.measure.scoring import encode_pairs, score_token_pairs
-    from ckptsel.pathways import consistency_from_cosines, layer_cosines, pathway_distance, pathways
-    from ckptsel.recipes import load_recipe
-
-    recipe = load_recipe(run / "recipe.yaml")
-    nu = threshold if threshold is not None else recipe.memorization.threshold
-    if nu == "auto":
+    checkpoints = [c for c in discover([run]) if c.step is not None and c.path.name.startswith("checkpoint-")]
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    if threshold is not None:
+        recipe = override(recipe, memorization={"threshold": threshold})
+    if recipe.memorization.threshold == "auto":
         raise SystemExit(f"{run}: recipe threshold is 'auto'; pass --threshold")
+    settings = PathwaySettings(cutoff=cutoff, order=order)
+    tokenizer = load_tokenizer(checkpoints[0])
+    examples = select_examples(load_examples(run / "train.jsonl", recipe, tokenizer=tokenizer),
+                               SelectionSettings(max_examples=max_examples))
+    uids = [ex.uid for ex in examples]
     truth = read_ground_truth(run)["checkpoints"]
-    rows = read_jsonl(run / "train.jsonl")[:n_train]
-    tokenizer = build_tokenizer()
-    pairs = encode_pairs(tokenizer, [f"{r.question}\n" for r in rows], [r.answer for r in rows], append_eos=True)
+    t0 = time.perf_counter()
+    with Store.open(cache_dir) as store:
+        collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, kinds=("score",))
+        ranking = rank(collected, store, recipe.memorization, pathway_settings=settings, n_boot=10)
+        everything = np.ones(len(uids), dtype=bool)
+        overall = [pathway_metrics(store.get_many(c.fingerprint, collected.settings_key, "score", uids), uids,
+                                   everything, settings) for c in ranking.checkpoints]
+    print(f"  {collected.loaded} checkpoint(s) loaded for routing weights, {time.perf_counter() - t0:.1f}s")
     out = []
-    for step, path in checkpoints(run):
-        t0 = time.perf_counter()
-        model = load_checkpoint(path).eval()
-        with torch.inference_mode():
-            nll = score_token_pairs(model, pairs).nll
-            weights, gates = routing_weights(model, pairs)
-        num_layers, num_experts = weights.shape[1:]
-        memorised = nll < nu
-        paths = pathways(weights, cutoff, order)
-        cosines = layer_cosines(weights, gates)
-        row = {"step": step, "test_accuracy": truth.get(str(step), {}).get("test_accuracy", float("nan")),
-               "train_loss": train_loss(path, step), "memorised": int(memorised.sum()), "mean_nll": float(nll.mean())}
-        for suffix, keep in (("mem", memorised), ("all", np.ones_like(memorised))):
-            chosen = [p for p, k in zip(paths, keep) if k]
-            row[f"distance_{suffix}"] = pathway_distance(chosen, num_experts, num_layers).mean
-            row[f"complexity_{suffix}"] = consistency_from_cosines(cosines[keep]).complexity
+    for c, whole in zip(ranking.checkpoints, overall):
+        mem = c.pathways
+        row = {"step": c.step, "test_accuracy": truth.get(str(c.step), {}).get("test_accuracy", float("nan")),
+               "train_loss": c.train_loss if c.train_loss is not None else float("nan"),
+               "memorised": mem.n_examples, "mean_nll": c.target_nll,
+               "distance_mem": mem.distance, "complexity_mem": mem.complexity,
+               "distance_all": whole.distance, "complexity_all": whole.complexity}
         out.append(row)
-        print(f"  step {step:6d}  test acc {row['test_accuracy']:.3f}  loss {row['train_loss']:.3f}  memorised "
-              f"{row['memorised']:4d}/{len(rows)}  distance mem/all {row['distance_mem']:7.3f} "
-              f"{row['distance_all']:7.3f}  complexity mem/all {row['complexity_mem']:.4f} {row['complexity_all']:.4f}"
-              f"  ({time.perf_counter() - t0:.1f}s)",
+        print(f"  step {row['step']:6d}  test acc {row['test_accuracy']:.3f}  loss {row['train_loss']:.3f}  memorised "
+              f"{row['memorised']:4d}/{len(uids)}  distance mem/all {row['distance_mem']:7.3f} "
+              f"{row['distance_all']:7.3f}  complexity mem/all {row['complexity_mem']:.4f} {row['complexity_all']:.4f}",
               flush=True)
     return out
 
@@ -138,7 +135,8 @@ def correlate(rows: list[dict]) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lab_out", type=Path, help="a lab output folder (its MoE runs are used), or one run folder")
-    parser.add_argument("--n-train", type=int, default=200, help="training examples measured per checkpoint")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="result store (a copy of one holding the runs)")
+    parser.add_argument("--max-examples", type=int, default=100, help="training examples measured per checkpoint")
     parser.add_argument("--threshold", type=float, default=None, help="memorisation nu (default: the run's recipe)")
     parser.add_argument("--cutoff", type=float, default=0.8)
     parser.add_argument("--order", choices=["weight", "expert"], default="weight")
@@ -160,7 +158,7 @@ def main() -> None:
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for run in runs:
         print(f"{run.name}:", flush=True)
-        rows = measure_run(run, args.n_train, args.threshold, args.cutoff, args.order)
+        rows = measure_run(run, args.cache_dir, args.max_examples, args.threshold, args.cutoff, args.order)
         report["runs"][run.name] = {"checkpoints": rows, "correlation": correlate(rows)}
 
     print("\nPearson r / Spearman rho with test accuracy (window: from the checkpoint before accuracy rises)")

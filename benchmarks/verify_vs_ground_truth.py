@@ -9,7 +9,11 @@ Two comparisons on the run's held-out test.jsonl, with the lab's own generation 
   Expected: equal within sampling error -- reported as the paired difference over questions
   and its z-score.
 
-    python benchmarks/verify_vs_ground_truth.py RUN [--cache-dir DIR]
+    python benchmarks/verify_vs_ground_truth.py RUN [--steps 120,480] [--limit 50] [--cache-dir DIR]
+
+``--limit N`` compares on the first N test questions (the lab's per-question values for those
+questions; the sampling seeds are per question, so a subset is the same draw) and ``--steps``
+on some checkpoints only, to keep a run to minutes.
 """
 
 from __future__ import annotations
@@ -42,16 +46,19 @@ def lab_budget(run: Path, settings) -> int:
     return max_new_tokens_for([len(t) + 1 for t in ids])
 
 
-def greedy_ground_truth(run: Path, budget: int) -> dict:
-    """The lab's ground-truth code run greedily, on a scratch copy of the run (links, nothing rewritten)."""
+def greedy_ground_truth(run: Path, checkpoints: list[Path], n_test: int, budget: int) -> dict:
+    """The lab's ground-truth code run greedily on a scratch copy of the run: the chosen
+    checkpoints linked, the first ``n_test`` test rows copied, nothing of the run rewritten."""
     from ckptsel.lab.ground_truth import GroundTruthSettings, write_ground_truth
     from ckptsel.settings import SamplingSettings
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        for item in run.iterdir():
-            if item.name.startswith("checkpoint-") or item.name in ("train.jsonl", "test.jsonl"):
-                (scratch / item.name).symlink_to(item.resolve())
+        for path in checkpoints:
+            (scratch / path.name).symlink_to(path.resolve())
+        (scratch / "train.jsonl").symlink_to((run / "train.jsonl").resolve())
+        test_lines = (run / "test.jsonl").read_text().splitlines(keepends=True)[:n_test]
+        (scratch / "test.jsonl").write_text("".join(test_lines))
         settings = GroundTruthSettings(sampling=SamplingSettings(temperature=0, max_new_tokens=budget),
                                        n_train_eval=1, perturbed=False)
         return json.loads(write_ground_truth(scratch, settings).read_text())
@@ -72,21 +79,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N test questions.")
+    parser.add_argument("--steps", default=None, help="Only these checkpoint steps (comma-separated).")
     args = parser.parse_args()
     run = args.run.resolve()
     truth = read_ground_truth(run)
     gt_settings = GroundTruthSettings(**truth["settings"])
     budget = lab_budget(run, gt_settings)
     checkpoints = discover([run])
+    if args.steps:
+        wanted = {int(s) for s in args.steps.split(",")}
+        checkpoints = [c for c in checkpoints if c.step in wanted]
     recipe = load_recipe(run / "recipe.yaml")
     tokenizer = load_tokenizer(checkpoints[0])
-    examples = load_data(run / "test.jsonl", recipe, tokenizer=tokenizer).examples
+    examples = load_data(run / "test.jsonl", recipe, tokenizer=tokenizer).examples[: args.limit]
     engine = EngineSettings(device="cpu", dtype="float32")
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="verify-bench-"))
     print(f"run {run}: {len(checkpoints)} checkpoints, {len(examples)} test questions, budget {budget} tokens")
 
     t0 = time.perf_counter()
-    lab_greedy = greedy_ground_truth(run, budget)
+    lab_greedy = greedy_ground_truth(run, [c.path for c in checkpoints], len(examples), budget)
     t_lab = time.perf_counter() - t0
     with Store.open(cache) as store:
         t0 = time.perf_counter()
@@ -118,11 +130,12 @@ def main() -> None:
     zs = []
     for ckpt, m in zip(checkpoints, sampled.checkpoints):
         lab = truth["checkpoints"][str(ckpt.step)]
-        d = np.array([m.per_example[u] - a for u, a in zip(uids, lab["per_example"]["test_accuracy"])])
+        per_lab = lab["per_example"]["test_accuracy"][: len(uids)]
+        d = np.array([m.per_example[u] - a for u, a in zip(uids, per_lab)])
         se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
         z = float(d.mean() / se) if se > 0 else 0.0
         zs.append(z)
-        print(f"{ckpt.step:>6} {lab['test_accuracy']:>7.3f} {m.accuracy:>7.3f} "
+        print(f"{ckpt.step:>6} {np.mean(per_lab):>7.3f} {m.accuracy:>7.3f} "
               f"{f'[{m.ci[0]:.3f}, {m.ci[1]:.3f}]':>15} {d.mean():>+8.3f} {se:>9.4f} {z:>+6.2f}")
     within = sum(abs(z) <= 1.96 for z in zs)
     print(f"|z| <= 1.96 for {within}/{len(zs)} checkpoints (paired over questions)")

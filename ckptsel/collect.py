@@ -32,7 +32,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ckptsel import proxies
@@ -78,7 +78,31 @@ class Collected:
 
 def _measure_scores(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
     """Teacher-forced target NLL and predictive entropy (DESIGN.md: target NLL)."""
+    return _score_records(model, tokenizer, examples, recipe, ctx, routers=False)
+
+
+def _measure_scores_and_routes(
+    model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict
+) -> dict[str, Record]:
+    """Target NLL as :func:`_measure_scores`, plus MoE routing read off the same forward pass.
+
+    Per example (MoE checkpoints only), for the pathway metrics of :mod:`ckptsel.pathways`:
+    ``array``, the router softmax averaged over the target tokens, ``(layers, experts)``
+    float16 (three digits are plenty to order experts and cut at 0.8, at half the bytes);
+    ``data["layer_cos"]``, the cosines between consecutive layers' routing-weighted gate
+    vectors, computed here at full precision so the checkpoint's gate weights need not be
+    stored. A model whose routers cannot be found stores an empty array, so it is not
+    re-measured on every run.
+    """
+    return _score_records(model, tokenizer, examples, recipe, ctx, routers=True)
+
+
+def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: dict, *, routers: bool) -> dict[str, Record]:
+    import numpy as np
+
+    from ckptsel.measure.routers import declares_experts
     from ckptsel.measure.scoring import score_targets
+    from ckptsel.pathways import layer_cosines
 
     result = score_targets(
         model,
@@ -87,11 +111,23 @@ def _measure_scores(model, tokenizer, examples: Sequence[Example], recipe: Recip
         [ex.target for ex in examples],
         append_eos=recipe.data.append_eos,
         batch_size=ctx["engine"].batch_size,
+        routers=routers,
     )
-    return {
-        ex.uid: Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]))
-        for i, ex in enumerate(examples)
-    }
+    weights, cosines = result.router_weights, None
+    routed = routers and declares_experts(model)  # dense checkpoints: records as before
+    if weights is not None:
+        cosines = layer_cosines(weights, result.gate_vectors)
+    elif routed:
+        log.warning("%s: no router modules found; no pathway metrics for it", type(model).__name__)
+    out = {}
+    for i, ex in enumerate(examples):
+        record = Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]))
+        if routed:
+            array = weights[i].astype(np.float16) if weights is not None else np.zeros(0, np.float16)
+            data = {"layer_cos": cosines[i].tolist()} if cosines is not None else None
+            record = replace(record, array=array, data=data)
+        out[ex.uid] = record
+    return out
 
 
 def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
@@ -126,15 +162,18 @@ class Kind:
 
     ``chunk``: examples per stored batch (small enough that a crash loses little, large
     enough to batch well). ``examples``: the training examples, or the ``--heldout`` ones.
+    ``routes``: ``measure`` stores MoE routing weights; see :func:`_measure_scores_and_routes`.
     """
 
     measure: MeasureFn
     chunk: int
     examples: Literal["train", "heldout"] = "train"
+    # MoE checkpoints: records need an array (routing weights); rows stored without one are re-measured.
+    routes: bool = False
 
 
 KINDS: dict[str, Kind] = {
-    "score": Kind(_measure_scores, 256),
+    "score": Kind(_measure_scores_and_routes, 256, routes=True),
     "sample": Kind(_measure_samples, 32),
     "perturb": Kind(proxies.measure_perturbed, 128),  # len(perturbations) pairs per example
     "alt": Kind(proxies.measure_alternatives, 256),  # after "sample": harvested from samples
@@ -262,7 +301,8 @@ def collect(
     def run(session: _Session, i: int, kind: str, pool: list[Example]) -> None:
         """Measure and store what the store lacks of ``kind`` on ``pool`` for checkpoint ``i``."""
         series = result.series[kind]
-        missing = set(store.missing(fps[i], key, series, [ex.uid for ex in pool]))
+        with_array = KINDS[kind].routes and checkpoints[i].num_experts is not None
+        missing = set(store.missing(fps[i], key, series, [ex.uid for ex in pool], with_array=with_array))
         todo = [ex for ex in pool if ex.uid in missing]
         if not todo:
             return

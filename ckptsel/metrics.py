@@ -432,6 +432,7 @@ METRICS: dict[str, MetricInfo] = {
     "copy_rate": MetricInfo(False, "fraction of samples that reproduce the training solution verbatim"),
     "target_nll": MetricInfo(False, "teacher-forced NLL of the training targets, nats per token"),
     "alt_nll": MetricInfo(False, "NLL of correct non-target solutions; rises with over-memorization"),
+    "perturb_nll": MetricInfo(False, "target NLL under perturbed prompts; rises with over-memorization"),
     "perturb_gap": MetricInfo(False, "target NLL under perturbed prompts minus plain target NLL"),
     "entropy": MetricInfo(True, "mean predictive entropy over target tokens; collapse means over-sharp memorization"),
     "heldout_nll": MetricInfo(False, "NLL of held-out reference solutions (when given)"),

@@ -8,6 +8,10 @@ The over-memorized flag and the recommendation's tie-break use one perplexity pr
 (:func:`choose_proxy`): the held-out NLL when a held-out file was given (the real thing),
 else the alternative-solution NLL when enough examples have an alternative solution, else
 the target NLL under perturbed prompts.
+
+MoE checkpoints also get Li et al.'s pathway metrics (:func:`pathway_metrics`) over their
+memorised examples, from the routing weights the scoring pass stored; how pathways are cut
+(:class:`ckptsel.settings.PathwaySettings`) is applied here, so changing it measures nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ckptsel import metrics, stages
+from ckptsel import metrics, pathways, stages
 from ckptsel.collect import Collected
-from ckptsel.settings import MemorizationSettings, OvermemSettings
-from ckptsel.store import Store
+from ckptsel.settings import MemorizationSettings, OvermemSettings, PathwaySettings
+from ckptsel.store import Record, Store
 
 PROXIES = ("heldout_nll", "alt_nll", "perturb_nll")  # auto's order of preference
 
@@ -35,6 +39,27 @@ class Threshold:
     auto: float | None = None  # calibrated from copy rates, when it could be fitted
     auto_auc: float | None = None
     auto_note: str | None = None  # why auto could not be fitted
+
+
+@dataclass
+class PathwayMetrics:
+    """Li et al.'s pathway metrics of one MoE checkpoint, over its memorised examples (DESIGN.md).
+
+    Lower distance and complexity: routing has become structured and shared (generalising).
+    ``per_layer``: ``distance`` per layer (each pathway's layer segment alone) and
+    ``consistency`` per pair of consecutive layers. ``n_examples``: memorised examples with
+    routing weights; ``n_compared``: pathways the distance compared (a seeded subset beyond
+    ``PathwaySettings.max_examples``); ``n_unique``: distinct ones among them.
+    """
+
+    distance: float
+    consistency: float
+    complexity: float
+    n_examples: int
+    n_compared: int
+    n_unique: int
+    mean_length: float
+    per_layer: dict[str, list[float]]
 
 
 @dataclass
@@ -60,6 +85,7 @@ class CheckpointMetrics:
     stage: str | None = None
     flag: stages.Flag | None = None
     error: str | None = None
+    pathways: PathwayMetrics | None = None  # MoE runs only
 
 
 @dataclass
@@ -75,6 +101,7 @@ class Ranking:
     alt_sources: list[int] = field(default_factory=list)  # indices of the checkpoints they were harvested from
     n_heldout: int = 0
     warnings: list[str] = field(default_factory=list)
+    pathway_rule: str | None = None  # MoE runs only: how the pathway metrics were computed
     # Per-example arrays, for --export-examples: (checkpoints, examples), measured rows only.
     per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -84,8 +111,11 @@ class Ranking:
             row = asdict(c)
             row["premem_ci"] = list(c.premem_ci)
             row["flag"] = None if c.flag is None else c.flag.to_json()
+            if self.pathway_rule is None:  # dense runs: no pathway keys at all
+                del row["pathways"]
             rows.append({k: _clean(v) for k, v in row.items()})
         rec = self.checkpoints[self.recommended] if self.recommended is not None else None
+        moe = {} if self.pathway_rule is None else {"pathway_rule": self.pathway_rule}
         return {
             "checkpoints": rows,
             "recommended": None if rec is None else {"index": rec.index, "path": rec.path, "step": rec.step},
@@ -98,15 +128,18 @@ class Ranking:
             "n_examples": self.n_examples,
             "n_heldout": self.n_heldout,
             "warnings": self.warnings,
+            **moe,
         }
 
 
 def _clean(value):
-    """NaN -> None for JSON."""
+    """NaN -> None for JSON (inside lists and dicts too)."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, list):
         return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
     return value
 
 
@@ -182,8 +215,12 @@ def memorized_mask(m: dict[str, np.ndarray], memorization: MemorizationSettings)
 
 
 def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
-         overmem: OvermemSettings = OvermemSettings(), *, level: float = 0.95, n_boot: int = 1000) -> Ranking:
-    """Per-checkpoint metrics and proxies, stages and flags, PM with its interval, and a recommendation."""
+         overmem: OvermemSettings = OvermemSettings(), *, level: float = 0.95, n_boot: int = 1000,
+         pathway_settings: PathwaySettings = PathwaySettings()) -> Ranking:
+    """Per-checkpoint metrics and proxies, stages and flags, PM with its interval, and a recommendation.
+
+    Checkpoints of a mixture-of-experts model also get :class:`PathwayMetrics`.
+    """
     measured = [i for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
     m = measured_matrices(collected, store)
     rows = [
@@ -259,10 +296,56 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
         )
     if flagged.all():
         ranking.warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
+    moe = [r for r, i in enumerate(measured) if collected.checkpoints[i].num_experts is not None]
+    if moe:
+        ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
+        memorised_rows = mask & measured_mask
+        for r in moe:
+            records = store.get_many(collected.fingerprints[measured[r]], collected.settings_key, "score",
+                                     [ex.uid for ex in collected.examples])
+            rows[measured[r]].pathways = pathway_metrics(records, [ex.uid for ex in collected.examples],
+                                                         memorised_rows[r], pathway_settings)
     pick = stages.recommend(pm, lo, tie_break, flagged, overmem.proxy_tie)
     ranking.recommended = measured[pick] if pick is not None else None
     ranking.per_example = {"premem": per_example, "memorized": mask, "measured_index": np.array(measured), **m}
     return ranking
+
+
+PATHWAY_RULE = (
+    "pathways (MoE): per layer, experts kept by routing weight (router softmax averaged over the target tokens) "
+    "until {s.cutoff:.0%} of it, ordered by {s.order}; distance = mean pairwise Levenshtein distance of the "
+    "memorised examples' pathways; complexity = 1 - mean cosine of consecutive layers' routing-weighted gate vectors"
+)
+
+
+def pathway_metrics(records: dict[str, Record], uids: list[str], memorised: np.ndarray,
+                    settings: PathwaySettings) -> PathwayMetrics | None:
+    """Pathway distance and consistency of one checkpoint from its stored routing records.
+
+    ``records``: the checkpoint's "score" records (routing weights in ``array``, consecutive
+    layer cosines in ``data["layer_cos"]``); ``memorised[n]`` says whether ``uids[n]`` is
+    memorised. None when no record carries routing weights (routers not found).
+    """
+    routed = {uid for uid, rec in records.items() if rec.array is not None and rec.array.size}
+    if not routed:
+        return None
+    n_layers, n_experts = records[next(iter(routed))].array.shape
+    chosen = [uid for uid, mem in zip(uids, memorised) if mem and uid in routed]
+    weights = np.array([records[uid].array for uid in chosen], dtype=np.float64).reshape(-1, n_layers, n_experts)
+    cosines = np.array([records[uid].data["layer_cos"] for uid in chosen], dtype=np.float64)
+    distance = pathways.pathway_distance(pathways.pathways(weights, settings.cutoff, settings.order), n_experts,
+                                         n_layers, max_examples=settings.max_examples, seed=settings.seed)
+    consistency = pathways.consistency_from_cosines(cosines.reshape(len(chosen), max(n_layers - 1, 0)))
+    return PathwayMetrics(
+        distance=distance.mean,
+        consistency=consistency.consistency,
+        complexity=consistency.complexity,
+        n_examples=len(chosen),
+        n_compared=distance.n_examples,
+        n_unique=distance.n_unique,
+        mean_length=distance.mean_length,
+        per_layer={"distance": distance.per_layer.tolist(), "consistency": consistency.per_pair.tolist()},
+    )
 
 
 def _open_harvest_warning(collected: Collected) -> str:

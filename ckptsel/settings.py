@@ -69,17 +69,38 @@ class MemorizationSettings(_Frozen):
         return v
 
 
+class PathwaySettings(_Frozen):
+    """How MoE pathways are read from the stored routing weights (DESIGN.md, "Pathways").
+
+    None of this changes a measurement: the scoring pass stores each example's per-layer
+    routing probabilities, and pathways are cut from them at ranking time, so changing the
+    cut-off or the order re-ranks from the store without loading a checkpoint.
+    """
+
+    cutoff: float = Field(
+        0.8, gt=0.0, le=1.0, description="Keep a layer's experts, largest first, until their weight reaches this (Li et al.: 0.8)."
+    )
+    order: Literal["weight", "expert"] = Field(
+        "weight", description="Order of a layer's kept experts in the pathway: by decreasing weight, or by expert id (a set)."
+    )
+    max_examples: int | None = Field(
+        1000, ge=2, description="Pathways compared for the distance at most (a seeded subset beyond: cost grows as N^2)."
+    )
+    seed: int = Field(0, description="Seed of that subset.")
+
+
 class Recipe(_Frozen):
-    """A named preset: data rendering, grading, sampling and the memorisation rule."""
+    """A named preset: data rendering, grading, sampling, the memorisation rule and pathway reading."""
 
     name: str = "custom"
     description: str = ""
     data: DataSettings = DataSettings()
     sampling: SamplingSettings = SamplingSettings()
     memorization: MemorizationSettings = MemorizationSettings()
+    pathways: PathwaySettings = PathwaySettings()
 
     def measurement_key(self) -> str:
-        """Hash of everything that changes a stored measurement (not the memorisation rule)."""
+        """Hash of everything that changes a stored measurement (not the memorisation rule or pathway reading)."""
         payload = {"data": self.data.model_dump(), "sampling": self.sampling.model_dump()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

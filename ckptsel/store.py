@@ -325,16 +325,23 @@ class Store:
                 found[row[0]] = _decode(row)
         return found
 
-    def missing(self, fingerprint: str, settings: str, kind: str, uids: Iterable[str]) -> list[str]:
-        """The uids with no stored record, in the order given: what a resumed run must still do."""
+    def missing(
+        self, fingerprint: str, settings: str, kind: str, uids: Iterable[str], *, with_array: bool = False
+    ) -> list[str]:
+        """The uids with no stored record, in the order given: what a resumed run must still do.
+
+        ``with_array``: a record without an array counts as missing too (MoE target scores
+        stored before routing weights were captured with them).
+        """
         uids = list(uids)
         series = self._series(fingerprint, settings, kind, create=False)
         if series is None:
             return uids
         done: set[str] = set()
+        having = " AND array IS NOT NULL" if with_array else ""
         for chunk in _chunks(uids):
             marks = ",".join("?" * len(chunk))
-            query = f"SELECT uid FROM results WHERE series = ? AND uid IN ({marks})"
+            query = f"SELECT uid FROM results WHERE series = ? AND uid IN ({marks}){having}"
             done.update(row[0] for row in self._db.execute(query, (series, *chunk)))
         return [uid for uid in uids if uid not in done]
 

@@ -278,7 +278,7 @@ def test_registry_lists_every_metric_with_a_direction():
     expected_higher = {"train_acc", "premem_acc", "entropy"}
     names = {
         "train_acc", "premem_acc", "memorized_frac", "copy_rate", "target_nll", "alt_nll",
-        "perturb_gap", "entropy", "heldout_nll", "pathway_distance", "pathway_complexity",
+        "perturb_nll", "perturb_gap", "entropy", "heldout_nll", "pathway_distance", "pathway_complexity",
     }  # fmt: skip
     assert set(M.METRICS) == names
     assert {n for n, info in M.METRICS.items() if info.higher_is_better} == expected_higher

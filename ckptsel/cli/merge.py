@@ -1,15 +1,135 @@
-"""``ckptsel merge``: merge checkpoints into a new one, with provenance, written atomically."""
+"""``ckptsel merge``: merge checkpoints into a new one, with provenance, written atomically.
+
+Two commands share the name: explicit merges (``ckptsel merge CKPT... -o OUT``) and the
+evidence-based one (``ckptsel merge RUN --recommend --data TRAIN -o OUT``), which takes the
+measurement options of ``ckptsel rank``. ``--recommend`` on the command line picks the second
+(:class:`_MergeCommand`), so each keeps its own options and help.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ckptsel.cli.options import json_option, print_json, quiet_option, stderr_console, stdout_console
+from ckptsel.cli.options import (
+    engine_options,
+    json_option,
+    print_json,
+    quiet_option,
+    recipe_options,
+    stderr_console,
+    stdout_console,
+)
+from ckptsel.cli.rank import measurement_options
 
 _STAGES = {"fingerprint": "fingerprinting inputs", "build": "merging", "provenance": "writing model card"}
+RECOMMEND_MAX_EXAMPLES = 200  # --recommend's default subset: every candidate is measured on it
 
 
 @click.command("merge")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--recommend", is_flag=True, help="Choose the merge from the ranking (this form of the command).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Training data file or folder.")
+@recipe_options
+@measurement_options
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Train and pre-memorization accuracy a candidate may lose against the recommended checkpoint.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
+              help="Folder to write (must not exist unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
+@engine_options
+@json_option
+@quiet_option
+def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, tolerance, out, force, engine, cache_dir,
+                    as_json, quiet):
+    """Write the best of the merges the ranking suggests, chosen on the training data.
+
+    \b
+    ckptsel merge ./run --recommend --data train.jsonl --recipe gsm8k -o merged
+
+    Ranks RUN like `ckptsel rank` (from the cache when measured already), then builds and
+    measures, on the same training examples (--max-examples, default 200): the recommended
+    checkpoint alone; ½/½ with its predecessor (Ruan et al.); the mean of the unflagged
+    checkpoints from the recommended one to the last unflagged one; model_stock when
+    --base-model names the base of full checkpoints. Rule: among the candidates whose train
+    accuracy and pre-memorization accuracy are at most --tolerance below the recommended
+    checkpoint's, the lowest over-memorization proxy (the ranking's: held-out,
+    alternative-solution or perturbed-prompt NLL). The winner is written to OUT with the
+    comparison in its model card and ckptsel_merge.json, and stored in the cache for
+    `ckptsel report`. Merged candidates are built beside OUT and removed afterwards.
+    """
+    from ckptsel.cli.progress import CollectProgress
+    from ckptsel.cli.rank import measure_and_rank
+    from ckptsel.discover import discover
+    from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
+    from ckptsel.settings import OvermemSettings, ProxySettings
+    from ckptsel.store import Store
+
+    err = stderr_console(quiet)
+    checkpoints = discover([run], base_model=measurement["base_model"])
+    if sum(c.kind != "error" for c in checkpoints) < 2:
+        raise RecommendError(f"{run}: {len(checkpoints)} checkpoint(s) found; --recommend merges checkpoints of "
+                             "one run and needs at least two")
+    if measurement["max_examples"] is None:
+        measurement["max_examples"] = RECOMMEND_MAX_EXAMPLES
+    overmem = OvermemSettings(proxy=proxy or "auto")
+    ranked = measure_and_rank((run,), data_path, recipe, overmem=overmem, engine=engine, cache_dir=cache_dir,
+                              quiet=quiet, command="merge --recommend", checkpoints=checkpoints, **measurement)
+    err.print("comparing merge candidates")
+    with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
+        result = run_recommend(
+            ranked, store, engine=engine, proxy_settings=ProxySettings(alt_grader=measurement["alt_grader"]),
+            overmem=overmem, out=out, force=force, base_model=measurement["base_model"], tolerance=tolerance,
+            on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"),
+        )
+    if as_json:
+        print_json(result.to_json())
+        return
+    _print_comparison(result)
+
+
+def _print_comparison(rec) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"merge candidates ({rec.n_examples} training examples)", title_justify="left")
+    proxy = rec.proxy or "proxy"
+    for column in ("", "candidate", "train acc", "pre-mem acc (95% CI)", "memorised", "target NLL", proxy,
+                   "stage", "within tolerance"):
+        table.add_column(column, justify="left" if column in ("", "candidate", "stage") else "right")
+    for row in rec.rows():
+        lo, hi = row["premem_ci"] or (None, None)
+        table.add_row("★" if row["chosen"] else "", escape(row["candidate"]), _fmt(row["train_acc"]),
+                      f"{_fmt(row['premem_acc'])} ({_fmt(lo, '.2f')}–{_fmt(hi, '.2f')})", _fmt(row["memorized_frac"]),
+                      _fmt(row["target_nll"]), _fmt(row["proxy"]),
+                      row["stage"] or (f"[red]{escape(row['error'])}[/]" if row.get("error") else ""),
+                      "yes" if row["eligible"] else "no")
+    console = stdout_console()
+    console.print(table)
+    console.print(f"rule: {rec.rule}")
+    for note in rec.notes:
+        console.print(f"[dim]skipped {escape(note)}[/]")
+    console.print(f"[bold green]wrote[/] {escape(rec.winner.label)} to {escape(str(rec.result.path))} "
+                  f"({rec.measured} checkpoint load(s) measured anew)")
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+class _MergeCommand(click.Command):
+    """Explicit merges; ``--recommend`` among the arguments hands the whole command line to
+    :func:`merge_recommend` (options, help and all)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        options = args[: args.index("--")] if "--" in args else args
+        if "--recommend" in options:
+            return merge_recommend.make_context(info_name, args, parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command("merge", cls=_MergeCommand)
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Folder to write (must not exist unless --force).")
@@ -53,6 +173,9 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
     The output holds the weights, config, tokenizer and generation config, a model card
     (README.md) and ckptsel_merge.json naming every input with its fingerprint and weight.
     It is built in a temporary folder beside OUT and renamed into place; inputs are only read.
+
+    To let ckptsel choose (candidates from the ranking, measured on the training data):
+    ckptsel merge RUN --recommend --data train.jsonl -o OUT  (options: merge --recommend --help)
     """
     console = stderr_console(quiet or as_json)
     from ckptsel.merge import merge as run_merge

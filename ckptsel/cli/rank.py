@@ -208,7 +208,7 @@ def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: 
         with CollectProgress(err, len(checkpoints)) as progress:
             collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, engine=engine,
                                 heldout=heldout, proxy_settings=proxy_settings, on_progress=progress.update)
-        ranking = rank_checkpoints(collected, store, recipe.memorization, overmem)
+        ranking = rank_checkpoints(collected, store, recipe.memorization, overmem, pathway_settings=recipe.pathways)
     return RankedRun(ranking, collected, recipe, len(usable))
 
 
@@ -238,9 +238,11 @@ def _print_table(console, ranking, recipe) -> None:
     else:
         rule = f"memorised: ≥ {recipe.memorization.copy_fraction:.0%} of samples copy the training solution"
     heldout = ranking.n_heldout > 0
+    moe = ranking.pathway_rule is not None
     table = Table(title=f"{ranking.n_examples} training examples · {rule}", title_justify="left")
     columns = ["", "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)", "memorised", "copy",
-               "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []), "stage"]
+               "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []),
+               *(["pathway dist", "pathway cplx"] if moe else []), "stage"]
     for name in columns:
         table.add_column(name, justify="left" if name in ("", "stage") else "right")
     for c in ranking.checkpoints:
@@ -253,7 +255,8 @@ def _print_table(console, ranking, recipe) -> None:
         stage = {"over-memorized": "[red]over-memorized[/]", "underfit": "[dim]underfit[/]"}.get(c.stage, c.stage or "")
         table.add_row(mark, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"), _fmt(c.train_acc),
                       ci, _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll), _fmt(c.alt_nll),
-                      _fmt(c.perturb_gap, "+.3f"), _fmt(c.entropy), *([_fmt(c.heldout_nll)] if heldout else []), stage)
+                      _fmt(c.perturb_gap, "+.3f"), _fmt(c.entropy), *([_fmt(c.heldout_nll)] if heldout else []),
+                      *(_pathway_cells(c.pathways) if moe else []), stage)
     if not console.is_terminal:  # piped or redirected: no screen width to respect, keep the table unsqueezed
         console.width = max(console.width, 200)
     console.print(table)
@@ -262,6 +265,8 @@ def _print_table(console, ranking, recipe) -> None:
         steps = ", ".join(_fmt(ranking.checkpoints[i].step, "d") for i in ranking.alt_sources)
         coverage = f" · alternative solutions for {ranking.alt_coverage:.0%} of examples, from step(s) {steps}"
     console.print(f"stages ({ranking.proxy or 'no proxy'}{coverage}): {ranking.stage_rule}")
+    if moe:
+        console.print(ranking.pathway_rule)
     for c in ranking.checkpoints:
         if c.flag is not None:
             console.print(f"[red]over-memorized[/] step {_fmt(c.step, 'd')}: {c.flag.reason()}")
@@ -270,6 +275,13 @@ def _print_table(console, ranking, recipe) -> None:
         console.print(f"[bold green]recommended:[/] {rec.path} (step {_fmt(rec.step, 'd')}, predicted test accuracy "
                       f"{_fmt(rec.premem_acc)} [{_fmt(rec.premem_ci[0])}, {_fmt(rec.premem_ci[1])}])")
         console.print(f"rule: {ranking.rule}")
+
+
+def _pathway_cells(pathways) -> list[str]:
+    """Pathway distance (with the memorised examples it is over) and complexity; dashes without routing."""
+    if pathways is None:
+        return ["—", "—"]
+    return [f"{_fmt(pathways.distance, '.2f')} (n={pathways.n_examples})", _fmt(pathways.complexity, ".4f")]
 
 
 def _export(path: Path, ranking, collected) -> None:

@@ -142,6 +142,12 @@ def find_routers(model) -> RouterLayout | None:
     )
 
 
+def declares_experts(model) -> bool:
+    """Whether the model's config declares routed experts (as discovery reads it), routers found or not."""
+    config = getattr(unwrap(model), "config", None)
+    return config is not None and _config_experts(config.get_text_config()) is not None
+
+
 def _declared_routers(base) -> tuple[list[tuple[str, torch.nn.Module]], int] | None:
     """Routers as the model declares them for ``output_router_logits`` (transformers 5)."""
     specs = (getattr(base, "_can_record_outputs", None) or {}).get("router_logits")
