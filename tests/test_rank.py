@@ -215,3 +215,99 @@ def test_choose_proxy_prefers_heldout_then_alternatives_with_coverage_then_pertu
     proxy, note = choose_proxy(cols, 0.3, OvermemSettings(proxy="heldout_nll"))
     assert proxy == "alt_nll" and "heldout_nll was not measured" in note
     assert choose_proxy({k: nan for k in cols}, 0.3, OvermemSettings()) == (None, None)
+
+
+# --- MoE pathways -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moe_run(tmp_path_factory):
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab-moe") / "run", kind="moe", n_checkpoints=3)
+
+
+def _stored_routing(cache, fingerprint, key, uids):
+    from ckptsel.store import Store
+
+    with Store.open(cache) as store:
+        records = store.get_many(fingerprint, key, "score", uids)
+    return np.stack([records[u].array for u in uids]), np.array([records[u].data["layer_cos"] for u in uids])
+
+
+def _moe_uids(run):
+    from ckptsel.collect import select_examples
+    from ckptsel.data import load_examples
+    from ckptsel.recipes import load_recipe
+    from ckptsel.settings import SelectionSettings
+
+    examples = load_examples(run / "train.jsonl", load_recipe(str(run / "recipe.yaml")))
+    return [ex.uid for ex in select_examples(examples, SelectionSettings(max_examples=6))]
+
+
+def test_moe_rank_reports_pathways_and_a_new_cutoff_measures_nothing(moe_run, tmp_path):
+    from ckptsel.pathways import consistency_from_cosines, pathway_distance, pathways
+
+    # nu = 10 nats: every example counts as memorised, so the metrics cover all six.
+    table = invoke(rank_args(moe_run, tmp_path, "--threshold", "10"))
+    assert table.exit_code == 0, table.output
+    assert "pathway dist" in table.stdout and "pathway cplx" in table.stdout and "(n=6)" in table.stdout
+    out = json.loads(invoke(rank_args(moe_run, tmp_path, "--threshold", "10", "--json")).stdout)
+    assert out["cache"]["measured"] == 0 and "80%" in out["pathway_rule"]
+    uids = _moe_uids(moe_run)
+    for row in out["checkpoints"]:
+        weights, cosines = _stored_routing(tmp_path, row["fingerprint"], out["settings_key"], uids)
+        assert weights.shape == (6, 2, 4) and weights.dtype == np.float16
+        np.testing.assert_allclose(weights.astype(float).sum(-1), 1.0, atol=3e-3)
+        expected = pathway_distance(pathways(weights, 0.8), 4, 2)
+        p = row["pathways"]
+        assert p["distance"] == pytest.approx(expected.mean) and p["n_examples"] == 6
+        assert p["per_layer"]["distance"] == pytest.approx(expected.per_layer.tolist())
+        assert p["complexity"] == pytest.approx(consistency_from_cosines(cosines).complexity)
+        assert len(p["per_layer"]["consistency"]) == 1
+
+    # The cut-off is read at ranking time: a recipe with another one re-ranks from the store.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((moe_run / "recipe.yaml").read_text() + "pathways:\n  cutoff: 0.3\n")
+    with_cutoff = [*rank_args(moe_run, tmp_path, "--threshold", "10", "--json")]
+    with_cutoff[with_cutoff.index("--recipe") + 1] = str(recipe)
+    again = json.loads(invoke(with_cutoff).stdout)
+    assert again["cache"]["measured"] == 0 and again["settings_key"] == out["settings_key"]
+    assert "30%" in again["pathway_rule"]
+    row = again["checkpoints"][-1]
+    weights, _ = _stored_routing(tmp_path, row["fingerprint"], out["settings_key"], uids)
+    assert row["pathways"]["mean_length"] == pytest.approx(2.0)  # one expert per layer: the top one reaches 30%
+    assert row["pathways"]["distance"] == pytest.approx(pathway_distance(pathways(weights, 0.3), 4, 2).mean)
+
+
+def test_moe_scores_stored_without_routing_are_rescored_and_nothing_else(moe_run, tmp_path):
+    import sqlite3
+
+    first = json.loads(invoke(rank_args(moe_run, tmp_path, "--json")).stdout)
+    db = sqlite3.connect(tmp_path / "results.sqlite3")
+    kinds = "SELECT s.kind, count(*), count(r.array), max(r.rowid) FROM results r JOIN series s ON s.id = r.series"
+    before = dict((k, rest) for k, *rest in db.execute(kinds + " GROUP BY s.kind"))
+    assert before["score"][:2] == [18, 18]
+    # A store written before routing capture: target scores without arrays.
+    db.execute("UPDATE results SET array = NULL, data = NULL WHERE series IN (SELECT id FROM series WHERE kind = 'score')")
+    db.commit()
+    second = json.loads(invoke(rank_args(moe_run, tmp_path, "--json")).stdout)
+    assert second["cache"] == {"measured": 3, "from_cache": 0}
+    after = dict((k, rest) for k, *rest in db.execute(kinds + " GROUP BY s.kind"))
+    assert after["score"][:2] == [18, 18] and after["score"][2] > before["score"][2]  # re-scored, with arrays
+    assert {k: v for k, v in after.items() if k != "score"} == {k: v for k, v in before.items() if k != "score"}
+    for a, b in zip(first["checkpoints"], second["checkpoints"]):
+        assert a["target_nll"] == pytest.approx(b["target_nll"]) and a["pathways"] == pytest.approx(b["pathways"])
+
+
+def test_dense_rank_has_no_pathway_columns_or_keys(tiny_run, tmp_path):
+    table = invoke(rank_args(tiny_run, tmp_path))
+    assert table.exit_code == 0 and "target NLL" in table.stdout
+    assert "pathway" not in table.stdout
+    out = json.loads(invoke(rank_args(tiny_run, tmp_path, "--json")).stdout)
+    assert "pathway_rule" not in out and all("pathways" not in row for row in out["checkpoints"])
+    from ckptsel.store import Store
+
+    with Store.open(tmp_path) as store:  # dense target scores carry no arrays, as before
+        records = store.get_many(out["checkpoints"][0]["fingerprint"], out["settings_key"], "score", _moe_uids(tiny_run))
+    assert len(records) == 6 and all(r.array is None and r.data is None for r in records.values())
