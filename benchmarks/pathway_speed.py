@@ -8,9 +8,11 @@ wall seconds and in CPU seconds of all threads (on a shared machine the CPU time
 is the better estimate of the wall time on an idle one). Target (issue 6): 1,000
 examples x 16 layers in <= 2 s on 2 cores.
 
-Capture: the scoring pass (same batches, forward call and NLL as
-``ckptsel.measure.scoring``) on GSM8K train pairs with a randomly initialised OLMoE,
-with and without ``capture_routers`` + ``reduce``, for both sources. Runs alternate and
+Capture: ``score_token_pairs`` as ``ckptsel rank`` runs it on an MoE checkpoint (with
+``routers=True`` and the per-example layer cosines it stores) against plain scoring, and a
+hand-written scoring pass (same batches, forward call and NLL) with and without
+``capture_routers`` + ``reduce`` for both sources, on GSM8K train pairs with a randomly
+initialised OLMoE. Runs alternate and
 the median of each is reported, in CPU seconds of this process on one torch thread:
 wall time on a shared machine moves by 2x between identical runs, CPU time hardly does.
 Target: overhead <= 10%.
@@ -70,6 +72,7 @@ def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: i
 
     from ckptsel.lab.tokenizer import build_tokenizer
     from ckptsel.measure.routers import capture_routers, target_token_mask
+    from ckptsel.pathways import layer_cosines
     from ckptsel.measure.scoring import (
         CPU_TOKEN_BUDGET,
         encode_pairs,
@@ -125,7 +128,13 @@ def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: i
             token_nll_entropy(logits, torch.tensor(labels))
         return np.concatenate(out_weights) if out_weights else None
 
-    variants = {"score_token_pairs": lambda: score_token_pairs(model, pairs), "pass": lambda: scoring_pass(None),
+    def routed_scoring() -> None:
+        """What ``ckptsel rank`` runs on an MoE checkpoint: scoring with capture, plus the stored cosines."""
+        result = score_token_pairs(model, pairs, routers=True)
+        layer_cosines(result.router_weights, result.gate_vectors)
+
+    variants = {"score_token_pairs": lambda: score_token_pairs(model, pairs),
+                "score_token_pairs+routers": routed_scoring, "pass": lambda: scoring_pass(None),
                 "pass+output": lambda: scoring_pass("output"), "pass+hooks": lambda: scoring_pass("hooks")}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():  # warm-up (also installs transformers' output hooks once)
@@ -141,13 +150,15 @@ def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: i
         "model": f"OLMoE hidden {hidden}, {layers} layers, {experts} experts top-{top_k}",
         "pairs": len(pairs), "tokens": tokens, "batches": len(batches),
         "median_s": {k: round(v, 4) for k, v in med.items()},
+        "overhead_rank_pct": round(100 * (med["score_token_pairs+routers"] / med["score_token_pairs"] - 1), 1),
         "overhead_output_pct": round(100 * (med["pass+output"] / med["pass"] - 1), 1),
         "overhead_hooks_pct": round(100 * (med["pass+hooks"] / med["pass"] - 1), 1),
     }
     print(f"  {result['model']}: {len(pairs)} pairs, {tokens} tokens, {len(batches)} batches")
     for name, value in med.items():
         print(f"  {name:18s} median {value:.3f} CPU s  (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
-    print(f"  capture overhead: output_router_logits {result['overhead_output_pct']:+.1f}%, "
+    print(f"  capture overhead: ckptsel rank's scoring {result['overhead_rank_pct']:+.1f}%, "
+          f"output_router_logits {result['overhead_output_pct']:+.1f}%, "
           f"hooks {result['overhead_hooks_pct']:+.1f}%")
     return result
 

@@ -7,7 +7,9 @@ of ``ckptsel rank`` (``collect`` with the ``score`` kind, then ``select.rank``) 
 
 * pathway distance and pathway complexity over the memorised examples (target NLL below the
   run recipe's threshold nu; ``--threshold`` overrides), as ``ckptsel rank`` reports them;
-* the same over all measured examples (the memorised set is small or empty early in a run);
+* the same over all measured examples (the memorised set is small or empty early in a run),
+  and over one fixed set, the examples memorised at the run's last checkpoint (``_final``:
+  the same examples at every checkpoint, as the paper follows its memorised samples);
 * the training loss the Trainer logged last at that step, and the held-out test accuracy
   from ``ground_truth.json`` (k samples per test question, graded).
 
@@ -37,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("distance_mem", "complexity_mem", "distance_all", "complexity_all", "train_loss")
+METRICS = ("distance_mem", "complexity_mem", "distance_all", "complexity_all", "distance_final", "complexity_final",
+           "train_loss")
 MIN_WINDOW = 4
 RISE_FRACTION = 0.1
 MIN_RISE = 0.02
@@ -89,18 +92,20 @@ def measure_run(run: Path, cache_dir: Path, max_examples: int, threshold: float 
     with Store.open(cache_dir) as store:
         collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, kinds=("score",))
         ranking = rank(collected, store, recipe.memorization, pathway_settings=settings, n_boot=10)
-        everything = np.ones(len(uids), dtype=bool)
-        overall = [pathway_metrics(store.get_many(c.fingerprint, collected.settings_key, "score", uids), uids,
-                                   everything, settings) for c in ranking.checkpoints]
+        records = [store.get_many(c.fingerprint, collected.settings_key, "score", uids) for c in ranking.checkpoints]
     print(f"  {collected.loaded} checkpoint(s) loaded for routing weights, {time.perf_counter() - t0:.1f}s")
+    final = ranking.per_example["memorized"][-1] & ~np.isnan(ranking.per_example["nll"][-1])
     out = []
-    for c, whole in zip(ranking.checkpoints, overall):
+    for c, stored in zip(ranking.checkpoints, records):
         mem = c.pathways
+        whole = pathway_metrics(stored, uids, np.ones(len(uids), dtype=bool), settings)
+        fixed = pathway_metrics(stored, uids, final, settings)
         row = {"step": c.step, "test_accuracy": truth.get(str(c.step), {}).get("test_accuracy", float("nan")),
                "train_loss": c.train_loss if c.train_loss is not None else float("nan"),
                "memorised": mem.n_examples, "mean_nll": c.target_nll,
                "distance_mem": mem.distance, "complexity_mem": mem.complexity,
-               "distance_all": whole.distance, "complexity_all": whole.complexity}
+               "distance_all": whole.distance, "complexity_all": whole.complexity,
+               "distance_final": fixed.distance, "complexity_final": fixed.complexity}
         out.append(row)
         print(f"  step {row['step']:6d}  test acc {row['test_accuracy']:.3f}  loss {row['train_loss']:.3f}  memorised "
               f"{row['memorised']:4d}/{len(uids)}  distance mem/all {row['distance_mem']:7.3f} "
@@ -175,12 +180,18 @@ def main() -> None:
         for m in METRICS:
             r, rho = corr[m]["pearson"], corr[m]["spearman"]
             if not np.isnan(r):
-                counted[m].append(abs(r))
+                counted[m].append(r)
             cells.append(f"{r:+.2f} / {rho:+.2f}")
         print(f"{name:32s}" + "".join(f"{c:>18s}" for c in cells))
-    medians = {m: (statistics.median(v) if v else float("nan")) for m, v in counted.items()}
+    # |r| alone hides a sign that flips between runs: the signed median and the runs with a value go beside it.
+    medians = {m: (statistics.median(map(abs, v)) if v else float("nan")) for m, v in counted.items()}
+    signed = {m: (statistics.median(v) if v else float("nan")) for m, v in counted.items()}
     report["median_abs_pearson"] = medians
+    report["median_pearson"] = signed
+    report["runs_with_value"] = {m: len(v) for m, v in counted.items()}
     print(f"{f'median |r| over {n_counted} runs':32s}" + "".join(f"{medians[m]:>18.2f}" for m in METRICS))
+    print(f"{'median signed r':32s}" + "".join(f"{signed[m]:>+18.2f}" for m in METRICS))
+    print(f"{'runs with a value':32s}" + "".join(f"{len(counted[m]):>18d}" for m in METRICS))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=float))
 

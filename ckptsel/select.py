@@ -278,6 +278,13 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
             setattr(rows[i], name, float(values[r]))
         rows[i].premem_ci = (float(lo[r]), float(hi[r]))
         rows[i].stage, rows[i].flag = assessment.stages[r], assessment.flags[r]
+    if any(collected.checkpoints[i].num_experts is not None for i in measured):
+        ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
+        uids = [ex.uid for ex in collected.examples]
+        for r, i in enumerate(measured):
+            if collected.checkpoints[i].num_experts is not None:
+                records = store.get_many(collected.fingerprints[i], collected.settings_key, "score", uids)
+                rows[i].pathways = pathway_metrics(records, uids, mask[r] & measured_mask[r], pathway_settings)
     flagged = np.array([f is not None for f in assessment.flags])
 
     # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
@@ -296,15 +303,6 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
         )
     if flagged.all():
         ranking.warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
-    moe = [r for r, i in enumerate(measured) if collected.checkpoints[i].num_experts is not None]
-    if moe:
-        ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
-        memorised_rows = mask & measured_mask
-        for r in moe:
-            records = store.get_many(collected.fingerprints[measured[r]], collected.settings_key, "score",
-                                     [ex.uid for ex in collected.examples])
-            rows[measured[r]].pathways = pathway_metrics(records, [ex.uid for ex in collected.examples],
-                                                         memorised_rows[r], pathway_settings)
     pick = stages.recommend(pm, lo, tie_break, flagged, overmem.proxy_tie)
     ranking.recommended = measured[pick] if pick is not None else None
     ranking.per_example = {"premem": per_example, "memorized": mask, "measured_index": np.array(measured), **m}

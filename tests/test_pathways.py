@@ -221,3 +221,35 @@ def test_stored_cosines_give_the_same_consistency_for_any_subset():
     assert np.allclose(stored.per_pair, direct.per_pair)
     empty = consistency_from_cosines(cos[:0])
     assert np.isnan(empty.consistency) and empty.per_pair.shape == (2,)
+
+
+# --- per checkpoint, from stored records (what ckptsel rank reports) ---------
+
+
+def test_pathway_metrics_from_stored_records_use_only_memorised_examples():
+    from ckptsel.select import pathway_metrics
+    from ckptsel.settings import PathwaySettings
+    from ckptsel.store import Record
+
+    # 2 layers x 3 experts; at cut-off 0.5 each layer keeps its top expert only.
+    w = {
+        "a": [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]],  # pathway (0, 4)
+        "b": [[0.1, 0.6, 0.3], [0.1, 0.8, 0.1]],  # (1, 4): distance 1 from a
+        "c": [[0.1, 0.2, 0.7], [0.1, 0.1, 0.8]],  # (2, 5): distance 2 from a and b, but not memorised
+    }
+    cos = {"a": [0.5], "b": [0.1], "c": [-1.0]}
+    records = {u: Record(nll=0.0, array=np.array(w[u], np.float16), data={"layer_cos": cos[u]}) for u in w}
+    records["d"] = Record(nll=0.0)  # measured before routing was captured: left out
+    uids = ["a", "b", "c", "d"]
+    got = pathway_metrics(records, uids, np.array([True, True, False, True]), PathwaySettings(cutoff=0.5))
+    assert got.distance == pytest.approx(1.0) and got.n_examples == 2 and got.n_unique == 2
+    assert got.per_layer["distance"] == pytest.approx([1.0, 0.0])
+    assert got.consistency == pytest.approx(0.3) and got.complexity == pytest.approx(0.7)
+    assert got.per_layer["consistency"] == pytest.approx([0.3]) and got.mean_length == 2.0
+    everything = pathway_metrics(records, uids, np.ones(4, bool), PathwaySettings(cutoff=0.5))
+    assert everything.distance == pytest.approx((1 + 2 + 2) / 3) and everything.n_examples == 3
+    none = pathway_metrics(records, uids, np.zeros(4, bool), PathwaySettings())
+    assert np.isnan(none.distance) and np.isnan(none.complexity) and none.n_examples == 0
+    assert len(none.per_layer["distance"]) == 2
+    no_routing = {"d": Record(nll=0.0), "e": Record(nll=0.0, array=np.zeros(0, np.float16))}
+    assert pathway_metrics(no_routing, ["d", "e"], np.ones(2, bool), PathwaySettings()) is None

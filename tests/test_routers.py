@@ -251,9 +251,12 @@ def test_peft_wrapped_model(moe_dirs):
     np.testing.assert_allclose(routed(wrapped, ROWS, "output")[0], routed(wrapped, ROWS, "hooks")[0], atol=1e-7)
 
 
-def test_dense_model_has_no_routers(tiny_llama_dir):
+def test_dense_model_has_no_routers(tiny_llama_dir, moe_dirs):
+    from ckptsel.measure.routers import declares_experts
+
     model = load(tiny_llama_dir)
-    assert find_routers(model) is None
+    assert find_routers(model) is None and not declares_experts(model)
+    assert all(declares_experts(load(moe_dirs[family][0])) for family in FAMILIES)
     with pytest.raises(CkptselError, match="not a mixture-of-experts model"):
         with capture_routers(model):
             pass

@@ -110,7 +110,8 @@ def rank(paths, data_path, recipe, measurement, proxy, export_examples, engine, 
     Measures each checkpoint once (target NLL, k graded samples per question, and the
     over-memorization proxies: alternative-solution NLL, perturbed-prompt NLL, entropy),
     keeps the results in the cache (resumable, incremental), gives each checkpoint a stage
-    (underfit / generalizing / over-memorized) and recommends one.
+    (underfit / generalizing / over-memorized) and recommends one. Mixture-of-experts
+    checkpoints also get pathway distance and complexity (the recipe's `pathways:` section).
 
     \b
     Example:
