@@ -34,7 +34,7 @@ RECOMMEND_MAX_EXAMPLES = 200  # --recommend's default subset: every candidate is
 @recipe_options
 @measurement_options
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-              help="Train and pre-memorization accuracy a candidate may lose against the recommended checkpoint.")
+              help="Pre-memorization accuracy a candidate may lose against the recommended checkpoint.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Folder to write (must not exist unless --force).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
@@ -52,10 +52,10 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
     measures, on the same training examples (--max-examples, default 200): the recommended
     checkpoint alone; ½/½ with its predecessor (Ruan et al.); the mean of the unflagged
     checkpoints from the recommended one to the last unflagged one; model_stock when
-    --base-model names the base of full checkpoints. Rule: among the candidates whose train
-    accuracy and pre-memorization accuracy are at most --tolerance below the recommended
-    checkpoint's, the lowest over-memorization proxy (the ranking's: held-out,
-    alternative-solution or perturbed-prompt NLL). The winner is written to OUT with the
+    --base-model names the base of full checkpoints. Rule: among the candidates whose
+    pre-memorization accuracy (the predictor of test accuracy) is at most --tolerance below
+    the recommended checkpoint's, the lowest over-memorization proxy (the ranking's:
+    held-out, alternative-solution or perturbed-prompt NLL). The winner is written to OUT with the
     comparison in its model card and ckptsel_merge.json, and stored in the cache for
     `ckptsel report`. Merged candidates are built beside OUT and removed afterwards.
     """
@@ -96,16 +96,18 @@ def _print_comparison(rec) -> None:
     table = Table(title=f"merge candidates ({rec.n_examples} training examples)", title_justify="left")
     proxy = rec.proxy or "proxy"
     for column in ("", "candidate", "train acc", "pre-mem acc (95% CI)", "memorised", "target NLL", proxy,
-                   "stage", "within tolerance"):
-        table.add_column(column, justify="left" if column in ("", "candidate", "stage") else "right")
+                   "within tolerance"):
+        table.add_column(column, justify="left" if column in ("", "candidate") else "right")
     for row in rec.rows():
         lo, hi = row["premem_ci"] or (None, None)
+        failed = f" [red]{escape(row['error'])}[/]" if "error" in row else ""
         table.add_row("★" if row["chosen"] else "", escape(row["candidate"]), _fmt(row["train_acc"]),
                       f"{_fmt(row['premem_acc'])} ({_fmt(lo, '.2f')}–{_fmt(hi, '.2f')})", _fmt(row["memorized_frac"]),
                       _fmt(row["target_nll"]), _fmt(row["proxy"]),
-                      row["stage"] or (f"[red]{escape(row['error'])}[/]" if row.get("error") else ""),
-                      "yes" if row["eligible"] else "no")
+                      "yes" if row["eligible"] else f"no{failed}")
     console = stdout_console()
+    if not console.is_terminal:  # piped or redirected: keep the table unsqueezed, as `rank` does
+        console.width = max(console.width, 160)
     console.print(table)
     console.print(f"rule: {rec.rule}")
     for note in rec.notes:

@@ -86,9 +86,11 @@ def model_card(meta: Mapping, name: str) -> str:
         front.append(f"base_model: {json.dumps(base)}")
     front.append("---")
     what = "LoRA adapters (exact weighted sum of ΔW)" if meta["inputs_kind"] == "adapter" else "full checkpoints"
+    n = len(meta["inputs"])
+    subject = (f"A `{meta['method']}` merge of {n} {what}" if n > 1 else
+               f"One checkpoint, written unchanged (a `{meta['method']}` merge of one)")
     lines = [*front, "", f"# {name}", "",
-             f"A `{meta['method']}` merge of {len(meta['inputs'])} {what}, written by "
-             f"ckptsel {meta['ckptsel_version']} on {meta['created']}.", "", "## Inputs", ""]
+             f"{subject}, written by ckptsel {meta['ckptsel_version']} on {meta['created']}.", "", "## Inputs", ""]
     weighted = meta["weights"] is not None
     lines += _table([
         {"checkpoint": i["path"], "step": i["step"] if i["step"] is not None else "",
@@ -110,7 +112,7 @@ def model_card(meta: Mapping, name: str) -> str:
     else:
         for key, value in justification.items():
             if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-                lines += [f"**{key}**", "", *_table(value), ""]
+                lines += ["", f"**{key}**", "", *_table(value), ""]
             else:
                 lines.append(f"- {key}: {_cell(value)}")
     lines += ["", "## Reproduce", "", "```sh", meta["command"], "```"]

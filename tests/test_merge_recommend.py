@@ -1,0 +1,146 @@
+"""`ckptsel merge RUN --recommend`: candidates from the ranking, measured, the best one written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ckptsel.cli import main
+from ckptsel.merge.recommend import STORE_KEY, CandidateSpec, RecommendError, choose, plan_candidates
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+FAST = ["--max-examples", "6", "-k", "2", "--max-new-tokens", "24", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
+
+
+def recommend_args(run, cache, out, *extra, data_from=None):
+    data_from = data_from or run
+    return ["merge", str(run), "--recommend", "--data", str(data_from / "train.jsonl"), "--recipe",
+            str(data_from / "recipe.yaml"), "--cache-dir", str(cache), "-o", str(out), *FAST, *extra]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+# --- pure parts: which candidates, which winner ------------------------------------------------
+
+
+def test_candidates_follow_the_ranking():
+    # 5 checkpoints, the 4th flagged, the recommended one is index 1: pair (0, 1), window 1..2
+    # (the flagged 3 is left out, so the last unflagged one is 4 and the window is 1, 2, 4).
+    specs, notes = plan_candidates([False, False, False, True, False], 1, base_known=False)
+    assert specs == [CandidateSpec("single", (1,)), CandidateSpec("pair", (0, 1)), CandidateSpec("window", (1, 2, 4))]
+    assert notes == []
+    # Recommended is first: no pair; a window of one member is skipped; model_stock over the pair then.
+    specs, notes = plan_candidates([False, True, None], 0, base_known=True)
+    assert [s.name for s in specs] == ["single"] and len(notes) == 2
+    specs, _ = plan_candidates([False, False, True], 1, base_known=True)
+    assert specs[-1] == CandidateSpec("model_stock", (0, 1), "model_stock")
+    with pytest.raises(RecommendError, match="recommends no checkpoint"):
+        plan_candidates([False, False], None, base_known=False)
+    with pytest.raises(RecommendError, match="single measured checkpoint"):
+        plan_candidates([False, None], 0, base_known=False)
+
+
+def test_choose_takes_the_lowest_proxy_within_tolerance():
+    premem = np.array([0.50, 0.495, 0.40, np.nan])
+    proxy = np.array([1.0, 0.9, 0.5, 0.1])
+    winner, eligible = choose(premem, proxy, tolerance=0.01)
+    # row 2 lost 0.10 pre-memorization accuracy, row 3 has none measured: only rows 0 and 1 qualify.
+    assert eligible.tolist() == [True, True, False, False] and winner == 1
+    assert choose(premem, proxy, tolerance=0.2)[0] == 2
+    assert choose(premem, None)[0] == 0
+    assert choose(premem, np.array([1.0, 1.0, 1.0, 1.0]))[0] == 0  # ties: the simpler candidate
+    assert choose(np.array([np.nan, 0.5]), np.array([np.nan, 0.1]))[0] == 0  # nothing to compare against
+
+
+# --- end to end on a tiny trained run ----------------------------------------------------------
+
+
+def test_recommend_writes_the_winner_with_the_comparison(tiny_run, tmp_path):
+    out = tmp_path / "merged"
+    result = invoke(recommend_args(tiny_run, tmp_path / "cache", out, "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = report["candidates"]
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["single", "pair"] and set(names) <= {"single", "pair", "window"}
+    assert sum(r["chosen"] for r in rows) == 1 and rows[0]["eligible"]
+    chosen = next(r for r in rows if r["chosen"])
+    assert report["chosen"] == chosen["candidate"] and report["proxy"] in ("alt_nll", "perturb_nll")
+    assert "lowest" in report["rule"] and "0.01" in report["rule"]
+    # The winner has the lowest proxy among the eligible candidates.
+    eligible = [r for r in rows if r["eligible"]]
+    assert chosen["proxy"] == min(r["proxy"] for r in eligible)
+    assert all(r["train_acc"] is not None and r["premem_acc"] is not None for r in rows)
+    # Merges are new checkpoints with their own fingerprints; the run's were all cached from the ranking.
+    assert len({r["fingerprint"] for r in rows}) == len(rows)
+    assert report["measured"] == len(rows) - 1
+
+    sidecar = json.loads((out / "ckptsel_merge.json").read_text())
+    assert sidecar["justification"]["chosen"] == chosen["candidate"]
+    assert [r["candidate"] for r in sidecar["justification"]["candidates"]] == [r["candidate"] for r in rows]
+    assert [i["step"] for i in sidecar["inputs"]] == chosen["steps"]
+    card = (out / "README.md").read_text()
+    assert all(r["candidate"] in card for r in rows) and report["rule"] in card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "merged"]  # candidates cleaned up
+
+    # The comparison is in the store under the recommended checkpoint, and `report` reads it back
+    # (from the store for the ranking's recommended checkpoint, or from the merge's sidecar).
+    from ckptsel.report import build_inputs
+    from ckptsel.report.inputs import merge_comparison
+    from ckptsel.store import Store
+
+    labels = [r["candidate"] for r in rows]
+    ranking = {"recommended": {"index": 1},
+               "checkpoints": [{"fingerprint": "0" * 64}, {"fingerprint": rows[0]["fingerprint"]}]}
+    with Store.open(tmp_path / "cache") as store:
+        stored = store.get_value(STORE_KEY.format(fingerprint=rows[0]["fingerprint"]))
+        shown = build_inputs(ranking, store=store).merges
+        assert build_inputs({**ranking, "recommended": {"index": 0}}, store=store).merges == []
+    assert stored["chosen"] == chosen["candidate"] and stored["output"] == str(out.absolute())
+    assert [[r["candidate"] for r in m["rows"]] for m in shown] == [labels]
+    assert [r["candidate"] for r in merge_comparison(out)["rows"]] == labels
+
+    # A rerun measures nothing (merges keep their fingerprints) and needs --force to replace OUT.
+    refused = CliRunner().invoke(main, recommend_args(tiny_run, tmp_path / "cache", out))
+    assert refused.exit_code == 2 and "--force" in refused.output
+    again = invoke(recommend_args(tiny_run, tmp_path / "cache", out, "--json", "--force"))
+    assert again.exit_code == 0, again.output
+    rerun = json.loads(again.stdout)
+    assert rerun["measured"] == 0 and rerun["candidates"] == rows
+
+    # Without --json: the rich table names every candidate, the rule and what was written.
+    table = invoke(recommend_args(tiny_run, tmp_path / "cache", out, "--force"))
+    assert table.exit_code == 0, table.output
+    assert all(label in table.stdout for label in labels) and "rule: among the candidates" in table.stdout
+    assert f"wrote {chosen['candidate']} to {out.absolute()}" in table.stdout
+
+
+def test_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_run / "checkpoint-2", single / "checkpoint-2")
+    cases = [
+        (recommend_args(single, tmp_path / "c", tmp_path / "o1", data_from=tiny_run), "needs at least two"),
+        (recommend_args(tiny_run, tmp_path / "c", tmp_path / "o2", "--grader", "nope"), "nope"),
+        (recommend_args(tmp_path / "missing", tmp_path / "c", tmp_path / "o3", data_from=tiny_run), "no such file"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
