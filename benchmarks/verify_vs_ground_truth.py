@@ -14,6 +14,13 @@ Two comparisons on the run's held-out test.jsonl, with the lab's own generation 
 ``--limit N`` compares on the first N test questions (the lab's per-question values for those
 questions; the sampling seeds are per question, so a subset is the same draw) and ``--steps``
 on some checkpoints only, to keep a run to minutes.
+
+Measured 2026-11-21 on /tmp/lab/main (steps 235, 940, 1880; lm-eval 0.4.13, CPU float32):
+dense-lr0.001-n3000-e20, first 50 test questions -- greedy equal on 50/50 questions at every
+step (0.220, 0.740, 0.900); sampled z = +1.31, -0.32, +0.18. moe-lr0.001-n1500-e40, first 100
+-- greedy equal on 100/100 (0.100, 0.670, 0.590); sampled z = +2.63, -0.41, +0.51. The one
+|z| > 1.96 is the lab's draw: at that step, ckptsel's own sampler over 12 seeds gives 0.076 (seed
+0, the ground truth) to 0.129, mean 0.100, sd 0.0135; lm-eval's 0.112 sits inside that spread.
 """
 
 from __future__ import annotations

@@ -338,14 +338,22 @@ def test_cli_lab_run_refuses_a_changed_spec(tmp_path):
 
 
 def test_cli_demo_on_a_tiny_grid(tmp_path, monkeypatch):
+    """The demo trains, lists, ranks beside the truth, and ends with the report written and named."""
     import ckptsel.cli.demo as demo_module
     from ckptsel.cli import main
 
     grid = tmp_path / "demo.yaml"
     grid.write_text(_TINY_GRID.replace("axes:\n  n_train: [16, 32]\n", "runs:\n  - {name: demo, n_train: 32}\n"))
     monkeypatch.setattr(demo_module, "DEMO_GRID", str(grid))
-    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(demo_module, "DEMO_EXAMPLES", 6)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "2 checkpoints" in result.stdout  # ckptsel ls on the trained run
-    assert "held-out accuracy went from" in result.output
-    assert (tmp_path / "out" / "demo" / "ground_truth.json").exists()
+    assert "held-out" in result.stdout and "pre-mem acc" in result.stdout  # prediction beside the truth
+    assert "ckptsel rank: 2 checkpoint(s), 6 example(s)" in result.output
+    report = out / "report.html"
+    assert report.is_file() and "<title>ckptsel demo: demo</title>" in report.read_text()
+    assert f"report written to {report}" in result.output
+    assert "ckptsel verify" in result.output and "--recommend" in result.output  # what to try next
+    assert (out / "demo" / "ground_truth.json").exists()

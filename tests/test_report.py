@@ -66,6 +66,14 @@ def test_ticks_are_round_and_inside():
     assert ticks(87, 513, target=7) == [100, 200, 300, 400, 500]
 
 
+def test_label_boxes_overlap_only_when_they_share_area():
+    from ckptsel.report.svg import overlaps
+
+    assert overlaps((0, 0, 10, 10), (5, 5, 15, 15))
+    assert not overlaps((0, 0, 10, 10), (10, 0, 20, 10))  # touching edges leave both labels readable
+    assert not overlaps((0, 0, 10, 10), (0, 11, 10, 20))
+
+
 def test_stage_bands_merge_runs_and_split_halfway():
     bands = stage_bands([100, 200, 300, 400], ["underfit", "generalizing", "generalizing", "over-memorized"])
     assert bands == [(100, 150, "underfit"), (150, 350, "generalizing"), (350, 400, "over-memorized")]
@@ -104,18 +112,23 @@ def test_point_positions_encode_the_ranking_values():
 
 
 def test_optional_plots_appear_with_their_numbers():
-    extra = ranking(alt_nll=[1.0, 0.9, 0.8, 0.85, 1.2], pathway_distance=[9.0, 7.0, 5.0, 4.0, 4.5])
+    # MoE pathway metrics nested per row, as Ranking.to_json writes them
+    extra = ranking(alt_nll=[1.0, 0.9, 0.8, 0.85, 1.2], perturb_gap=[0.1, 0.2, 0.3, 0.5, 0.9],
+                    pathways=[{"distance": d, "consistency": 1 - c, "complexity": c}
+                              for d, c in zip([9.0, 7.0, 5.0, 4.0, 4.5], [0.37, 0.3, 0.2, 0.1, 0.1])])
     verification = {"source": "test.jsonl", "mode": "greedy",
                     "checkpoints": [{"fingerprint": f"fp{j}", "accuracy": PM[j] + 0.02, "ci": [PM[j] - 0.05, PM[j] + 0.07]}
                                     for j in range(5)]}
     truth = {"checkpoints": {str(s): {"step": s, "test_accuracy": 0.1 * j, "test_nll": 1.0} for j, s in enumerate(STEPS)}}
-    merge = {"name": "recommend", "rows": [{"candidate": "step 400", "premem_acc": 0.52},
-                                           {"candidate": "½ step 300 + ½ step 400", "premem_acc": 0.55}]}
+    merge = {"name": "recommend", "rule": "the lowest alt_nll",
+             "rows": [{"candidate": "step 400", "premem_acc": 0.52, "alt_nll": 0.61},
+                      {"candidate": "½ step 300 + ½ step 400", "premem_acc": 0.55, "alt_nll": 0.47, "chosen": True}]}
     html = render_report(extra, verification={"verifications": [verification]}, ground_truth=truth, merges=[merge])
     found = svgs(html)
-    assert set(found) == {"accuracy", "memorisation", "perplexity", "pathway-distance", "predicted-vs-measured",
-                          "merge-recommend"}
-    assert html.count("<svg") == 6
+    assert set(found) == {"accuracy", "memorisation", "perplexity", "perturbation", "pathway-distance",
+                          "pathway-complexity", "predicted-vs-measured", "merge-recommend"}
+    assert html.count("<svg") == 8
+    assert "<th>pathway distance</th>" in html and "<td class=\"num\">0.370</td>" in html  # complexity, step 100
     # scatter: x is the prediction, y the measurement, on one shared domain
     (left, top, right, bottom), (x0, x1), (y0, y1) = frame(found["predicted-vs-measured"])
     scatter = points(found["predicted-vs-measured"], "ckptsel verify (test.jsonl)")
@@ -128,6 +141,9 @@ def test_optional_plots_appear_with_their_numbers():
     (left, top, right, bottom), _, (y0, y1) = frame(found["pathway-distance"])
     cx, cy = points(found["pathway-distance"], "pathway distance")[0]
     assert y0 + (bottom - cy) / (bottom - top) * (y1 - y0) == pytest.approx(9.0, abs=1e-2)
+    # the comparison table: the chosen candidate starred, the deciding proxy, the rule
+    assert "<td>★ ½ step 300 + ½ step 400</td>" in html and '<td class="num">0.470</td>' in html
+    assert "<b>Rule:</b> the lowest alt_nll." in html
     bars = re.findall(r'<rect class="bar"[^>]*data-y="([\d.]+)"', found["merge-recommend"])
     assert [float(b) for b in bars] == [0.52, 0.55]
 

@@ -266,3 +266,21 @@ def test_predictions_pair_by_fingerprint_before_path(tmp_path):
     assert compare.lookup(index, "f2", tmp_path / "moved")["premem_acc"] == 0.4
     assert compare.lookup(index, None, tmp_path / "a")["premem_acc"] == 0.3
     assert compare.lookup(index, "unknown", tmp_path / "c") is None
+
+
+def test_evaluate_skips_lm_evals_environment_report(monkeypatch):
+    """No git subprocess (its "fatal: not a git repository" reached users) and no 2 s collect_env per call."""
+    from lm_eval import evaluator
+
+    from ckptsel.verify import harness
+
+    originals = evaluator.get_git_commit_hash, evaluator.add_env_info
+
+    def fake_simple_evaluate(**kwargs):
+        storage = {"git_hash": evaluator.get_git_commit_hash()}
+        evaluator.add_env_info(storage)
+        return storage
+
+    monkeypatch.setattr(evaluator, "simple_evaluate", fake_simple_evaluate)
+    assert harness.evaluate(object(), []) == {"git_hash": None}
+    assert (evaluator.get_git_commit_hash, evaluator.add_env_info) == originals  # restored after the call

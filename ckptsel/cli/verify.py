@@ -164,7 +164,7 @@ def _print_table(console, result) -> None:
     title = (f"{result.source} · {result.n_examples} question(s) · {result.mode}"
              + (f" · budget {result.max_new_tokens} tokens" if result.max_new_tokens else "") + f" · {result.harness}")
     table = Table(title=title, title_justify="left")
-    for name in ("checkpoint", "step", "predicted (pre-mem acc)", "measured", "measured − predicted", "n", ""):
+    for name in ("checkpoint", "step", "predicted (pre-mem acc)", "measured", "measured − predicted", "n", "from"):
         table.add_column(name, justify="left" if name == "checkpoint" else "right")
     for m in result.checkpoints:
         name = Path(m.path).name
@@ -174,7 +174,7 @@ def _print_table(console, result) -> None:
         delta = None if m.predicted is None or m.accuracy is None else m.accuracy - m.predicted
         table.add_row(name, _fmt(m.step, "d"), _fmt(m.predicted) + _interval(m.predicted_ci),
                       _fmt(m.accuracy) + _interval(m.ci), _fmt(delta, "+.3f"), str(m.n),
-                      "cached" if m.from_cache else "")
+                      "cache" if m.from_cache else "lm-eval")
     console.print(table)
     console.print(f"accuracy: {result.metric}; intervals: 95% bootstrap over questions")
     a = result.agreement

@@ -29,6 +29,7 @@ from ckptsel.report.inputs import (
     measured_from_verification,
     merge_comparison,
     ranking_json,
+    stored_merge_comparison,
     truth_from_ground_truth,
 )
 
@@ -64,6 +65,8 @@ def build_inputs(
     if ground_truth is not None:
         inputs.truth = truth_from_ground_truth(rows, ground_truth)
     inputs.merges = [m if isinstance(m, Mapping) else merge_comparison(Path(m)) for m in merges]
+    if store is not None and not inputs.merges:  # what `ckptsel merge --recommend` compared, if it ran
+        inputs.merges = [m for m in [stored_merge_comparison(store, data)] if m is not None]
     return inputs
 
 

@@ -125,7 +125,7 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
         _series("train accuracy", "train", xs, rows, "train_acc", labels=labels),
         _series("pre-memorization accuracy (predicted test)", "pm", xs, rows, "premem_acc", ci_key="premem_ci",
                 labels=labels),
-        _series(f"measured test accuracy ({inputs.measured_source or 'verify'})", "measured", xs, measured_rows,
+        _series(f"measured test accuracy ({inputs.measured_label or 'verify'})", "measured", xs, measured_rows,
                 "accuracy", style="points", ci_key="ci", labels=labels),
         _series("held-out accuracy (lab ground truth)", "truth", xs, truth_rows, "test_accuracy", style="dashed",
                 labels=labels),
@@ -145,7 +145,6 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
 
     nll = [_series("target NLL", "nll", xs, rows, "target_nll", labels=labels),
            _series("alternative-solution NLL", "alt", xs, rows, "alt_nll", labels=labels),
-           _series("perturbed-prompt NLL", "perturb", xs, rows, "perturb_nll", style="dashed", labels=labels),
            _series("held-out NLL", "heldout", xs, rows, "heldout_nll", labels=labels),
            _series("held-out NLL (lab ground truth)", "truth", xs, truth_rows, "test_nll", style="dashed",
                    labels=labels)]
@@ -157,6 +156,14 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
             caption += f" The flag uses {proxy.replace('_', ' ')}."
         charts.append(Chart("perplexity", "Perplexity proxies", caption, y_label="nats per token",
                             series=[s for s in nll if s], **common))
+
+    # Its own axis: NLL under a changed prompt sits far above the others and would flatten them.
+    gap = _series("perturbed-prompt NLL − target NLL", "perturb", xs, rows, "perturb_gap", labels=labels)
+    if gap:
+        charts.append(Chart("perturbation", "Prompt-perturbation gap",
+                            "How much more the training target costs under lightly perturbed prompts (a neutral "
+                            "preamble, formatting changes): memorisation tied to the exact prompt widens it.",
+                            y_label="nats per token", series=[gap], **common))
 
     for key, title, caption in PATHWAY_CHARTS:
         s = _series(title.removeprefix("MoE "), "path", xs, rows, key, labels=labels)
@@ -173,10 +180,11 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
 
 PATHWAY_CHARTS = (
     ("pathway_distance", "MoE pathway distance",
-     "Mean pairwise edit distance between memorised examples' expert pathways (Li, Fan & Zhou): falls as "
-     "routing turns from sample-specific to shared."),
-    ("pathway_complexity", "MoE pathway complexity", "1 − consistency of routing across consecutive layers."),
-    ("pathway_consistency", "MoE pathway consistency", "Consistency of routing across consecutive layers."),
+     "Mean pairwise edit distance between memorised examples' expert pathways; Li, Fan & Zhou saw it fall as "
+     "routing turned from sample-specific to shared."),
+    ("pathway_complexity", "MoE pathway complexity",
+     "1 − consistency: how much the routing-weighted expert vectors of consecutive layers disagree; Li, Fan & "
+     "Zhou saw it fall as the model generalised."),
 )
 
 
@@ -192,7 +200,7 @@ def _scatter(inputs: ReportInputs, kept: list[int], labels: list[str]) -> Chart 
     predicted = [_value(r, "premem_acc") for r in rows]
     pm_ci = [r.get("premem_ci") or [None, None] for r in rows]
     sources = (
-        (f"ckptsel verify ({inputs.measured_source or 'test set'})", "measured", inputs.measured),
+        (f"ckptsel verify ({inputs.measured_label or 'test set'})", "measured", inputs.measured),
         ("lab ground truth (held-out)", "truth",
          {i: {"accuracy": t.get("test_accuracy")} for i, t in inputs.truth.items()}),
     )

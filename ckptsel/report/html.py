@@ -83,10 +83,10 @@ svg .err{{stroke:var(--c);stroke-width:1.6}} svg .bar{{fill:var(--c);opacity:.85
 svg .identity{{stroke:var(--muted);stroke-dasharray:5 5}}
 svg .marker line{{stroke:var(--c);stroke-width:1.6;stroke-dasharray:4 3}} svg .marker text{{fill:var(--c);font-weight:600}}
 .note{{font-size:13px;margin-top:4px}}
-table{{border-collapse:collapse;width:100%;font-size:13.5px}}
+table{{border-collapse:collapse;width:100%;font-size:13px}}
 .table-wrap{{overflow-x:auto;border:1px solid var(--line);border-radius:10px}}
-th,td{{padding:6px 10px;text-align:right;border-bottom:1px solid var(--line);white-space:nowrap}}
-th{{background:var(--card);position:sticky;top:0}} th:first-child,td:first-child{{text-align:left}}
+th,td{{padding:5px 6px;text-align:right;border-bottom:1px solid var(--line);white-space:nowrap}}
+th{{background:var(--card);position:sticky;top:0;white-space:normal;vertical-align:bottom}} th:first-child,td:first-child{{text-align:left}}
 tr.rec td{{font-weight:650;background:color-mix(in srgb,var(--accent) 10%,transparent)}}
 td.stage span{{background:var(--b);padding:1px 8px;border-radius:10px}}
 td.error{{color:var(--bad);text-align:left;white-space:normal}}
@@ -109,6 +109,10 @@ def _ci(value, ci) -> str:
     if not ci or ci[0] is None or ci[1] is None:
         return _f(value)
     return f"{_f(value)} <span class='muted'>({_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})</span>"
+
+
+def _nobreak(text: str) -> str:
+    return text.replace("-", "\u2011")
 
 
 def _name(row: dict) -> str:
@@ -172,14 +176,15 @@ def table(inputs: ReportInputs) -> str:
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     extra = []
     if inputs.measured:
-        extra.append(("measured", f"measured ({escape(inputs.measured_source or 'verify')})"))
+        extra.append(("measured", f"measured ({escape(inputs.measured_label or 'verify')})"))
     if any(t.get("test_accuracy") is not None for t in inputs.truth.values()):
         extra.append(("truth_acc", "lab held-out acc"))
     if any(t.get("test_nll") is not None for t in inputs.truth.values()):
         extra.append(("truth_nll", "lab held-out NLL"))
     rec = (inputs.ranking.get("recommended") or {}).get("index")
-    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{escape(h)}</th>" for _, h, _ in columns)
-    head += "".join(f"<th>{h}</th>" for _, h in extra) + "</tr>"
+    # Headers wrap at spaces only (a non-breaking hyphen keeps "held-out" whole): narrow columns, whole words.
+    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{_nobreak(escape(h))}</th>" for _, h, _ in columns)
+    head += "".join(f"<th>{_nobreak(h)}</th>" for _, h in extra) + "</tr>"
     body = []
     for i, row in enumerate(rows):
         mark = "★ " if i == rec else ""
@@ -206,6 +211,41 @@ def table(inputs: ReportInputs) -> str:
     return f'<div class="table-wrap"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
+# (key in a merge candidate row, header, format): the numbers the choice was made on.
+MERGE_COLUMNS = (
+    ("train_acc", "train acc", ".3f"),
+    ("premem_acc", "pre-mem acc (95% CI)", "ci"),
+    ("memorized_frac", "memorised", ".3f"),
+    ("target_nll", "target NLL", ".3f"),
+    ("alt_nll", "alt-solution NLL", ".3f"),
+    ("heldout_nll", "held-out NLL", ".3f"),
+    ("perturb_nll", "perturbed-prompt NLL", ".3f"),
+    ("stage", "stage", "s"),
+)
+
+
+def merge_tables(inputs: ReportInputs) -> str:
+    """Each merge comparison as a table, the chosen candidate starred, and the rule that chose it."""
+    out = []
+    for merge in inputs.merges:
+        rows = merge["rows"]
+        columns = [c for c in MERGE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+        head = "<tr><th>candidate</th>" + "".join(f"<th>{_nobreak(escape(h))}</th>" for _, h, _ in columns) + "</tr>"
+        body = []
+        for row in rows:
+            chosen = bool(row.get("chosen"))
+            cells = [f"<td>{'★ ' if chosen else ''}{escape(row['candidate'])}</td>"]
+            for key, _, spec in columns:
+                text = _ci(row.get(key), row.get("premem_ci")) if spec == "ci" else escape(_f(row.get(key), spec))
+                cells.append(f'<td class="num">{text}</td>')
+            body.append(f'<tr class="{"rec" if chosen else ""}">{"".join(cells)}</tr>')
+        rule = f'<p class="note"><b>Rule:</b> {escape(merge["rule"])}.</p>' if merge.get("rule") else ""
+        out.append(f"<h3>Merge comparison: {escape(merge['name'])}</h3>"
+                   f'<div class="table-wrap"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
+                   f"{rule}")
+    return f"<h2>Merges</h2>{''.join(out)}" if out else ""
+
+
 def rules(inputs: ReportInputs) -> str:
     ranking = inputs.ranking
     t = ranking.get("threshold") or {}
@@ -220,6 +260,8 @@ def rules(inputs: ReportInputs) -> str:
              ("Memorised", memo + ".")]
     if ranking.get("stage_rule"):
         items.append(("Stages", ranking["stage_rule"] + "."))
+    if ranking.get("pathway_rule"):
+        items.append(("MoE pathways", ranking["pathway_rule"] + "."))
     items.append(("Recommendation", (ranking.get("rule") or "") + "."))
     items += [("Input", p) for p in inputs.provenance]
     items.append(("Written", f"ckptsel {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"))
@@ -248,6 +290,7 @@ def page(inputs: ReportInputs, charts: list[Chart]) -> str:
         f"{headline(inputs)}"
         f'<h2>Over training</h2>{stage_legend}<div class="grid">{figures}</div>'
         f"<h2>Every number</h2>{table(inputs)}"
+        f"{merge_tables(inputs)}"
         f"<h2>How these were computed</h2>{rules(inputs)}"
         "</main></body></html>\n"
     )

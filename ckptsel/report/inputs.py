@@ -30,21 +30,42 @@ class ReportInputs:
     measured_source: str | None = None
     # ranking row index -> {"test_accuracy", "test_nll", ...}: the lab's ground truth
     truth: dict[int, dict] = field(default_factory=dict)
-    merges: list[dict] = field(default_factory=list)  # {"name", "rows": [{"candidate", metrics...}]}
+    merges: list[dict] = field(default_factory=list)  # {"name", "rows": [{"candidate", metrics...}], "rule"}
     provenance: list[str] = field(default_factory=list)  # where each input came from
 
     @property
     def rows(self) -> list[dict]:
         return self.ranking.get("checkpoints", [])
 
+    @property
+    def measured_label(self) -> str | None:
+        """The verified test set as a label: a file's name (its full path is in the headline), or the task's name."""
+        return None if self.measured_source is None else Path(self.measured_source).name
+
+
+# The MoE pathway metrics a ranking row nests under "pathways", and the flat keys the report reads.
+PATHWAY_KEYS = ("distance", "consistency", "complexity")
+
 
 def ranking_json(ranking) -> dict:
-    """A ranking as JSON data: a ``Ranking`` object, a dict already, or a path to ``rank --json`` output."""
+    """A ranking as JSON data: a ``Ranking`` object, a dict already, or a path to ``rank --json`` output.
+
+    Each row's nested ``pathways`` metrics (MoE runs) are also given flat, as
+    ``pathway_distance`` and so on, so charts and table read every metric the same way.
+    """
     if hasattr(ranking, "to_json"):
-        return ranking.to_json()
-    if isinstance(ranking, Mapping):
-        return dict(ranking)
-    return read_json(Path(ranking), "ranking")
+        data = ranking.to_json()
+    elif isinstance(ranking, Mapping):
+        data = dict(ranking)
+    else:
+        data = read_json(Path(ranking), "ranking")
+    data["checkpoints"] = [_flat_pathways(row) for row in data.get("checkpoints", [])]
+    return data
+
+
+def _flat_pathways(row: Mapping) -> dict:
+    nested = row.get("pathways") or {}
+    return {**row, **{f"pathway_{k}": nested[k] for k in PATHWAY_KEYS if nested.get(k) is not None}}
 
 
 def read_json(path: Path, what: str):
@@ -132,7 +153,23 @@ def merge_comparison(path: Path) -> dict:
         rows = [{"candidate": f"{data.get('method', 'merge')} of steps {steps}", **(data.get("justification") or {})}]
     if not rows:
         raise CkptselError(f"{path}: no merge candidates found (expected a 'candidates' list or a ckptsel_merge.json)")
-    return {"name": name, "rows": rows}
+    rule = (data.get("justification") or data).get("rule") if isinstance(data, Mapping) else None
+    return {"name": name, "rows": rows, "rule": rule}
+
+
+def stored_merge_comparison(store, ranking: Mapping) -> dict | None:
+    """The comparison ``ckptsel merge --recommend`` stored for the ranking's recommended checkpoint, if any."""
+    from ckptsel.merge.recommend import STORE_KEY
+
+    recommended = ranking.get("recommended") or {}
+    rows = ranking.get("checkpoints", [])
+    index = recommended.get("index")
+    fingerprint = rows[index].get("fingerprint") if index is not None and index < len(rows) else None
+    stored = store.get_value(STORE_KEY.format(fingerprint=fingerprint)) if fingerprint else None
+    if not stored or not _candidate_rows(stored):
+        return None
+    return {"name": Path(stored.get("output") or "merge --recommend").name, "rows": _candidate_rows(stored),
+            "rule": stored.get("rule")}
 
 
 def _candidate_rows(data) -> list[dict] | None:

@@ -153,6 +153,15 @@ def _axes(chart: Chart, frame: Frame) -> str:
     return "".join(out)
 
 
+# Width of one character of a point label at the chart's 12px font, a little generous.
+LABEL_CHAR_PX = 6.5
+
+
+def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    """Whether two boxes (x0, y0, x1, y1) intersect."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def _runs(values: Sequence[float | None]) -> list[list[int]]:
     """Indices of consecutive non-missing values: a line is broken where a value is missing."""
     runs, current = [], []
@@ -181,6 +190,7 @@ def _series(s: Series, frame: Frame, scatter: bool, label_points: bool = False) 
         for run in _runs(s.y):
             points = " ".join(f"{frame.px(s.x[i]):.2f},{frame.py(s.y[i]):.2f}" for i in run)
             out.append(f'<polyline class="line {s.style}" points="{points}"/>')
+    placed: list[tuple[float, float, float, float]] = []  # scatter label boxes drawn so far
     for i, (x, y) in enumerate(zip(s.x, s.y)):
         if y is None:
             continue
@@ -193,7 +203,10 @@ def _series(s: Series, frame: Frame, scatter: bool, label_points: bool = False) 
         out.append(f'<circle class="pt" cx="{cx:.2f}" cy="{cy:.2f}" r="{r}" data-x="{x!r}" data-y="{y!r}">'
                    f"<title>{escape(tip)}</title></circle>")
         if scatter and s.labels and label_points:
-            out.append(f'<text class="pt-label" x="{cx + 7:.2f}" y="{cy - 6:.2f}">{escape(s.labels[i])}</text>')
+            box = (cx + 7, cy - 16, cx + 7 + LABEL_CHAR_PX * len(s.labels[i]), cy - 4)
+            if not any(overlaps(box, other) for other in placed):  # a crowded point keeps its tooltip only
+                placed.append(box)
+                out.append(f'<text class="pt-label" x="{cx + 7:.2f}" y="{cy - 6:.2f}">{escape(s.labels[i])}</text>')
     out.append("</g>")
     return "".join(out)
 
