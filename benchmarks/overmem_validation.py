@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -52,18 +51,6 @@ def lab_runs(out: Path) -> list[Path]:
     """Run folders under ``out`` (or ``out`` itself) that have ground truth and training data."""
     candidates = [out, *sorted(p for p in out.rglob("*") if p.is_dir())]
     return [p for p in candidates if (p / "ground_truth.json").is_file() and (p / "train.jsonl").is_file()]
-
-
-def lab_step_grader(completion: str, reference: str) -> bool:
-    """A grader that checks the steps, for ``--alt-grader lab-steps``: a valid lab trace reaching the reference answer."""
-    from ckptsel.graders import get
-
-    question = _QUESTION.get(reference)
-    valid = valid_trace(question, completion) if question is not None else None
-    return bool(valid) and get("gsm8k")(completion, reference)
-
-
-_QUESTION: dict[str, str] = {}  # reference solution -> question, filled per run for lab_step_grader
 
 
 def rank_run(run: Path, cache_dir: Path, max_examples: int | None, examples_seed: int, alt_grader: str | None):
@@ -82,7 +69,6 @@ def rank_run(run: Path, cache_dir: Path, max_examples: int | None, examples_seed
     tokenizer = load_tokenizer(checkpoints[0])
     examples = select_examples(load_examples(run / "train.jsonl", recipe, tokenizer=tokenizer),
                                SelectionSettings(max_examples=max_examples, examples_seed=examples_seed))
-    _QUESTION.update({ex.reference: ex.question for ex in examples})
     proxies = ProxySettings(alt_grader=alt_grader)
     with Store.open(cache_dir) as store:
         collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, proxy_settings=proxies)
@@ -249,10 +235,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
     parser.add_argument("--alt-grader", choices=["recipe", "lab-steps"], default="recipe",
                         help="Which samples count as alternative solutions: graded by the recipe's grader (final "
-                        "answer), or lab-steps (a valid trace: every step checked).")
+                        "answer), or the built-in lab-steps grader (ckptsel.graders.steps: every step checked).")
     args = parser.parse_args()
-    # The python: grader imports this module by name; make that this very module (it holds _QUESTION).
-    sys.modules.setdefault("overmem_validation", sys.modules[__name__])
 
     runs = lab_runs(args.lab_out)
     if not runs:
@@ -260,7 +244,7 @@ def main() -> None:
     figures = []
     for run in runs:
         started = time.time()
-        alt_grader = "python:overmem_validation:lab_step_grader" if args.alt_grader == "lab-steps" else None
+        alt_grader = "lab-steps" if args.alt_grader == "lab-steps" else None
         ranking, collected = rank_run(run, args.cache_dir, args.max_examples, args.examples_seed, alt_grader)
         figures.append(run_figures(run, ranking, collected))
         print(f"{run.name}: {len(figures[-1]['steps'])} checkpoints, {collected.loaded} loaded, "

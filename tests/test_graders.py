@@ -20,7 +20,7 @@ from ckptsel.graders.latex import extract_math, normalize
 
 # --------------------------------------------------------------------------- registry
 def test_names_lists_the_built_in_graders():
-    assert graders.names() == ["exact", "gsm8k", "math", "number"]
+    assert graders.names() == ["exact", "gsm8k", "lab-steps", "math", "number"]
 
 
 def test_unknown_grader_is_one_line_listing_the_known_names():

@@ -21,12 +21,14 @@ from ckptsel.errors import CkptselError
 from ckptsel.graders.base import ExactGrader, Grader, RegexGrader, load_function_grader
 from ckptsel.graders.latex import MathGrader
 from ckptsel.graders.numeric import GSM8KGrader, NumberGrader
+from ckptsel.graders.steps import StepGrader
 
 __all__ = ["Grader", "get", "names"]
 
 GRADERS: dict[str, Callable[[], Grader]] = {
     "exact": ExactGrader,  # stripped string equality
     "gsm8k": GSM8KGrader,  # #### N / "The answer is N" / last number; exact numeric equality
+    "lab-steps": StepGrader,  # the lab's rewrite traces: right answer and every step valid
     "math": MathGrader,  # last \boxed{} / "The answer is: X"; LaTeX answer equivalence
     "number": NumberGrader,  # last number; exact numeric equality
 }
