@@ -25,6 +25,7 @@ The model goes in as lm-eval's ``HFLM`` around the already-loaded model and toke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,21 +136,37 @@ def evaluate(lm, tasks: list, *, task_manager=None, limit: int | None = None, nu
     from lm_eval.tasks import TaskManager
 
     try:
-        return evaluator.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=task_manager if task_manager is not None else TaskManager(include_defaults=False),
-            limit=limit,
-            num_fewshot=num_fewshot,
-            bootstrap_iters=0,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _without_run_metadata(evaluator):
+            return evaluator.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=task_manager if task_manager is not None else TaskManager(include_defaults=False),
+                limit=limit,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=0,
+                log_samples=True,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     except AssertionError as exc:  # lm-eval checks its inputs with assert (e.g. prompt + budget > max length)
         raise CkptselError(f"lm-eval refused the evaluation: {exc}") from None
+
+
+@contextlib.contextmanager
+def _without_run_metadata(evaluator):
+    """Skip the environment report lm-eval attaches to its results file, which ckptsel never writes.
+
+    Per call it runs ``git describe`` (printing "fatal: not a git repository" to the user's
+    terminal outside a repository) and torch's ``collect_env`` (about 2 s: it runs pip).
+    """
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
 
 
 def file_results(results: dict, name: str = TASK_NAME) -> dict[str, DocResult]:
