@@ -226,6 +226,44 @@ def print_report(figures: list[dict], summary: dict) -> None:
           f"generalizing (unflagged, not underfit) {_f(d['generalizing'])}")
 
 
+MARGINS = (0.05, 0.1, 0.15, 0.2)
+
+
+def margin_sweep(figures: list[dict], margins=MARGINS) -> list[dict]:
+    """Flag precision/recall and the recommendation for other ``acc_margin`` values, from the same measurements.
+
+    ``acc_margin`` ("train accuracy near the run's best") decides whether a checkpoint whose
+    train accuracy is still climbing by memorisation can be flagged. Flags feed the
+    recommendation, so the sweep shows both sides of the trade.
+    """
+    from ckptsel import stages
+    from ckptsel.settings import OvermemSettings
+
+    rows = []
+    for margin in margins:
+        settings = OvermemSettings(acc_margin=margin)
+        truly = flagged = hits = within = 0
+        chosen = []
+        for f in figures:
+            proxy = np.array(f["proxies"][f["proxy_used"]] if f["proxy_used"] in f["proxies"] else
+                             [np.nan] * len(f["steps"]), dtype=float)
+            pm, test_acc = np.array(f["premem_acc"]), np.array(f["test_acc"])
+            assessment = stages.assess(np.array(f["train_acc"]), pm, np.array(f["memorized_frac"]), proxy,
+                                       f["proxy_used"] or "proxy", settings)
+            flags = np.array([flag is not None for flag in assessment.flags])
+            true = np.array(f["truly"], dtype=bool)
+            truly, flagged, hits = truly + true.sum(), flagged + flags.sum(), hits + (true & flags).sum()
+            tie_break = proxy if f["proxy_used"] else np.array(f["memorized_frac"])
+            rec = stages.recommend(pm, np.array(f["premem_lo"]), tie_break, flags, settings.proxy_tie)
+            if rec is not None:
+                within += test_acc.max() - test_acc[rec] <= ORACLE_MARGIN
+                chosen.append(test_acc[rec])
+        rows.append({"acc_margin": margin, "flagged": int(flagged), "precision": hits / flagged if flagged else np.nan,
+                     "recall": hits / truly if truly else np.nan, "within_oracle": within / len(figures),
+                     "mean_recommended_acc": float(np.mean(chosen)) if chosen else np.nan})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lab_out", type=Path, help="A lab output folder (or one run folder).")
@@ -251,6 +289,13 @@ def main() -> None:
               f"{time.time() - started:.0f} s", flush=True)
     summary = summarise(figures)
     print_report(figures, summary)
+    sweep = margin_sweep(figures)
+    summary["acc_margin_sweep"] = sweep
+    print("\nacc_margin (train accuracy near the run's best) against flags and recommendation, same measurements:")
+    for row in sweep:
+        print(f"  acc_margin {row['acc_margin']:<5g} flagged {row['flagged']:>3}  precision {_f(row['precision'])}  "
+              f"recall {_f(row['recall'])}  within 0.02 of oracle {row['within_oracle']:.0%}  "
+              f"mean recommended acc {row['mean_recommended_acc']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"runs": figures, "summary": summary}, indent=1, default=float))
 
