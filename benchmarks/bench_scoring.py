@@ -9,6 +9,9 @@ workload  ckptsel's own: per question, the target and two alternative solutions 
           ``ckptsel.proxies`` (preamble, format, instruction): 6 requests, all in one call.
 plain     one continuation per question: (prompt, target).
 
+The ``bound`` line is the most any exact scheme could save: every distinct prefix of a
+request (a trie node) goes through the model once, the LM head runs at target positions only.
+
 ckptsel: ``score_token_pairs`` on the pairs ``encode_pairs`` gives. lm-eval:
 ``HFLM(pretrained=model, tokenizer=tokenizer).loglikelihood`` on ``Instance`` requests whose
 continuation is the target followed by the EOS token's text; the script checks that lm-eval
@@ -109,10 +112,29 @@ def main() -> None:
             f"through the LM head {head_theirs:,} vs {head_ours:,}: {macs['lm-eval'] / macs['ckptsel']:.2f}x "
             "fewer weight multiply-adds (attention aside)"
         )
+        least = distinct_prefixes([(p + t)[:-1] for p, t in pairs])
+        print(
+            f"  bound: exact sharing cannot go below the {least:,} distinct prefixes of the requests, "
+            f"{macs['lm-eval'] / (least * body_params + n_target * head_params):.2f}x fewer multiply-adds than lm-eval"
+        )
         t_ours, t_theirs = bench.median(times["ckptsel"]), bench.median(times["lm-eval"])
         print(f"  lm-eval   {n_target / t_theirs:10,.0f} target tok/s   {bench.fmt_times(times['lm-eval'])}")
         print(f"  ckptsel   {n_target / t_ours:10,.0f} target tok/s   {bench.fmt_times(times['ckptsel'])}")
         print(f"  ratio {t_theirs / t_ours:.2f}x (median of {args.repeats}, interleaved); load average {bench.load():.2f}")
+
+
+def distinct_prefixes(sequences: list[list[int]]) -> int:
+    """Nodes of the trie of ``sequences``: positions that must go through the model, whatever is shared."""
+    root: dict = {}
+    count = 0
+    for seq in sequences:
+        node = root
+        for token in seq:
+            if token not in node:
+                node[token] = {}
+                count += 1
+            node = node[token]
+    return count
 
 
 class WorkCounter:

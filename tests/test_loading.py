@@ -16,14 +16,14 @@ PROMPTS = ["What is 2+3?\n", "Q: 17 sheep and 5 more?\n", "Compute 7*6.\n"]
 TARGETS = ["2+3=5\n#### 5", "17+5=22\n#### 22", "#### 42"]
 
 
-def save_adapter(path, base_dir, seed: int) -> None:
-    """A rank-4 LoRA on q/v with random (non-zero) B, so every adapter changes the model."""
+def save_adapter(path, base_dir, seed: int, rank: int = 4) -> None:
+    """A LoRA (rank 4 by default) on q/v with random (non-zero) B, so every adapter changes the model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(path)
 
 
@@ -52,7 +52,8 @@ def test_lora_hot_swap_equals_fresh_load_with_one_base_load(lora_run, tokenizer)
     with CheckpointLoader(device="cpu") as loader:
         for ckpt, loaded in loader.each(ckpts):
             assert not isinstance(loaded, CheckpointError), loaded
-            assert list(loaded.model.peft_config) == [loaded.model.active_adapter]  # old adapters are deleted
+            # Same config each time: the weights are copied into the first adapter's modules.
+            assert list(loaded.model.peft_config) == ["adapter0"] == [loaded.model.active_adapter]
             assert loaded.tokenizer.eos_token_id == tokenizer.eos_token_id  # from the base folder
             swapped.append(score_targets(loaded.model, loaded.tokenizer, PROMPTS, TARGETS).nll)
         assert loader.base_loads == 1 and loader.full_loads == 0
@@ -144,3 +145,59 @@ def test_tokenizer_from_the_checkpoint_else_the_base(tmp_path, lora_run, tokeniz
     bare = Checkpoint(path=ckpts[0].path, kind="adapter", base_model=str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="cannot load the tokenizer"):
         load_tokenizer(bare)
+
+
+def test_garbage_is_collected_only_for_a_dropped_model_still_reachable(lora_run, tmp_path, tokenizer, monkeypatch):
+    """A full gc pass costs a fraction of a second: it runs only while a dropped model is still alive."""
+    from ckptsel.measure import loading
+
+    calls = []
+    monkeypatch.setattr(loading.gc, "collect", lambda: calls.append(1))
+    _, ckpts = lora_run
+    full = Checkpoint(path=save_tiny_llama(tmp_path / "full", tokenizer, seed=4), kind="full")
+    with CheckpointLoader(device="cpu") as loader:
+        held = loader.load(full)  # first load: nothing to drop
+        loader.load(full)  # the previous model is still held here: collect
+        assert calls == [1]
+        del held
+        loader.load(ckpts[0])  # the full model is dropped, and nothing refers to it: no collection
+        loader.load(ckpts[1])  # adapter copied into the same modules: nothing dropped
+        assert calls == [1]
+    assert calls == [1]  # close never collects: what outlives it is held by the caller
+
+
+def test_adapter_of_another_shape_is_loaded_afresh(lora_run, tmp_path, tokenizer):
+    """A rank-8 adapter after rank-4 ones cannot be copied in place: PEFT loads it, and it scores as fresh."""
+    base_dir, ckpts = lora_run
+    wide = tmp_path / "checkpoint-40"
+    save_adapter(wide, base_dir, seed=6, rank=8)
+    with CheckpointLoader(device="cpu") as loader:
+        loader.load(ckpts[0])
+        loaded = loader.load(Checkpoint(path=wide, kind="adapter", step=40, base_model=str(base_dir)))
+        assert list(loaded.model.peft_config) == ["adapter1"] == [loaded.model.active_adapter]
+        nll = score_targets(loaded.model, loaded.tokenizer, PROMPTS, TARGETS).nll
+        back = loader.load(ckpts[0])  # and back to rank 4: afresh again, equal to its first load
+        assert list(back.model.peft_config) == ["adapter2"]
+        again = score_targets(back.model, back.tokenizer, PROMPTS, TARGETS).nll
+        assert loader.base_loads == 1
+    np.testing.assert_allclose(nll, fresh_adapter_nll(base_dir, wide, tokenizer), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(again, fresh_adapter_nll(base_dir, ckpts[0].path, tokenizer), atol=1e-6, rtol=0)
+
+
+def test_tokenizer_is_built_once_per_distinct_tokenizer_files(tmp_path, tokenizer):
+    import json
+    import shutil
+
+    a = save_tiny_llama(tmp_path / "a", tokenizer, seed=0)
+    b = save_tiny_llama(tmp_path / "b", tokenizer, seed=1)
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 77
+    (c / "tokenizer_config.json").write_text(json.dumps(config))
+    with CheckpointLoader(device="cpu") as loader:
+        tok_a = loader.load(Checkpoint(path=a, kind="full")).tokenizer
+        tok_b = loader.load(Checkpoint(path=b, kind="full")).tokenizer
+        tok_c = loader.load(Checkpoint(path=c, kind="full")).tokenizer
+    assert tok_a is tok_b  # same files in two folders: one tokenizer
+    assert tok_c is not tok_b and tok_c.model_max_length == 77 != tok_b.model_max_length
