@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import re
 
-from ckptsel.graders.base import Grader
-from ckptsel.graders.numeric import extract_gsm8k, numbers_equal
+from ckptsel.graders.numeric import GSM8KGrader, extract_gsm8k
 
 _ARITHMETIC = re.compile(r"\d+(?:[+\-*]\d+)*")
 _MAX = re.compile(r"max\((\d+(?:,\d+)*)\)")
@@ -56,16 +55,10 @@ def trace_lines(text: str) -> tuple[list[str], str | None]:
     return lines[:-1], extract_gsm8k(lines[-1])
 
 
-class StepGrader(Grader):
-    """``lab-steps``: the final answer is right and every step of the rewrite chain is valid."""
+class StepGrader(GSM8KGrader):
+    """``lab-steps``: the final answer is right (the ``gsm8k`` rule) and every step of the rewrite chain is valid."""
 
     name = "lab-steps"
-
-    def extract(self, text: str) -> str | None:
-        return extract_gsm8k(text)
-
-    def equivalent(self, answer: str, reference_answer: str) -> bool:
-        return numbers_equal(answer, reference_answer)
 
     def __call__(self, completion: str, reference: str) -> bool:
         if not super().__call__(completion, reference):
