@@ -31,7 +31,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -135,15 +135,16 @@ def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Reci
     from ckptsel.measure.sampling import copy_rate, sample_completions
 
     grader = ctx["grader"]
-    completions = sample_completions(
-        model,
-        tokenizer,
-        [ex.prompt for ex in examples],
-        sampling=recipe.sampling,
-        max_new_tokens=[ctx["budgets"][ex.uid] for ex in examples],
-        keys=[ex.uid for ex in examples],
-        batch_size=ctx["engine"].batch_size,
-    )
+    prompts = [ex.prompt for ex in examples]
+    request = {
+        "sampling": recipe.sampling,
+        "max_new_tokens": [ctx["budgets"][ex.uid] for ex in examples],
+        "keys": [ex.uid for ex in examples],
+    }
+    if ctx.get("vllm") is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
+        completions = ctx["vllm"].sample(model, tokenizer, prompts, **request)
+    else:
+        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx["engine"].batch_size, **request)
     out = {}
     for ex, samples in zip(examples, completions):
         correct = sum(bool(grader(text, ex.reference)) for text in samples)
@@ -216,12 +217,14 @@ def budgets(tokenizer, examples: Sequence[Example], recipe: Recipe) -> dict[str,
 
 
 def settings_key(recipe: Recipe, engine: EngineSettings) -> str:
-    """Everything that changes a stored number: rendering, sampling and its budget rule, the dtype."""
+    """Everything that changes a stored number: rendering, sampling and its budget rule, the dtype, the backend."""
     from ckptsel.measure.loading import resolve_device, resolve_dtype
 
     dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
     budget = recipe.sampling.max_new_tokens or PER_EXAMPLE_BUDGET
     payload = {"recipe": recipe.measurement_key(), "dtype": dtype, "max_new_tokens": budget}
+    if engine.backend != "hf":  # other backends draw other samples; hf keys stay as they were
+        payload["backend"] = engine.backend
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -269,6 +272,7 @@ def collect(
     """
     from ckptsel import graders
     from ckptsel.measure.loading import CheckpointLoader
+    from ckptsel.measure.vllm_backend import VllmSampler
 
     checkpoints = list(checkpoints)
     examples = list(examples)
@@ -277,7 +281,8 @@ def collect(
         raise ValueError(f"unknown measurement kinds {unknown}; known: {sorted(KINDS)}")
     grader = graders.get(recipe.data.grader)
     alt_grader = graders.get(proxy_settings.alt_grader) if proxy_settings.alt_grader else grader
-    ctx = {"engine": engine, "grader": grader, "proxies": proxy_settings}
+    sampler = VllmSampler(engine) if engine.backend == "vllm" else None  # raises when vllm is missing
+    ctx = {"engine": engine, "grader": grader, "proxies": proxy_settings, "vllm": sampler}
     ctx["budgets"] = budgets(tokenizer, examples, recipe)
     key = settings_key(recipe, engine)
     fps = fingerprints(checkpoints, store)
@@ -336,10 +341,12 @@ def collect(
 
     with CheckpointLoader(
         engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code, allow_pickle=engine.allow_pickle
-    ) as loader:
+    ) as loader, sampler or nullcontext():
         for i in pending:
             session = _Session(loader, checkpoints[i], i, result, on_progress)
             with _recording_failure(result, i):
+                if sampler is not None:  # before the model loads: frees an engine this checkpoint cannot use
+                    sampler.use(checkpoints[i])
                 for kind in plain:
                     run(session, i, kind, pools[KINDS[kind].examples])
                 if result.harvest is not None and advance_harvest(i):

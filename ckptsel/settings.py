@@ -106,13 +106,18 @@ class Recipe(_Frozen):
 
 
 class EngineSettings(_Frozen):
-    """Where and how models run. Only ``dtype`` changes results, so only it enters the store key."""
+    """Where and how models run. Only ``dtype`` and a non-default ``backend`` change results, so only they enter the store key."""
 
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
     batch_size: int | None = Field(None, ge=1, description="Rows per forward pass; None = automatic (a token budget).")
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="Load .bin (pickle) weights, with weights_only=True.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Sampling backend: hf (transformers) or vllm (when installed; faster on GPU, samples differ). "
+        "Scoring always runs on transformers.",
+    )
 
 
 class SelectionSettings(_Frozen):

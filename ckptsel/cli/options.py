@@ -141,6 +141,13 @@ _ENGINE_OPTIONS = (
     click.option("--allow-pickle", is_flag=True, help="Allow loading .bin (pickle) weights, with weights_only=True."),
     click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped inside a checkpoint to run."),
     click.option(
+        "--backend",
+        default="hf",
+        show_default=True,
+        type=click.Choice(["hf", "vllm"]),
+        help="vllm: sample with vLLM when installed (faster on GPU); scoring stays on transformers.",
+    ),
+    click.option(
         "--cache-dir",
         type=click.Path(file_okay=False, path_type=Path),
         envvar="CKPTSEL_CACHE",
@@ -154,7 +161,7 @@ def engine_options(command):
     import functools
 
     @functools.wraps(command)
-    def wrapper(*args, device, dtype, batch_size, allow_pickle, trust_remote_code, **kwargs):
+    def wrapper(*args, device, dtype, batch_size, allow_pickle, trust_remote_code, backend, **kwargs):
         from ckptsel.settings import EngineSettings
 
         engine = EngineSettings(
@@ -163,7 +170,12 @@ def engine_options(command):
             batch_size=batch_size,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            backend=backend,
         )
+        if backend == "vllm":  # a missing vllm is a usage error before any work
+            from ckptsel.measure.vllm_backend import require_vllm
+
+            require_vllm()
         return command(*args, engine=engine, **kwargs)
 
     for option in reversed(_ENGINE_OPTIONS):

@@ -137,7 +137,7 @@ def sample_completions(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         max_new_tokens=[budgets[i] for i, _ in rows],
-        eos_ids=_eos_ids(model, tokenizer),
+        eos_ids=eos_ids(model, tokenizer),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         batch_size=batch_size,
     )
@@ -318,7 +318,7 @@ def _preallocated_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     """EOS ids from the tokenizer and the model's generation config (chat models list several)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
