@@ -214,6 +214,21 @@ def lora_run(size: str, n: int, rank: int = 16) -> Path:
     return folder
 
 
+def lora_rank_parser(description: str):
+    """The options of the LoRA-run ``ckptsel rank`` figures (c) and (d): run size, checkpoints, work per checkpoint."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=SIZES, default="qwen0.5b")
+    parser.add_argument("--checkpoints", type=int, default=8)
+    parser.add_argument("--max-examples", type=int, default=1)
+    parser.add_argument("-k", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser
+
+
 def describe(model, size: str) -> str:
     config = model.config
     params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -12,7 +12,6 @@ The figure is re-rank time / full-run time; the target is at most 1.2/C.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,15 +23,7 @@ import bench_common as bench
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=bench.SIZES, default="qwen0.5b")
-    parser.add_argument("--checkpoints", type=int, default=8)
-    parser.add_argument("--max-examples", type=int, default=1)
-    parser.add_argument("-k", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the cores are shared)")
-    args = parser.parse_args()
+    args = bench.lora_rank_parser(__doc__.splitlines()[0]).parse_args()
     bench.setup(args.threads)
 
     from click.testing import CliRunner

@@ -77,7 +77,11 @@ def rank_run(run: Path, cache_dir: Path, max_examples: int | None, examples_seed
 
 
 def valid_trace(question: str, text: str) -> bool | None:
-    """Is ``text`` a valid lab trace for a ``sum``/``product`` question? None for other questions."""
+    """Is ``text`` a valid lab trace for a ``sum``/``product`` question? None for other questions.
+
+    Stricter than the ``lab-steps`` grader (:mod:`ckptsel.graders.steps`), which sees only the
+    completion and the reference: here the first line is checked against the question's terms.
+    """
     import re
 
     expr = question.strip().removesuffix("=?")

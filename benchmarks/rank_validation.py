@@ -114,29 +114,27 @@ def r2_row(predicted: np.ndarray, measured: np.ndarray, identity: bool = True) -
             metrics.r2_fitted(predicted, measured))
 
 
-def summarise(runs: list[dict]) -> dict:
-    def pooled(name: str, final_only: bool = False) -> np.ndarray:
-        return np.concatenate([r[name][-1:] if final_only else r[name] for r in runs])
+def pooled(runs: list[dict], name: str, final_only: bool = False) -> np.ndarray:
+    """One array per run concatenated: every checkpoint, or each run's final one."""
+    return np.concatenate([r[name][-1:] if final_only else r[name] for r in runs])
 
-    table = {}
-    for scope, final in (("all checkpoints", False), ("final checkpoints", True)):
-        y = pooled("test_acc", final)
-        table[scope] = {
-            "n": int(y.size),
-            "premem_acc": r2_row(pooled("premem", final), y),
-            "train_acc": r2_row(pooled("train_acc", final), y),
-            "train_loss": r2_row(pooled("train_loss", final), y, identity=False),
-        }
+
+def r2_scope(runs: list[dict], final_only: bool = False) -> dict:
+    """R² against true held-out accuracy of pre-memorization accuracy and the baselines, over ``runs``."""
+    y = pooled(runs, "test_acc", final_only)
+    return {
+        "n": int(y.size),
+        "premem_acc": r2_row(pooled(runs, "premem", final_only), y),
+        "train_acc": r2_row(pooled(runs, "train_acc", final_only), y),
+        "train_loss": r2_row(pooled(runs, "train_loss", final_only), y, identity=False),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    table = {"all checkpoints": r2_scope(runs), "final checkpoints": r2_scope(runs, final_only=True)}
     for size in sorted({_data_size(r["run"]) for r in runs} - {None}):
-        group = [r for r in runs if _data_size(r["run"]) == size]
-        y = np.concatenate([r["test_acc"] for r in group])
-        table[f"n{size} runs"] = {
-            "n": int(y.size),
-            "premem_acc": r2_row(np.concatenate([r["premem"] for r in group]), y),
-            "train_acc": r2_row(np.concatenate([r["train_acc"] for r in group]), y),
-            "train_loss": r2_row(np.concatenate([r["train_loss"] for r in group]), y, identity=False),
-        }
-    y = pooled("test_acc")
+        table[f"n{size} runs"] = r2_scope([r for r in runs if _data_size(r["run"]) == size])
+    y = pooled(runs, "test_acc")
     sweep = {f"{nu:g}": r2_row(np.concatenate([premem_at(r, nu) for r in runs]), y) for nu in SWEEP}
     auto_pm = [premem_at(r, r["auto"]) if not np.isnan(r["auto"]) else np.full(len(r["test_acc"]), np.nan) for r in runs]
     sweep["auto"] = r2_row(np.concatenate(auto_pm), y)

@@ -119,7 +119,7 @@ def main() -> None:
         t_sampled = time.perf_counter() - t0
 
     uids = [ex.uid for ex in examples]
-    print(f"\ngreedy: lab ground-truth code (ckptsel sampler) vs ckptsel verify (lm-eval HF generate)")
+    print("\ngreedy: lab ground-truth code (ckptsel sampler) vs ckptsel verify (lm-eval HF generate)")
     print(f"{'step':>6} {'lab':>7} {'verify':>7} {'diff':>8} {'questions equal':>16}")
     worst = 0.0
     for ckpt, m in zip(checkpoints, greedy.checkpoints):

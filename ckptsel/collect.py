@@ -218,9 +218,9 @@ def budgets(tokenizer, examples: Sequence[Example], recipe: Recipe) -> dict[str,
 
 def settings_key(recipe: Recipe, engine: EngineSettings) -> str:
     """Everything that changes a stored number: rendering, sampling and its budget rule, the dtype, the backend."""
-    from ckptsel.measure.loading import resolve_device, resolve_dtype
+    from ckptsel.measure.loading import dtype_name
 
-    dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+    dtype = dtype_name(engine)
     budget = recipe.sampling.max_new_tokens or PER_EXAMPLE_BUDGET
     payload = {"recipe": recipe.measurement_key(), "dtype": dtype, "max_new_tokens": budget}
     if engine.backend != "hf":  # other backends draw other samples; hf keys stay as they were

@@ -50,3 +50,12 @@ def save_tiny_llama(path, tokenizer, seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    """The tiny Llama of ``tiny_llama_dir``, float32, in eval mode (one per test module)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from ckptsel.measure.scoring import encode_pairs, plan_batches, score_token_pairs, share_prefixes
@@ -18,12 +17,6 @@ SOLUTIONS = [
     ["12/60 = 0.2 per minute.\n0.2*50 = 10\n#### 10", "50 minutes is 5/6 of an hour: $10.\n#### 10"],
 ]
 
-
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
 def workload(tokenizer):

@@ -28,12 +28,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
 
 def test_completion_depends_only_on_key_and_sample_index(model, tokenizer):
     settings = SamplingSettings(k=2, temperature=0.8, top_p=0.95, seed=7)

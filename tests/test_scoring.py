@@ -28,12 +28,6 @@ TARGETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
 
 def hand_scores(model, tokenizer, prompt: str, target: str, append_eos: bool = True):
     """One unpadded full forward, log-softmax everywhere, sliced at the target positions."""

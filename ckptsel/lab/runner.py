@@ -120,18 +120,15 @@ def _work(job: _Job, grid: Grid, threads: int, queue) -> Event:
             write_ground_truth(partial, grid.ground_truth, on_checkpoint=emit("truth"))
         # Wall time depends on what else the machine runs; CPU time (all of this process's threads) is
         # what the grid costs on free cores, so both are kept.
-        payload = {
-            "spec": job.spec.model_dump(mode="json"),
-            "seconds": round(time.time() - started, 1),
-            "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        }
+        wall, cpu = time.time() - started, time.process_time() - cpu_started
+        payload = {"spec": job.spec.model_dump(mode="json"), "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}
         (partial / RUN_FILE).write_text(json.dumps(payload, indent=1))
         job.home.parent.mkdir(parents=True, exist_ok=True)
         partial.rename(job.home)
     except Exception as exc:  # one failed run must not lose the others
         log.debug("%s failed:\n%s", job.name, traceback.format_exc())
         return Event(job.name, "failed", message=f"{type(exc).__name__}: {exc}")
-    return Event(job.name, "done", message=f"{time.time() - started:.0f} s ({time.process_time() - cpu_started:.0f} CPU-s)")
+    return Event(job.name, "done", message=f"{wall:.0f} s ({cpu:.0f} CPU-s)")
 
 
 class _Forward:

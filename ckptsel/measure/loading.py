@@ -74,6 +74,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(engine) -> str:
+    """The dtype ``engine`` settings run in, as a plain name ("float32", "bfloat16"): store keys and vLLM use it."""
+    return str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+
+
 class CheckpointLoader:
     """Yields (model, tokenizer) per checkpoint, loading each once and every base model once.
 

@@ -141,10 +141,13 @@ class VllmSampler:
         key = _engine_key(ckpt)
         if self._llm_key is not None and _serves(self._llm_key, key):
             return self._llm
+        from ckptsel.measure.loading import dtype_name
+
         self.close()
         model, lora_rank = key
-        options = {
-            "model": model, "dtype": self._dtype(), "seed": seed, "trust_remote_code": self.engine.trust_remote_code,
+        options = {  # ckptsel's dtype (bf16 on GPU for auto), as vLLM names it
+            "model": model, "dtype": dtype_name(self.engine), "seed": seed,
+            "trust_remote_code": self.engine.trust_remote_code,
         }
         if lora_rank is not None:
             options.update(enable_lora=True, max_lora_rank=lora_rank)
@@ -166,12 +169,6 @@ class VllmSampler:
         path = str(self._checkpoint.path)
         lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
         return LoRARequest(f"ckptsel-{lora_id}", lora_id, path)
-
-    def _dtype(self) -> str:
-        """ckptsel's dtype for these engine settings (bf16 on GPU for auto), as vLLM names it."""
-        from ckptsel.measure.loading import resolve_device, resolve_dtype
-
-        return str(resolve_dtype(self.engine.dtype, resolve_device(self.engine.device))).removeprefix("torch.")
 
 
 def _engine_key(ckpt: Checkpoint) -> tuple[str, int | None]:

@@ -134,13 +134,19 @@ def _band(frame: Frame, x0: float, x1: float, stage: str) -> str:
             f'height="{frame.bottom - frame.top}"><title>{escape(stage)}</title></rect>')
 
 
-def _axes(chart: Chart, frame: Frame) -> str:
+def _plot_and_y_grid(frame: Frame) -> list[str]:
+    """The plot area and the horizontal gridlines with their y tick labels, shared by every chart kind."""
     out = [f'<rect class="plot" x="{frame.left}" y="{frame.top}" width="{frame.right - frame.left}" '
            f'height="{frame.bottom - frame.top}"/>']
     for v in ticks(frame.y0, frame.y1):
         y = frame.py(v)
         out.append(f'<line class="gridline" x1="{frame.left}" y1="{y:.2f}" x2="{frame.right}" y2="{y:.2f}"/>'
                    f'<text class="tick" x="{frame.left - 6}" y="{y + 4:.2f}" text-anchor="end">{fmt(v)}</text>')
+    return out
+
+
+def _axes(chart: Chart, frame: Frame) -> str:
+    out = _plot_and_y_grid(frame)
     for v in ticks(frame.x0, frame.x1, target=7):
         x = frame.px(v)
         out.append(f'<line class="gridline" x1="{x:.2f}" y1="{frame.top}" x2="{x:.2f}" y2="{frame.bottom}"/>'
@@ -250,12 +256,7 @@ def _render_bars(chart: Chart) -> str:
 
 
 def _axes_bars(chart: Chart, frame: Frame) -> str:
-    out = [f'<rect class="plot" x="{frame.left}" y="{frame.top}" width="{frame.right - frame.left}" '
-           f'height="{frame.bottom - frame.top}"/>']
-    for v in ticks(frame.y0, frame.y1):
-        y = frame.py(v)
-        out.append(f'<line class="gridline" x1="{frame.left}" y1="{y:.2f}" x2="{frame.right}" y2="{y:.2f}"/>'
-                   f'<text class="tick" x="{frame.left - 6}" y="{y + 4:.2f}" text-anchor="end">{fmt(v)}</text>')
+    out = _plot_and_y_grid(frame)
     for i, name in enumerate(chart.categories):
         short = name if len(name) <= 24 else name[:23] + "…"
         out.append(f'<text class="tick" x="{frame.px(i):.2f}" y="{frame.bottom + 16}" text-anchor="middle">'

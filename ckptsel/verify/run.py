@@ -119,9 +119,9 @@ def default_budget(tokenizer, examples: Sequence[Example], recipe: Recipe) -> in
 
 def settings_key(recipe: Recipe, engine: EngineSettings, max_new_tokens: int, seed: int) -> str:
     """Everything that changes a verify result: rendering, grader, sampling, budget, dtype, seed."""
-    from ckptsel.measure.loading import resolve_device, resolve_dtype
+    from ckptsel.measure.loading import dtype_name
 
-    dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+    dtype = dtype_name(engine)
     sampling = recipe.sampling
     decoding = {"greedy": True} if sampling.temperature == 0 else {
         "k": sampling.k, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": seed,
@@ -244,9 +244,9 @@ def stored_summaries(store: Store, fingerprint: str) -> list[dict]:
 
 def task_settings_key(name: str, engine: EngineSettings, limit: int | None, num_fewshot: int | None,
                       seed: int) -> str:
-    from ckptsel.measure.loading import resolve_device, resolve_dtype
+    from ckptsel.measure.loading import dtype_name
 
-    dtype = str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
+    dtype = dtype_name(engine)
     payload = {"harness": "lm-eval", "task": name, "limit": limit, "num_fewshot": num_fewshot, "dtype": dtype,
                "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
