@@ -117,6 +117,12 @@ def alt_validity(collected) -> float:
     return sum(checks) / len(checks) if checks else float("nan")
 
 
+def premem_rows(ranking, rows) -> np.ndarray:
+    """Per-example pre-memorization accuracy, one row per checkpoint in ``rows`` (what the recommendation reads)."""
+    row_of = {int(i): r for r, i in enumerate(ranking.per_example["measured_index"])}
+    return np.asarray(ranking.per_example["premem"])[[row_of[c.index] for c in rows]]
+
+
 def run_figures(run: Path, ranking, collected) -> dict:
     """Everything the summary needs about one run, as plain numbers per checkpoint."""
     from ckptsel.lab.summary import overmemorized
@@ -157,6 +163,7 @@ def run_figures(run: Path, ranking, collected) -> dict:
         "train_acc": [c.train_acc for c in rows],
         "premem_acc": [c.premem_acc for c in rows],
         "premem_lo": [c.premem_ci[0] for c in rows],
+        "premem_per_example": premem_rows(ranking, rows).tolist(),
         "truly": truly.tolist(),
         "flagged": flagged.tolist(),
         "stages": [c.stage for c in rows],
@@ -231,40 +238,45 @@ def print_report(figures: list[dict], summary: dict) -> None:
 
 
 MARGINS = (0.05, 0.1, 0.15, 0.2)
+STANDARD_ERRORS = (1.0, 1.96)
 
 
-def margin_sweep(figures: list[dict], margins=MARGINS) -> list[dict]:
-    """Flag precision/recall and the recommendation for other ``acc_margin`` values, from the same measurements.
+def margin_sweep(figures: list[dict], margins=MARGINS, standard_errors=STANDARD_ERRORS) -> list[dict]:
+    """Flags and the recommendation for other ``acc_margin`` and ``recommend_se`` values, same measurements.
 
     ``acc_margin`` ("train accuracy near the run's best") decides whether a checkpoint whose
     train accuracy is still climbing by memorisation can be flagged. Flags feed the
-    recommendation, so the sweep shows both sides of the trade.
+    recommendation, so the sweep shows both sides of the trade; ``recommend_se`` decides how
+    far below the best predicted accuracy the recommendation may go for a lower proxy.
     """
     from ckptsel import stages
     from ckptsel.settings import OvermemSettings
 
     rows = []
     for margin in margins:
-        settings = OvermemSettings(acc_margin=margin)
-        truly = flagged = hits = within = 0
-        chosen = []
-        for f in figures:
-            proxy = np.array(f["proxies"][f["proxy_used"]] if f["proxy_used"] in f["proxies"] else
-                             [np.nan] * len(f["steps"]), dtype=float)
-            pm, test_acc = np.array(f["premem_acc"]), np.array(f["test_acc"])
-            assessment = stages.assess(np.array(f["train_acc"]), pm, np.array(f["memorized_frac"]), proxy,
-                                       f["proxy_used"] or "proxy", settings)
-            flags = np.array([flag is not None for flag in assessment.flags])
-            true = np.array(f["truly"], dtype=bool)
-            truly, flagged, hits = truly + true.sum(), flagged + flags.sum(), hits + (true & flags).sum()
-            tie_break = proxy if f["proxy_used"] else np.array(f["memorized_frac"])
-            rec = stages.recommend(pm, np.array(f["premem_lo"]), tie_break, flags, settings.proxy_tie)
-            if rec is not None:
-                within += test_acc.max() - test_acc[rec] <= ORACLE_MARGIN
-                chosen.append(test_acc[rec])
-        rows.append({"acc_margin": margin, "flagged": int(flagged), "precision": hits / flagged if flagged else np.nan,
-                     "recall": hits / truly if truly else np.nan, "within_oracle": within / len(figures),
-                     "mean_recommended_acc": float(np.mean(chosen)) if chosen else np.nan})
+        for se in standard_errors:
+            settings = OvermemSettings(acc_margin=margin, recommend_se=se)
+            truly = flagged = hits = within = 0
+            chosen = []
+            for f in figures:
+                proxy = np.array(f["proxies"][f["proxy_used"]] if f["proxy_used"] in f["proxies"] else
+                                 [np.nan] * len(f["steps"]), dtype=float)
+                pm, test_acc = np.array(f["premem_acc"]), np.array(f["test_acc"])
+                assessment = stages.assess(np.array(f["train_acc"]), pm, np.array(f["memorized_frac"]), proxy,
+                                           f["proxy_used"] or "proxy", settings)
+                flags = np.array([flag is not None for flag in assessment.flags])
+                true = np.array(f["truly"], dtype=bool)
+                truly, flagged, hits = truly + true.sum(), flagged + flags.sum(), hits + (true & flags).sum()
+                tie_break = proxy if f["proxy_used"] else np.array(f["memorized_frac"])
+                rec = stages.recommend(np.array(f["premem_per_example"], dtype=float), tie_break, flags,
+                                       settings.proxy_tie, settings.recommend_se)
+                if rec is not None:
+                    within += test_acc.max() - test_acc[rec] <= ORACLE_MARGIN
+                    chosen.append(test_acc[rec])
+            rows.append({"acc_margin": margin, "recommend_se": se, "flagged": int(flagged),
+                         "precision": hits / flagged if flagged else np.nan, "recall": hits / truly if truly else np.nan,
+                         "within_oracle": within / len(figures),
+                         "mean_recommended_acc": float(np.mean(chosen)) if chosen else np.nan})
     return rows
 
 
@@ -295,9 +307,10 @@ def main() -> None:
     print_report(figures, summary)
     sweep = margin_sweep(figures)
     summary["acc_margin_sweep"] = sweep
-    print("\nacc_margin (train accuracy near the run's best) against flags and recommendation, same measurements:")
+    print("\nacc_margin (train accuracy near the run's best) and recommend_se against flags and the recommendation,"
+          " same measurements:")
     for row in sweep:
-        print(f"  acc_margin {row['acc_margin']:<5g} flagged {row['flagged']:>3}  precision {_f(row['precision'])}  "
+        print(f"  acc_margin {row['acc_margin']:<5g} recommend_se {row['recommend_se']:<5g} flagged {row['flagged']:>3}  precision {_f(row['precision'])}  "
               f"recall {_f(row['recall'])}  within 0.02 of oracle {row['within_oracle']:.0%}  "
               f"mean recommended acc {row['mean_recommended_acc']:.3f}")
     if args.json:

@@ -138,6 +138,31 @@ def per_checkpoint_mean(values: np.ndarray) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def paired_gap(values: np.ndarray, ref: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each checkpoint's mean difference to checkpoint ``ref`` over the same examples, and its standard error.
+
+    Checkpoints are measured on one example set, so comparing two of them is a paired
+    comparison: the per-example differences d_i = v_ji - v_ref,i cancel what makes an
+    example easy or hard, and their standard error sd(d) / sqrt(n) is far smaller than
+    either checkpoint's own interval suggests. Examples missing (NaN) at either side are
+    left out. Returns ``(gap, se)``, each of shape ``(C,)``: gap 0 and se 0 at ``ref``; NaN
+    gap where no example is shared, se 0 where one is.
+
+    >>> gap, se = paired_gap([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], ref=1)
+    >>> gap.round(3).tolist(), se.round(3).tolist()
+    ([-0.25, 0.0], [0.25, 0.0])
+    """
+    values = np.asarray(values, dtype=float)
+    diff = values - values[ref]
+    shared = ~np.isnan(diff)
+    n = shared.sum(axis=1)
+    filled = np.where(shared, diff, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.where(n > 0, filled.sum(axis=1) / np.maximum(n, 1), np.nan)
+        var = np.where(shared, (diff - gap[:, None]) ** 2, 0.0).sum(axis=1) / np.maximum(n - 1, 1)
+    return gap, np.where(n > 1, np.sqrt(var / np.maximum(n, 1)), 0.0)
+
+
 def train_accuracy(acc: np.ndarray) -> np.ndarray:
     """Sampled train accuracy per checkpoint: mean_i acc_ij (Kang et al.'s baseline)."""
     return per_checkpoint_mean(acc)

@@ -12,7 +12,7 @@ over-memorized flag, which is on by default::
       max_memorized_frac: 0.9       # memorised fraction at most this
       max_proxy_ratio: 1.25         # perplexity proxy at most this x its minimum so far
     stages:                         # thresholds of the flag (ckptsel.settings.OvermemSettings)
-      acc_margin: 0.05
+      acc_margin: 0.1
       memorized_min: 0.5
       proxy_rise: 0.25
 

@@ -237,7 +237,7 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
     ]
     default = memorization.threshold if memorization.threshold != "auto" else None
     ranking = Ranking(rows, Threshold(memorization.rule, None, default), len(collected.examples), None,
-                      stages.RECOMMEND_RULE.format(level=level, proxy="proxy", tie=overmem.proxy_tie),
+                      stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy="proxy", tie=overmem.proxy_tie),
                       n_heldout=len(collected.heldout))
     if collected.harvest is not None and collected.harvest.fixed:
         ranking.alt_coverage = collected.harvest.coverage(ex.uid for ex in collected.examples)
@@ -290,7 +290,8 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
     # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
     tie_break = proxy_values if proxy else columns["memorized_frac"]
     ranking.proxy = proxy
-    ranking.rule = stages.RECOMMEND_RULE.format(level=level, proxy=proxy or "memorised fraction", tie=overmem.proxy_tie)
+    ranking.rule = stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy=proxy or "memorised fraction",
+                                                tie=overmem.proxy_tie)
     ranking.stage_rule = stages.STAGE_RULE.format(proxy=proxy or "proxy", rise=1 + overmem.proxy_rise,
                                                   **overmem.model_dump(exclude={"proxy"}))
     support = metrics.premem_support(m["acc"], mask)
@@ -303,7 +304,7 @@ def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
         )
     if flagged.all():
         ranking.warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
-    pick = stages.recommend(pm, lo, tie_break, flagged, overmem.proxy_tie)
+    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se)
     ranking.recommended = measured[pick] if pick is not None else None
     ranking.per_example = {"premem": per_example, "memorized": mask, "measured_index": np.array(measured), **m}
     return ranking

@@ -166,8 +166,9 @@ class OvermemSettings(_Frozen):
     A checkpoint is flagged over-memorized when all three hold: its train accuracy is within
     ``acc_margin`` of the run's best, its memorised fraction is at least ``memorized_min``, and
     its perplexity proxy is at least ``1 + proxy_rise`` times the proxy's minimum over the
-    checkpoints up to it. Otherwise it is underfit when its train accuracy is below
-    ``underfit_fraction`` of the run's best, and generalizing if not.
+    checkpoints up to it that are not underfit. Otherwise it is underfit when its predicted test
+    accuracy (pre-memorization accuracy) is below ``underfit_fraction`` of the run's best, and
+    generalizing if not. Defaults validated on the lab (``benchmarks/overmem_validation.py``).
     """
 
     proxy: Literal["auto", "heldout_nll", "alt_nll", "perturb_nll"] = Field(
@@ -175,12 +176,18 @@ class OvermemSettings(_Frozen):
         description="Perplexity proxy of the flag; auto = held-out NLL when given, else alternative-solution NLL "
         "when its coverage suffices, else the perturbed-prompt NLL.",
     )
-    acc_margin: float = Field(0.05, ge=0.0, le=1.0, description="'Near the run's best' train accuracy.")
+    acc_margin: float = Field(0.1, ge=0.0, le=1.0, description="'Near the run's best' train accuracy.")
     memorized_min: float = Field(0.5, ge=0.0, le=1.0, description="Memorised fraction that counts as high.")
     proxy_rise: float = Field(0.25, gt=0.0, description="Relative rise of the proxy over its running minimum.")
-    underfit_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Below this share of the best train accuracy: underfit.")
+    underfit_fraction: float = Field(
+        0.8, ge=0.0, le=1.0, description="Below this share of the best predicted test accuracy: underfit."
+    )
     min_alt_coverage: float = Field(
         0.05, ge=0.0, le=1.0, description="auto uses the alternative-solution NLL only above this coverage."
+    )
+    recommend_se: float = Field(
+        1.0, ge=0.0, description="Recommendation: checkpoints within this many standard errors of the best "
+        "predicted accuracy (paired gap) count as equally accurate; the lowest proxy among them wins."
     )
     proxy_tie: float = Field(
         0.05, ge=0.0, description="Recommendation: proxy values within this share of the lowest count as equal."

@@ -26,8 +26,12 @@ alternative-solution NLL measured against such samples rises from the first chec
 
 Recommendation (Ruan et al.: choose by accuracy *and* perplexity): the highest
 pre-memorization accuracy (predicted test accuracy, Kang et al. 2024) among unflagged
-checkpoints; among those whose value lies inside that best one's interval, the lowest proxy,
-where values within ``proxy_tie`` of the lowest count as equal (then predicted accuracy decides).
+checkpoints; among those as accurate as that best one within the noise of a paired comparison
+(``recommend_se`` standard errors of the per-example gap: the one-standard-error rule), the
+lowest proxy, where values within ``proxy_tie`` of the lowest count as equal (then predicted
+accuracy decides). A paired gap, not each checkpoint's own interval: both sides are measured
+on the same examples, and a 95% interval of one checkpoint's mean on 100 examples is
+±0.06 wide, which would trade away accuracy the comparison can in fact resolve.
 
 Missing values are NaN: a checkpoint with a NaN input is never flagged on it, and is
 skipped by the recommendation when its predicted accuracy is NaN.
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ckptsel import metrics
 from ckptsel.settings import OvermemSettings
 
 UNDERFIT, GENERALIZING, OVERMEMORIZED = "underfit", "generalizing", "over-memorized"
@@ -51,8 +56,8 @@ STAGE_RULE = (
 )
 RECOMMEND_RULE = (
     "highest pre-memorization accuracy (predicted test accuracy) among checkpoints not flagged over-memorized; "
-    "among those inside the best one's {level:.0%} interval, the lowest {proxy} (within {tie:.0%} of it: "
-    "the highest predicted accuracy)"
+    "among those within {se:g} standard error(s) of it (paired over the same examples), the lowest {proxy} "
+    "(within {tie:.0%} of it: the highest predicted accuracy)"
 )
 
 
@@ -168,22 +173,26 @@ def assess(
 
 
 def recommend(
-    premem: np.ndarray, premem_lo: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0
+    premem: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0, se: float = 1.0
 ) -> int | None:
     """Index of the recommended checkpoint (the rule in the module docstring); None if nothing is measured.
 
-    Proxy values within ``tie`` (relative) of the lowest count as equal, and among them the
-    highest predicted accuracy wins: a few percent of mean NLL is within the noise of a
-    proxy measured on tens of examples, and then accuracy should decide. When every measured
-    checkpoint is flagged the rule falls back to all of them (the caller warns). Among equal
-    values the earliest checkpoint wins; when no candidate has a proxy value, the best
-    predicted accuracy is kept.
+    ``premem``: per-example pre-memorization accuracy, shape ``(C, N)`` (NaN: not measured).
+    "As accurate as the best" is the one-standard-error rule (Breiman et al. 1984): a
+    checkpoint whose paired gap to the best one's predicted accuracy is within ``se``
+    standard errors of that gap (:func:`ckptsel.metrics.paired_gap`: the same examples on
+    both sides). Among those, the lowest proxy; values within ``tie`` (relative) of the
+    lowest count as equal, and among them the highest predicted accuracy wins: a few
+    percent of mean NLL is within the noise of a proxy measured on tens of examples. When
+    every measured checkpoint is flagged the rule falls back to all of them (the caller
+    warns). Among equal values the earliest checkpoint wins; when no candidate has a proxy
+    value, the best predicted accuracy is kept.
     """
-    pm = np.asarray(premem, dtype=float)
-    lo = np.asarray(premem_lo, dtype=float)
+    values = np.asarray(premem, dtype=float)
+    pm = metrics.per_checkpoint_mean(values)
     proxy = np.asarray(proxy, dtype=float)
     flagged = np.asarray(flagged, dtype=bool)
-    _check_shapes(pm, lo, proxy, flagged)
+    _check_shapes(pm, proxy, flagged)
     measured = ~np.isnan(pm)
     if not measured.any():
         return None
@@ -191,8 +200,8 @@ def recommend(
     if not pool.any():
         pool = measured
     best = int(np.argmax(np.where(pool, pm, -np.inf)))  # Kang et al.: highest predicted test accuracy
-    floor = lo[best] if not np.isnan(lo[best]) else pm[best]
-    close = pool & (pm >= floor) & ~np.isnan(proxy)  # inside the best one's interval
+    gap, gap_se = metrics.paired_gap(values, best)
+    close = pool & (gap >= -se * gap_se) & ~np.isnan(proxy)  # as accurate as the best, within its noise
     if not close.any():
         return best
     lowest = np.min(proxy[close])  # Ruan et al.: then the lower held-out-like perplexity

@@ -200,6 +200,24 @@ def test_bootstrap_chunks_and_nan():
 # --- calibration ----------------------------------------------------------------
 
 
+def test_paired_gap_by_hand():
+    values = np.array([
+        [1.0, 0.0, 1.0, 1.0],  # d to row 2: [0, -1, 0, 0]: mean -0.25, sd 0.5, se 0.25
+        [1.0, NAN, 0.0, 1.0],  # shares examples 0, 2, 3: d [0, -1, 0]: mean -1/3, sd 0.577, se 1/3
+        [1.0, 1.0, 1.0, 1.0],
+        [NAN, NAN, NAN, NAN],  # nothing shared
+    ])
+    gap, se = M.paired_gap(values, ref=2)
+    np.testing.assert_allclose(gap[:3], [-0.25, -1 / 3, 0.0])
+    np.testing.assert_allclose(se[:3], [0.25, 1 / 3, 0.0])
+    assert np.isnan(gap[3]) and se[3] == 0.0
+    # Pairing removes what the examples share: a constant shift has no noise at all.
+    shifted = np.array([[0.2, 0.9, 0.5], [0.3, 1.0, 0.6]])
+    gap, se = M.paired_gap(shifted, ref=1)
+    np.testing.assert_allclose(gap, [-0.1, 0.0])
+    np.testing.assert_allclose(se, [0.0, 0.0], atol=1e-12)
+
+
 def test_calibrate_perfect_separation():
     nll = np.array([[0.01, 0.02, 0.04], [0.2, 0.3, 0.5]])
     copies = np.array([[1.0, 0.6, 0.8], [0.0, 0.2, 0.4]])

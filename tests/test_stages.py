@@ -76,40 +76,54 @@ def test_assess_stages_and_flags_with_their_numbers():
     assert S.assess(ACC, np.zeros(5), MEM, PROXY, "alt_nll").stages == ["underfit"] * 5
 
 
-def test_recommend_best_unflagged_then_lowest_proxy_inside_the_interval():
-    pm = np.array([0.10, 0.40, 0.50, 0.52, 0.55])
+def per_example(*rows: str) -> np.ndarray:
+    """Per-example pre-memorization accuracy from strings of digits (tenths): "55" -> [0.5, 0.5]."""
+    return np.array([[int(c) / 10 for c in row] for row in rows])
+
+
+def test_recommend_best_unflagged_then_lowest_proxy_within_one_standard_error():
+    # Ten examples. Checkpoint 2 is the best unflagged (mean 0.5). Checkpoint 1 misses two of
+    # its examples: paired gaps d = [0,0,0,0,0,0,0,0,-5,-5]/10, mean -0.1, sd 0.2108, se 0.0667:
+    # 0.1 is 1.5 standard errors down.
+    pm = per_example("0000000000", "5555555500", "5555555555", "6666666666", "7777777777")
     flagged = np.array([False, False, False, True, True])
     proxy = np.array([1.00, 0.50, 0.55, 0.70, 0.80])
-    # Best unflagged is 2 (0.50); its interval starts at 0.45, so 1 (0.40) is outside: pick 2.
-    lo = np.array([0.0, 0.35, 0.45, 0.47, 0.50])
-    assert S.recommend(pm, lo, proxy, flagged) == 2
-    # A wider interval (from 0.38) lets 1 in, and 1 has the lower proxy.
-    lo[2] = 0.38
-    assert S.recommend(pm, lo, proxy, flagged) == 1
-    # Unflagged, the best (4) wins; nothing else lies inside its interval.
-    assert S.recommend(pm, np.array([0.0, 0.3, 0.4, 0.45, 0.53]), proxy, np.zeros(5, bool)) == 4
+    assert S.recommend(pm, proxy, flagged) == 2  # 1 lies outside one standard error: accuracy decides
+    assert S.recommend(pm, proxy, flagged, se=2.0) == 1  # within two, and 1 has the lower proxy
+    # Unflagged, the best (4) wins; every other checkpoint is clearly below it.
+    assert S.recommend(pm, proxy, np.zeros(5, bool)) == 4
+
+
+def test_recommend_pairs_the_examples():
+    # Checkpoint 0 is 0.05 below checkpoint 1 on every example: the paired gap has sd 0, so it
+    # is certainly worse, however many standard errors are allowed.
+    pm = np.array([[0.45] * 10, [0.5] * 10])
+    assert S.recommend(pm, np.array([0.1, 0.9]), np.zeros(2, bool), se=3.0) == 1
+    # A NaN (unmeasured) example is left out of the pairing, not counted as 0.
+    pm = np.array([[0.5, 0.5, NAN], [0.5, 0.5, 1.0]])
+    assert S.recommend(pm, np.array([0.1, 0.9]), np.zeros(2, bool)) == 0  # gap 0 on the shared examples
 
 
 def test_recommend_treats_proxy_values_within_the_tie_as_equal():
-    pm = np.array([0.70, 0.74, 0.76])
-    lo = np.array([0.65, 0.70, 0.72])  # the best (2) has its interval from 0.72: 1 and 2 are close
+    # 2 is the best (0.65). 1 against 2, per example: d = [-0.2, +0.2, -0.2, 0], mean -0.05,
+    # sd 0.191, se 0.096: within one standard error. 0 is 2.7 standard errors below.
+    pm = per_example("5500", "7755", "9575")
     proxy = np.array([0.100, 0.121, 0.125])
     flagged = np.zeros(3, bool)
-    assert S.recommend(pm, lo, proxy, flagged) == 1  # strictly the lowest proxy
+    assert S.recommend(pm, proxy, flagged) == 1  # strictly the lowest proxy among 1 and 2
     # 0.125 is within 5% of 0.121: a tie, and 2 predicts the higher accuracy.
-    assert S.recommend(pm, lo, proxy, flagged, tie=0.05) == 2
+    assert S.recommend(pm, proxy, flagged, tie=0.05) == 2
     # 3% is not enough (0.121 x 1.03 = 0.1246 < 0.125).
-    assert S.recommend(pm, lo, proxy, flagged, tie=0.03) == 1
+    assert S.recommend(pm, proxy, flagged, tie=0.03) == 1
 
 
 def test_recommend_edge_cases():
-    pm = np.array([0.3, 0.5])
-    lo = np.array([0.2, 0.4])
+    pm = per_example("33", "55")
     # Everything flagged: fall back to all checkpoints rather than recommend nothing.
-    assert S.recommend(pm, lo, np.array([1.0, 2.0]), np.array([True, True])) == 1
+    assert S.recommend(pm, np.array([1.0, 2.0]), np.array([True, True])) == 1
     # No proxy value anywhere: the best predicted accuracy.
-    assert S.recommend(pm, np.array([0.2, 0.25]), np.full(2, NAN), np.zeros(2, bool)) == 1
+    assert S.recommend(pm, np.full(2, NAN), np.zeros(2, bool)) == 1
     # Nothing measured.
-    assert S.recommend(np.full(2, NAN), lo, np.ones(2), np.zeros(2, bool)) is None
+    assert S.recommend(np.full((2, 3), NAN), np.ones(2), np.zeros(2, bool)) is None
     with pytest.raises(ValueError):
-        S.recommend(pm, lo, np.ones(3), np.zeros(2, bool))
+        S.recommend(pm, np.ones(3), np.zeros(2, bool))
