@@ -56,7 +56,7 @@ STAGE_RULE = (
 )
 RECOMMEND_RULE = (
     "highest pre-memorization accuracy (predicted test accuracy) among checkpoints not flagged over-memorized; "
-    "among those within {se:g} standard error(s) of it (paired over the same examples), the lowest {proxy} "
+    "among those within {se:g} SE of it (SE of the paired per-example gap), the lowest {proxy} "
     "(within {tie:.0%} of it: the highest predicted accuracy)"
 )
 
