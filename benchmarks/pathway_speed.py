@@ -6,7 +6,10 @@ small concentration gives peaked routing and short pathways, a large one flat ro
 and long pathways). The cost is set by the pathway length, printed with each row, in
 wall seconds and in CPU seconds of all threads (on a shared machine the CPU time / cores
 is the better estimate of the wall time on an idle one). Target (issue 6): 1,000
-examples x 16 layers in <= 2 s on 2 cores.
+examples x 16 layers in <= 2 s on 2 cores. Distances run under ``PathwaySettings``'
+default pair budget (``--max-pairs``; 0: exact all pairs); a row marked "estimate" was
+computed on sampled pairs and prints its standard error. ``--check-examples`` pathways of
+the worst case are then measured both ways, to show the estimate's error against exact.
 
 Capture: ``score_token_pairs`` as ``ckptsel rank`` runs it on an MoE checkpoint (with
 ``routers=True`` and the per-example layer cosines it stores) against plain scoring, and a
@@ -17,7 +20,8 @@ the median of each is reported, in CPU seconds of this process on one torch thre
 wall time on a shared machine moves by 2x between identical runs, CPU time hardly does.
 Target: overhead <= 10%.
 
-    python benchmarks/pathway_speed.py [--examples 1000 --layers 16 --workers 2 --pairs 16 --repeats 5]
+    python benchmarks/pathway_speed.py [--examples 1000 --layers 16 --workers 2 --max-pairs 50000
+        --check-examples 1000 --pairs 16 --repeats 5 --skip capture]
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ckptsel.settings import PathwaySettings
+
 DISTANCE_CASES = [  # (experts, Dirichlet concentration, cut-off)
     (4, 1.0, 0.8),  # the lab's MoE: 4 experts, top-2
     (8, 1.0, 0.8),  # Mixtral-like: 8 experts
@@ -39,30 +45,44 @@ DISTANCE_CASES = [  # (experts, Dirichlet concentration, cut-off)
 ]
 
 
-def bench_distances(n: int, layers: int, workers: int, max_examples: int | None) -> list[dict]:
+def bench_distances(n: int, layers: int, workers: int, max_examples: int | None, max_pairs: int | None,
+                    cases: list[tuple[int, float, float]] = DISTANCE_CASES) -> list[dict]:
     import numpy as np
 
     from ckptsel.pathways import pathway_distance, pathways
 
     rows = []
-    for experts, alpha, cutoff in DISTANCE_CASES:
+    for experts, alpha, cutoff in cases:
         rng = np.random.default_rng(0)
         weights = rng.dirichlet(np.full(experts, alpha), size=(n, layers))
         t0, c0 = time.perf_counter(), time.process_time()
         paths = pathways(weights, cutoff)
         t1 = time.perf_counter()
-        result = pathway_distance(paths, experts, layers, workers=workers, max_examples=max_examples)
+        result = pathway_distance(paths, experts, layers, workers=workers, max_examples=max_examples,
+                                  max_pairs=max_pairs)
         t2, c2 = time.perf_counter(), time.process_time()
         rows.append({
             "experts": experts, "alpha": alpha, "cutoff": cutoff, "examples": result.n_examples,
-            "mean_length": round(result.mean_length, 1), "distance": round(result.mean, 2),
+            "mean_length": round(result.mean_length, 1), "distance": round(result.mean, 3),
+            "exact": result.exact, "stderr": round(result.stderr, 4),
             "pathways_s": round(t1 - t0, 3), "distance_s": round(t2 - t1, 3), "cpu_s": round(c2 - c0, 3),
         })
+        how = "exact   " if result.exact else f"estimate, stderr {result.stderr:.3f}"
         print(f"  E={experts:3d} alpha={alpha:<5} cutoff={cutoff}  N={result.n_examples}"
-              f"  length {result.mean_length:6.1f}"
-              f"  distance {result.mean:8.2f}  pathways {t1 - t0:5.2f}s  distances {t2 - t1:6.2f}s wall,"
-              f" {c2 - c0:6.2f} CPU s in all", flush=True)
+              f"  length {result.mean_length:6.1f}  distance {result.mean:8.2f} ({how})"
+              f"  pathways {t1 - t0:5.2f}s  distances {t2 - t1:6.2f}s wall, {c2 - c0:6.2f} CPU s in all", flush=True)
     return rows
+
+
+def check_estimate(n: int, layers: int, workers: int, max_pairs: int) -> dict:
+    """The worst case on ``n`` examples, exact and under the pair budget: the estimate's error in its stderrs."""
+    exact, estimate = (bench_distances(n, layers, workers, None, budget, DISTANCE_CASES[-1:])[0]
+                       for budget in (None, max_pairs))
+    error = estimate["distance"] - exact["distance"]
+    z = error / estimate["stderr"] if estimate["stderr"] else float("nan")
+    print(f"  estimate - exact = {error:+.3f} ({z:+.2f} standard errors); "
+          f"{exact['distance_s']:.2f}s exact vs {estimate['distance_s']:.2f}s estimated")
+    return {"exact": exact, "estimate": estimate, "error": round(error, 4), "error_in_stderr": round(z, 2)}
 
 
 def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: int, experts: int, top_k: int) -> dict:
@@ -72,7 +92,6 @@ def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: i
 
     from ckptsel.lab.tokenizer import build_tokenizer
     from ckptsel.measure.routers import capture_routers, target_token_mask
-    from ckptsel.pathways import layer_cosines
     from ckptsel.measure.scoring import (
         CPU_TOKEN_BUDGET,
         encode_pairs,
@@ -80,6 +99,7 @@ def bench_capture(n_pairs: int, repeats: int, data: Path, hidden: int, layers: i
         score_token_pairs,
         token_nll_entropy,
     )
+    from ckptsel.pathways import layer_cosines
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -169,6 +189,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="MoE layers of the pathways")
     parser.add_argument("--workers", type=int, default=-1, help="rapidfuzz threads (-1: all cores)")
     parser.add_argument("--max-examples", type=int, default=None, help="subsample for the distance (default: all)")
+    parser.add_argument("--max-pairs", type=int, default=PathwaySettings().max_pairs,
+                        help="pair budget of each mean (default: PathwaySettings'; 0: exact)")
+    parser.add_argument("--check-examples", type=int, default=1000,
+                        help="examples of the worst case measured exact and estimated (0: skip)")
     parser.add_argument("--data", type=Path, default=Path("/work/shared/data/gsm8k/train.jsonl"))
     parser.add_argument("--pairs", type=int, default=16, help="scored pairs for the capture benchmark")
     parser.add_argument("--repeats", type=int, default=5)
@@ -190,7 +214,11 @@ def main() -> None:
     print(f"{results['cores']} cores, 1-minute load average {results['load_avg_1m']}")
     if args.skip != "distance":
         print(f"pathway distance, {args.examples} examples x {args.layers} layers (whole + per-layer):")
-        results["distance"] = bench_distances(args.examples, args.layers, args.workers, args.max_examples)
+        max_pairs = args.max_pairs or None
+        results["distance"] = bench_distances(args.examples, args.layers, args.workers, args.max_examples, max_pairs)
+        if args.check_examples and max_pairs:
+            print(f"estimate against exact, worst case, {args.check_examples} examples x {args.layers} layers:")
+            results["estimate_check"] = check_estimate(args.check_examples, args.layers, args.workers, max_pairs)
     if args.skip != "capture":
         print("router capture in the scoring pass:")
         results["capture"] = bench_capture(

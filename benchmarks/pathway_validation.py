@@ -22,10 +22,12 @@ from the one *before* test accuracy first exceeds its starting value by 10% of t
 accuracy range, to the end (all checkpoints when that leaves fewer than 4; a run whose
 accuracy never rises by 0.02 carries no signal and is reported but not counted). Pearson
 and Spearman per run and metric; the headline is the median |r| over runs (target >= 0.8),
-next to the training loss's.
+next to the training loss's. ``--window late`` instead takes the paper's regime from the
+training side alone: the checkpoints from the first whose training loss has made 90% of its
+total drop (3-5 of the lab's 8 checkpoints, so read its correlations as indications only).
 
     python benchmarks/pathway_validation.py LAB_OUT --cache-dir DIR [--max-examples 100 --cutoff 0.8
-        --order weight --json out.json]
+        --order weight --window rise --json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ METRICS = ("distance_mem", "complexity_mem", "distance_all", "complexity_all", "
 MIN_WINDOW = 4
 RISE_FRACTION = 0.1
 MIN_RISE = 0.02
+LATE_DROP = 0.9  # --window late: training loss within 10% of its total drop of the final value
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -105,11 +108,13 @@ def measure_run(run: Path, cache_dir: Path, max_examples: int, threshold: float 
                "memorised": mem.n_examples, "mean_nll": c.target_nll,
                "distance_mem": mem.distance, "complexity_mem": mem.complexity,
                "distance_all": whole.distance, "complexity_all": whole.complexity,
-               "distance_final": fixed.distance, "complexity_final": fixed.complexity}
+               "distance_final": fixed.distance, "complexity_final": fixed.complexity,
+               "length_all": whole.mean_length, "unique_all": whole.n_unique}
         out.append(row)
         print(f"  step {row['step']:6d}  test acc {row['test_accuracy']:.3f}  loss {row['train_loss']:.3f}  memorised "
               f"{row['memorised']:4d}/{len(uids)}  distance mem/all {row['distance_mem']:7.3f} "
-              f"{row['distance_all']:7.3f}  complexity mem/all {row['complexity_mem']:.4f} {row['complexity_all']:.4f}",
+              f"{row['distance_all']:7.3f}  complexity mem/all {row['complexity_mem']:.4f} {row['complexity_all']:.4f}"
+              f"  all: length {row['length_all']:5.2f}, {row['unique_all']:3d} distinct",
               flush=True)
     return out
 
@@ -123,13 +128,21 @@ def window(acc: np.ndarray) -> slice | None:
     return slice(start, None) if len(acc) - start >= MIN_WINDOW else slice(0, None)
 
 
-def correlate(rows: list[dict]) -> dict | None:
+def late_window(loss: np.ndarray) -> slice:
+    """Checkpoints once training loss has (nearly) stopped moving; chosen without the test set."""
+    remaining = loss - loss[-1]
+    return slice(int(np.argmax(remaining <= (1 - LATE_DROP) * remaining[0])), None)
+
+
+def correlate(rows: list[dict], late: bool = False) -> dict | None:
     from ckptsel.metrics import pearson, spearman
 
     acc = np.array([r["test_accuracy"] for r in rows], dtype=float)
     span = window(acc)
     if span is None:
         return None
+    if late:
+        span = late_window(np.array([r["train_loss"] for r in rows], dtype=float))
     result = {"window_steps": [r["step"] for r in rows[span]]}
     for metric in METRICS:
         values = np.array([r[metric] for r in rows], dtype=float)[span]
@@ -145,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=None, help="memorisation nu (default: the run's recipe)")
     parser.add_argument("--cutoff", type=float, default=0.8)
     parser.add_argument("--order", choices=["weight", "expert"], default="weight")
+    parser.add_argument("--window", choices=["rise", "late"], default="rise",
+                        help="checkpoints correlated: from accuracy's rise, or once training loss stops moving")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -164,9 +179,11 @@ def main() -> None:
     for run in runs:
         print(f"{run.name}:", flush=True)
         rows = measure_run(run, args.cache_dir, args.max_examples, args.threshold, args.cutoff, args.order)
-        report["runs"][run.name] = {"checkpoints": rows, "correlation": correlate(rows)}
+        report["runs"][run.name] = {"checkpoints": rows, "correlation": correlate(rows, args.window == "late")}
 
-    print("\nPearson r / Spearman rho with test accuracy (window: from the checkpoint before accuracy rises)")
+    print("\nPearson r / Spearman rho with test accuracy (window: "
+          + ("once training loss has made 90% of its drop)" if args.window == "late"
+             else "from the checkpoint before accuracy rises)"))
     print(f"{'run':32s}" + "".join(f"{m:>18s}" for m in METRICS))
     counted = {m: [] for m in METRICS}
     n_counted = 0

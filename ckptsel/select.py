@@ -50,6 +50,8 @@ class PathwayMetrics:
     ``consistency`` per pair of consecutive layers. ``n_examples``: memorised examples with
     routing weights; ``n_compared``: pathways the distance compared (a seeded subset beyond
     ``PathwaySettings.max_examples``); ``n_unique``: distinct ones among them.
+    ``distance_exact``: False when the distance is estimated on sampled pairs
+    (``PathwaySettings.max_pairs``), with standard error ``distance_stderr``.
     """
 
     distance: float
@@ -60,6 +62,8 @@ class PathwayMetrics:
     n_unique: int
     mean_length: float
     per_layer: dict[str, list[float]]
+    distance_exact: bool = True
+    distance_stderr: float = 0.0
 
 
 @dataclass
@@ -333,7 +337,8 @@ def pathway_metrics(records: dict[str, Record], uids: list[str], memorised: np.n
     weights = np.array([records[uid].array for uid in chosen], dtype=np.float64).reshape(-1, n_layers, n_experts)
     cosines = np.array([records[uid].data["layer_cos"] for uid in chosen], dtype=np.float64)
     distance = pathways.pathway_distance(pathways.pathways(weights, settings.cutoff, settings.order), n_experts,
-                                         n_layers, max_examples=settings.max_examples, seed=settings.seed)
+                                         n_layers, max_examples=settings.max_examples, max_pairs=settings.max_pairs,
+                                         seed=settings.seed)
     consistency = pathways.consistency_from_cosines(cosines.reshape(len(chosen), max(n_layers - 1, 0)))
     return PathwayMetrics(
         distance=distance.mean,
@@ -343,7 +348,10 @@ def pathway_metrics(records: dict[str, Record], uids: list[str], memorised: np.n
         n_compared=distance.n_examples,
         n_unique=distance.n_unique,
         mean_length=distance.mean_length,
-        per_layer={"distance": distance.per_layer.tolist(), "consistency": consistency.per_pair.tolist()},
+        per_layer={"distance": distance.per_layer.tolist(), "distance_stderr": distance.per_layer_stderr.tolist(),
+                   "consistency": consistency.per_pair.tolist()},
+        distance_exact=distance.exact,
+        distance_stderr=distance.stderr,
     )
 
 

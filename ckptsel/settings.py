@@ -84,9 +84,14 @@ class PathwaySettings(_Frozen):
         "weight", description="Order of a layer's kept experts in the pathway: by decreasing weight, or by expert id (a set)."
     )
     max_examples: int | None = Field(
-        1000, ge=2, description="Pathways compared for the distance at most (a seeded subset beyond: cost grows as N^2)."
+        None, ge=2, description="Pathways kept for the distance at most (a seeded subset, applied before max_pairs; "
+        "its sampling error is not in the reported stderr). None: all; max_pairs bounds the cost."
     )
-    seed: int = Field(0, description="Seed of that subset.")
+    max_pairs: int | None = Field(
+        50_000, ge=2, description="Distances computed per mean at most: beyond this many pairs of distinct pathways, "
+        "the mean is estimated on this many seeded random pairs, with its standard error. None: always exact."
+    )
+    seed: int = Field(0, description="Seed of the subset and of the sampled pairs.")
 
 
 class Recipe(_Frozen):

@@ -156,6 +156,13 @@ def test_per_layer_matches_segments():
     assert result.mean == pytest.approx(brute_mean([p.tolist() for p in paths]))
 
 
+def test_per_layer_with_empty_segments():
+    # E=4: layer 0 segments [0,1], [], [2]; layer 1 segments [], [0], [] (an example may skip a layer).
+    result = pathway_distance([np.array([0, 1]), np.array([4]), np.array([2])], num_experts=4, num_layers=2)
+    assert result.per_layer.tolist() == pytest.approx([(2 + 2 + 1) / 3, (1 + 0 + 1) / 3])
+    assert result.mean == pytest.approx((2 + 2 + 1) / 3)  # [0,1] vs [4]: 2; [0,1] vs [2]: 2; [4] vs [2]: 1
+
+
 def test_max_examples_subsamples_reproducibly_and_estimates_the_mean():
     rng = np.random.default_rng(5)
     paths = pathways(rng.dirichlet(np.full(8, 0.5), size=(400, 4)), 0.8)
@@ -165,6 +172,56 @@ def test_max_examples_subsamples_reproducibly_and_estimates_the_mean():
     assert sub.mean == pathway_distance(paths, 8, 4, max_examples=150, seed=1).mean
     assert sub.mean != pathway_distance(paths, 8, 4, max_examples=150, seed=2).mean
     assert sub.mean == pytest.approx(full, rel=0.05)
+
+
+def test_below_the_pair_budget_the_distance_is_the_exact_all_pairs_mean():
+    rng = np.random.default_rng(7)
+    paths = pathways(rng.dirichlet(np.ones(6), size=(20, 3)), 0.8)  # <= 190 distinct pairs
+    got = pathway_distance(paths, 6, 3, max_pairs=190)
+    assert got.exact and got.stderr == 0.0 and got.per_layer_stderr.tolist() == [0.0] * 3
+    assert got.mean == pytest.approx(brute_mean([p.tolist() for p in paths]))
+    assert got.as_dict()["exact"] is True and got.as_dict()["stderr"] == 0.0
+
+
+def test_the_budget_counts_distinct_pathways_not_examples():
+    a, b, c = np.array([0, 4]), np.array([1, 5]), np.array([2, 4])
+    got = pathway_distance([a, b, c] * 100, 4, 2, max_pairs=3)  # 44,850 pairs of examples, 3 distinct
+    assert got.exact
+    assert got.mean == pytest.approx((2 + 1 + 2) * 100 * 100 / (300 * 299 / 2))  # d(a,b)=2, d(a,c)=1, d(b,c)=2
+
+
+def test_above_the_pair_budget_a_seeded_estimate_with_its_standard_error():
+    rng = np.random.default_rng(8)
+    paths = pathways(rng.dirichlet(np.full(8, 0.7), size=(300, 4)), 0.8)
+    exact = pathway_distance(paths, 8, 4)
+    got = pathway_distance(paths, 8, 4, max_pairs=2000, seed=3)
+    assert not got.exact and got.as_dict()["exact"] is False
+    assert 0.0 < got.stderr < 0.05 * exact.mean  # sd / sqrt(2000): a few percent of the mean at most
+    assert abs(got.mean - exact.mean) < 4 * got.stderr
+    assert got.mean != exact.mean  # an estimate, not the exact value by another route
+    # Every layer is over budget too and shares the sampled pairs; each within a few of its standard errors.
+    assert (got.per_layer_stderr > 0).all()
+    assert np.all(np.abs(got.per_layer - exact.per_layer) < 4 * got.per_layer_stderr)
+    again = pathway_distance(paths, 8, 4, max_pairs=2000, seed=3)
+    assert (again.mean, again.stderr) == (got.mean, got.stderr)
+    assert pathway_distance(paths, 8, 4, max_pairs=2000, seed=4).mean != got.mean
+
+
+def test_sampled_pairs_are_distinct_examples_and_uniform_over_unordered_pairs():
+    first, second = pw.sample_pairs(3, 30_000, np.random.default_rng(0))
+    assert (first != second).all()
+    pairs = np.sort(np.stack([first, second]), axis=0)
+    _, counts = np.unique(pairs, axis=1, return_counts=True)
+    assert len(counts) == 3 and np.allclose(counts / 30_000, 1 / 3, atol=0.02)
+
+
+def test_max_examples_applies_before_the_pair_budget():
+    rng = np.random.default_rng(9)
+    paths = pathways(rng.dirichlet(np.ones(8), size=(200, 4)), 0.8)
+    subset = pathway_distance(paths, 8, 4, max_examples=60, seed=2)
+    both = pathway_distance(paths, 8, 4, max_examples=60, max_pairs=500, seed=2)
+    assert subset.exact and both.n_examples == subset.n_examples == 60 and not both.exact
+    assert abs(both.mean - subset.mean) < 4 * both.stderr  # estimates the subset's all-pairs mean
 
 
 # --- consistency ------------------------------------------------------------
@@ -248,6 +305,10 @@ def test_pathway_metrics_from_stored_records_use_only_memorised_examples():
     assert got.per_layer["consistency"] == pytest.approx([0.3]) and got.mean_length == 2.0
     everything = pathway_metrics(records, uids, np.ones(4, bool), PathwaySettings(cutoff=0.5))
     assert everything.distance == pytest.approx((1 + 2 + 2) / 3) and everything.n_examples == 3
+    assert everything.distance_exact and everything.distance_stderr == 0.0
+    sampled = pathway_metrics(records, uids, np.ones(4, bool), PathwaySettings(cutoff=0.5, max_pairs=2))
+    assert not sampled.distance_exact and sampled.distance_stderr > 0
+    assert len(sampled.per_layer["distance_stderr"]) == 2
     none = pathway_metrics(records, uids, np.zeros(4, bool), PathwaySettings())
     assert np.isnan(none.distance) and np.isnan(none.complexity) and none.n_examples == 0
     assert len(none.per_layer["distance"]) == 2

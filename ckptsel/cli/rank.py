@@ -279,10 +279,12 @@ def _print_table(console, ranking, recipe) -> None:
 
 
 def _pathway_cells(pathways) -> list[str]:
-    """Pathway distance (with the memorised examples it is over) and complexity; dashes without routing."""
+    """Pathway distance (± its standard error when estimated on sampled pairs, with the memorised
+    examples it is over) and complexity; dashes without routing."""
     if pathways is None:
         return ["—", "—"]
-    return [f"{_fmt(pathways.distance, '.2f')} (n={pathways.n_examples})", _fmt(pathways.complexity, ".4f")]
+    spread = "" if pathways.distance_exact else f"±{pathways.distance_stderr:.2f}"
+    return [f"{_fmt(pathways.distance, '.2f')}{spread} (n={pathways.n_examples})", _fmt(pathways.complexity, ".4f")]
 
 
 def _export(path: Path, ranking, collected) -> None:

@@ -181,7 +181,8 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
 PATHWAY_CHARTS = (
     ("pathway_distance", "MoE pathway distance",
      "Mean pairwise edit distance between memorised examples' expert pathways; Li, Fan & Zhou saw it fall as "
-     "routing turned from sample-specific to shared."),
+     "routing turned from sample-specific to shared (OLMoE pretraining). On ckptsel's small from-scratch lab "
+     "MoEs it rises with accuracy instead: read where it levels off, not its direction."),
     ("pathway_complexity", "MoE pathway complexity",
      "1 − consistency: how much the routing-weighted expert vectors of consecutive layers disagree; Li, Fan & "
      "Zhou saw it fall as the model generalised."),
