@@ -17,10 +17,15 @@ than the best single checkpoint's, its accuracy not lower by more than 0.01.
 
     cp -r /tmp/overmem/vmain /tmp/merge_cache   # the store of overmem_validation.py, copied
     python benchmarks/merge_recommend_validation.py /tmp/lab/main --cache-dir /tmp/merge_cache \\
-        [--runs dense-lr0.003-n1500-e40 ...] [--explore] [--json out.json]
+        [--runs dense-lr0.003-n1500-e40 ...] [--lean-share 0.75] [--stock-anchor first] [--explore] \
+        [--json out.json]
 
 Without ``--runs``: the runs with truly over-memorized checkpoints (the lab's definition,
-:func:`ckptsel.lab.summary.overmemorized`); ``--runs all`` takes every run.
+:func:`ckptsel.lab.summary.overmemorized`); ``--runs all`` takes every run. ``--lean-share``
+sets the recommended checkpoint's share in the lean pair candidate (default ⅔).
+``--stock-anchor first`` adds model_stock with the run's first checkpoint as its anchor: lab
+runs are trained from scratch, so there is no base; on the lab its ratio t comes out near 1
+(offsets from an early checkpoint are nearly parallel), so it matches the window's mean.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ def lab_runs(out: Path, names: list[str] | None) -> list[Path]:
     return picked
 
 
-def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, examples_seed: int):
-    """The library path of ``ckptsel merge RUN --recommend`` with default settings."""
+def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, examples_seed: int,
+                  anchor: Path | None = None, lean_share: float = 2 / 3):
+    """The library path of ``ckptsel merge RUN --recommend`` with default settings; ``anchor``
+    stands in for the base (``--base-model``), which enables the model_stock candidate."""
     from ckptsel.cli.rank import measure_and_rank
     from ckptsel.merge.recommend import recommend
     from ckptsel.recipes import load_recipe
@@ -71,7 +78,8 @@ def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, exam
     )
     with Store.open(cache_dir) as store:
         return recommend(ranked, store, engine=engine, proxy_settings=ProxySettings(), overmem=overmem, out=out,
-                         force=True, work_dir=out.parent)
+                         force=True, work_dir=out.parent, base_model=str(anchor) if anchor else None,
+                         lean_share=lean_share)
 
 
 class Truth:
@@ -182,22 +190,22 @@ def _f(value, spec=".3f") -> str:
 
 def print_report(figures: list[dict]) -> None:
     print("\nper run: true held-out NLL / accuracy (lab ground truth)")
-    header = (f"{'run':<26} {'chosen':<34} {'merge nll':>9} {'acc':>6} {'rec step':>8} {'nll':>6} {'acc':>6} "
+    header = (f"{'run':<26} {'chosen':<46} {'merge nll':>9} {'acc':>6} {'rec step':>8} {'nll':>6} {'acc':>6} "
               f"{'oracle step':>11} {'nll':>6} {'acc':>6}  target(rec) target(oracle)")
     print(header)
     for f in figures:
         m, s, o = f["merge"], f["single"], f["oracle_nll"]
-        print(f"{f['run']:<26} {f['chosen']:<34} {_f(m['test_nll']):>9} {_f(m['test_accuracy']):>6} "
+        print(f"{f['run']:<26} {f['chosen']:<46} {_f(m['test_nll']):>9} {_f(m['test_accuracy']):>6} "
               f"{f['recommended_step']:>8} {_f(s['test_nll']):>6} {_f(s['test_accuracy']):>6} "
               f"{o['step']:>11} {_f(o['test_nll']):>6} {_f(o['test_accuracy']):>6}  "
               f"{'yes' if f['target_vs_single'] else 'no':>11} {'yes' if f['target_vs_oracle'] else 'no':>14}")
     print("\nevery candidate: train-side numbers (what ckptsel saw) and the truth")
-    print(f"{'run':<26} {'candidate':<40} {'train acc':>9} {'pre-mem':>8} {'proxy':>7} {'ok':>3} "
+    print(f"{'run':<26} {'candidate':<48} {'train acc':>9} {'pre-mem':>8} {'proxy':>7} {'ok':>3} "
           f"{'test nll':>9} {'test acc':>9}")
     for f in figures:
         for r in f["candidates"]:
             mark = "*" if r["chosen"] else " "
-            print(f"{f['run']:<26} {mark}{r['candidate']:<39} {_f(r['train_acc']):>9} {_f(r['premem_acc']):>8} "
+            print(f"{f['run']:<26} {mark}{r['candidate']:<47} {_f(r['train_acc']):>9} {_f(r['premem_acc']):>8} "
                   f"{_f(r['proxy']):>7} {'yes' if r['eligible'] else 'no':>3} {_f(r['test_nll']):>9} "
                   f"{_f(r['test_accuracy']):>9}")
     explored = [f for f in figures if "pairs" in f]
@@ -235,6 +243,11 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=100)
     parser.add_argument("--examples-seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="Also write the figures as JSON here.")
+    parser.add_argument("--stock-anchor", choices=["none", "first"], default="none",
+                        help="Lab runs start from scratch, so they have no base: 'first' takes the run's first "
+                             "checkpoint as model_stock's anchor (as --base-model would).")
+    parser.add_argument("--lean-share", type=float, default=2 / 3,
+                        help="The recommended checkpoint's share in the lean pair candidate (default ⅔).")
     parser.add_argument("--explore", action="store_true",
                         help="Also measure the truth of every adjacent ½/½ pair (what any pair merge could reach).")
     args = parser.parse_args()
@@ -246,7 +259,9 @@ def main() -> None:
     for run in lab_runs(args.lab_out, args.runs):
         start = time.perf_counter()
         out = args.work / run.name / "merged"
-        rec = recommend_run(run, args.cache_dir, out, args.max_examples, args.examples_seed)
+        anchor = min(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) \
+            if args.stock_anchor == "first" else None
+        rec = recommend_run(run, args.cache_dir, out, args.max_examples, args.examples_seed, anchor, args.lean_share)
         truth = Truth(run)
         candidates = args.work / run.name / "candidates"
         if candidates.exists():

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,97 @@ def test_lora_rank_truncation_reports_error(adapters, tmp_path):
     assert json.loads(exact.output)["report"]["svd_relative_error"] < 1e-6
 
 
+def _model_stock_direct(w0, ws):
+    """Model Stock on full tensors, written out: offsets from the base, mean pairwise cosine of the
+    flattened offsets, t = N·cos / (1 + (N−1)·cos), result t·mean(W_k) + (1 − t)·W_0."""
+    offsets = [(w - w0).reshape(-1) for w in ws]
+    pairs = [(a, b) for i, a in enumerate(offsets) for b in offsets[i + 1:]]
+    cos = sum(float(a @ b / (a.norm() * b.norm())) for a, b in pairs) / len(pairs)
+    n = len(ws)
+    t = n * cos / (1 + (n - 1) * cos)
+    return t * sum(ws) / n + (1 - t) * w0, t
+
+
+def test_model_stock_of_lora_deltas_equals_direct_computation():
+    from ckptsel.merge.lora import LoraFactors, concat_ranks, delta_weight, lora_gram, mean_cosine, stock_ratio
+
+    # The ratio on known angles: parallel offsets keep their average (t = 1), orthogonal ones the
+    # base (t = 0), two at 60° move 2/3 of the way, and an antiparallel pair is the singular case.
+    assert stock_ratio(1.0, 3) == 1.0 and stock_ratio(0.0, 2) == 0.0 and stock_ratio(-1.0, 2) == 0.0
+    assert math.isclose(stock_ratio(0.5, 2), 2 / 3)
+    gram = torch.tensor([[4.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 9.0]], dtype=torch.float64)
+    assert math.isclose(mean_cosine(gram), (0.5 + 0 + 0) / 3)
+
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    shared = torch.randn(6, 5, dtype=torch.float64, generator=g)  # a common direction: the angles are acute
+    factors = []
+    for r, scale in ((2, 2.0), (3, 0.5), (2, 1.5)):
+        B, A = torch.randn(6, r, dtype=torch.float64, generator=g), torch.randn(r, 5, dtype=torch.float64, generator=g)
+        factors.append(LoraFactors(A, B, scale))
+    # Give every ΔW the shared component (exactly, as an extra rank-5 term folded into B·A).
+    u, s, vh = torch.linalg.svd(shared, full_matrices=False)
+    factors = [LoraFactors(torch.cat([f.A, vh]), torch.cat([f.B, u * s / f.scale], dim=1), f.scale) for f in factors]
+    deltas = [delta_weight(f) for f in factors]
+    expected, t_direct = _model_stock_direct(w0, [w0 + d for d in deltas])
+
+    gram = lora_gram(factors)
+    flat = torch.stack([d.reshape(-1) for d in deltas])
+    assert torch.allclose(gram, flat @ flat.T, rtol=1e-12, atol=1e-10)
+    t = stock_ratio(mean_cosine(gram), 3)
+    assert 0.3 < t < 1 and math.isclose(t, t_direct, rel_tol=1e-12)
+    A, B = concat_ranks([(t / 3, f) for f in factors])
+    assert (w0 + B @ A - expected).abs().max().item() < 1e-12
+    assert lora_gram([factors[0], None])[1].abs().max().item() == 0  # a missing module is a zero ΔW
+
+
+def test_lora_model_stock_matches_mergekit_on_the_full_models(models, adapters, tmp_path):
+    """model_stock of the adapters, computed on their ΔW, equals mergekit's model_stock of the full
+    models they stand for (base + ΔW_k each) with the base as anchor."""
+    fulls = []
+    for k, adapter in enumerate(adapters):
+        fulls.append(tmp_path / f"full{k}")
+        assert _run(adapter, "--full", "--dtype", "float32", "-o", fulls[-1], "-q").exit_code == 0
+    reference = _run(*fulls, "--method", "model_stock", "--base-model", models["base"], "-o", tmp_path / "ref", "-q")
+    assert reference.exit_code == 0, reference.output
+    before = _hashes(models["base"], *adapters)
+    for name, extra in (("full", ("--full",)), ("adapter", ())):
+        result = _run(*adapters, "--method", "model_stock", "-o", tmp_path / name, "--json", "-q", *extra)
+        assert result.exit_code == 0, result.output
+        ratio = json.loads(result.output)["report"]["model_stock_ratio"]
+        # Random adapters are nearly orthogonal: small ratios, of either sign (mergekit allows t < 0 too).
+        assert -1 < ratio["min"] < ratio["mean"] < ratio["max"] < 1
+    assert _hashes(models["base"], *adapters) == before
+
+    ref, ours = _tensors(tmp_path / "ref"), _tensors(tmp_path / "full")
+    assert set(ours) == set(ref)
+    worst = max((ours[k].double() - ref[k].double()).abs().max().item() for k in ref)
+    assert worst < 1e-6, worst
+    base = _tensors(models["base"])
+    changed = [k for k in ref if not torch.equal(ref[k], base[k])]
+    assert any("q_proj" in k for k in changed) and any("lm_head" in k or "embed" in k for k in changed)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    as_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["base"]),
+                                           tmp_path / "adapter").merge_and_unload().state_dict()
+    assert max((as_adapter[k] - ref[k]).abs().max().item() for k in ref if k in as_adapter) < 1e-5
+    meta = json.loads((tmp_path / "adapter" / "ckptsel_merge.json").read_text())
+    assert meta["method"] == "model_stock" and meta["weights"] is None and "--method model_stock" in meta["command"]
+
+    # The saved full tensors (lm_head here) take their offsets from the base: a hub id will not do.
+    remote = []
+    for k in (0, 2):
+        remote.append(tmp_path / f"remote{k}")
+        shutil.copytree(adapters[k], remote[-1])
+        config = json.loads((remote[-1] / "adapter_config.json").read_text())
+        (remote[-1] / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/model"}))
+    refused = _run(*remote, "--method", "model_stock", "-o", tmp_path / "remote", "-q")
+    assert refused.exit_code == 2 and "need the base model as a local folder" in refused.output
+    assert not (tmp_path / "remote").exists()
+
+
 # --- bad input: one line, exit code 2 -------------------------------------------------------------
 
 
@@ -288,7 +380,8 @@ def test_bad_requests_fail_in_one_line(models, adapters, tmp_path, tokenizer):
         ((models["a"], models["b"], "--method", "model_stock", "--base-model", models["a"]),
          "is also one of the checkpoints"),
         ((adapters[0], dora), "use_dora is set"),
-        ((adapters[0], adapters[1], "--method", "ties"), "--method linear only"),
+        ((adapters[0], adapters[1], "--method", "ties"), "--method linear or model_stock only"),
+        ((adapters[0], adapters[1], "--method", "model_stock", "--weights", "1,2"), "model_stock takes no --weights"),
         ((models["a"], models["b"], "--rank", "4"), "--rank applies to merges of LoRA adapters"),
         ((models["a"], models["b"]), None),
     ]
@@ -353,11 +446,9 @@ def test_leftovers_of_dead_processes_are_cleaned_or_restored(tmp_path):
 
 
 def test_disk_space_is_checked_before_writing(models, tmp_path, monkeypatch):
-    import shutil as shutil_module
-
     from ckptsel.merge import output
 
-    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: shutil_module._ntuple_diskusage(10**12, 10**12, 1000))
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
     result = _run(models["a"], models["b"], "-o", tmp_path / "m", "-q")
     assert result.exit_code == 2 and "not enough free disk space" in result.output
     assert list(tmp_path.iterdir()) == []

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from ckptsel.cli import main
-from ckptsel.merge.recommend import STORE_KEY, CandidateSpec, RecommendError, choose, plan_candidates
+from ckptsel.merge.recommend import LEAN_SHARE, STORE_KEY, CandidateSpec, RecommendError, choose, plan_candidates
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -21,6 +27,13 @@ def tiny_run(tmp_path_factory):
     from ckptsel.lab.quick import train_tiny_run
 
     return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)
 
 
 def recommend_args(run, cache, out, *extra, data_from=None):
@@ -37,20 +50,42 @@ def invoke(args):
 
 
 def test_candidates_follow_the_ranking():
-    # 5 checkpoints, the 4th flagged, the recommended one is index 1: pair (0, 1), window 1..2
-    # (the flagged 3 is left out, so the last unflagged one is 4 and the window is 1, 2, 4).
+    # 5 checkpoints, the 4th flagged, the recommended one is index 1: pairs (0, 1), neighbours 0..2,
+    # window 1..2 (the flagged 3 is left out, so the last unflagged one is 4 and the window is 1, 2, 4).
     specs, notes = plan_candidates([False, False, False, True, False], 1, base_known=False)
-    assert specs == [CandidateSpec("single", (1,)), CandidateSpec("pair", (0, 1)), CandidateSpec("window", (1, 2, 4))]
+    assert specs == [CandidateSpec("single", (1,)), CandidateSpec("pair", (0, 1)),
+                     CandidateSpec("lean_pair", (0, 1), weights=(1 - LEAN_SHARE, LEAN_SHARE)),
+                     CandidateSpec("neighbours", (0, 1, 2)),
+                     CandidateSpec("window", (1, 2, 4))]
     assert notes == []
-    # Recommended is first: no pair; a window of one member is skipped; model_stock over the pair then.
+    # The flagged successor is skipped by the neighbours too.
+    specs, _ = plan_candidates([False, False, True, False], 1, base_known=False, lean_share=0.75)
+    assert specs[2].weights == (0.25, 0.75) and specs[3] == CandidateSpec("neighbours", (0, 1, 3))
+    # Recommended is first: no pairs; a window of one member is skipped; model_stock over the pair then.
     specs, notes = plan_candidates([False, True, None], 0, base_known=True)
-    assert [s.name for s in specs] == ["single"] and len(notes) == 2
-    specs, _ = plan_candidates([False, False, True], 1, base_known=True)
+    assert [s.name for s in specs] == ["single"] and len(notes) == 4
+    specs, notes = plan_candidates([False, False, True], 1, base_known=True)
     assert specs[-1] == CandidateSpec("model_stock", (0, 1), "model_stock")
+    assert [s.name for s in specs] == ["single", "pair", "lean_pair", "model_stock"] and len(notes) == 2
+    # With a successor, model_stock takes the window.
+    specs, _ = plan_candidates([False, False, False], 1, base_known=True)
+    assert specs[-1] == CandidateSpec("model_stock", (1, 2), "model_stock")
     with pytest.raises(RecommendError, match="recommends no checkpoint"):
         plan_candidates([False, False], None, base_known=False)
     with pytest.raises(RecommendError, match="single measured checkpoint"):
         plan_candidates([False, None], 0, base_known=False)
+
+
+def test_labels_name_the_shares():
+    from ckptsel.merge.recommend import _label
+
+    steps = [100, 200, 300]
+    assert _label(CandidateSpec("pair", (0, 1)), steps[:2]) == "½ step 100 + ½ step 200"
+    lean = CandidateSpec("lean_pair", (0, 1), weights=(1 / 3, 2 / 3))
+    assert _label(lean, steps[:2]) == "⅓ step 100 + ⅔ step 200"
+    assert _label(CandidateSpec("lean_pair", (0, 1), weights=(0.3, 0.7)), steps[:2]) == "3/10 step 100 + 7/10 step 200"
+    assert _label(CandidateSpec("neighbours", (0, 1, 2)), steps) == "mean of step 100, step 200, step 300"
+    assert _label(CandidateSpec("model_stock", (1, 2), "model_stock"), steps[1:]) == "model_stock of step 200, step 300"
 
 
 def test_choose_takes_the_lowest_proxy_within_tolerance():
@@ -68,14 +103,23 @@ def test_choose_takes_the_lowest_proxy_within_tolerance():
 # --- end to end on a tiny trained run ----------------------------------------------------------
 
 
-def test_recommend_writes_the_winner_with_the_comparison(tiny_run, tmp_path):
-    out = tmp_path / "merged"
-    result = invoke(recommend_args(tiny_run, tmp_path / "cache", out, "--json"))
+@pytest.fixture(scope="module")
+def first_recommend(tiny_run, tmp_path_factory):
+    """One `merge --recommend` into a fresh cache: (its folder, the --json report). Its cache, with the
+    run and every candidate measured, also serves the kill test."""
+    folder = tmp_path_factory.mktemp("recommend")
+    result = invoke(recommend_args(tiny_run, folder / "cache", folder / "merged", "--json"))
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    return folder, json.loads(result.stdout)
+
+
+def test_recommend_writes_the_winner_with_the_comparison(tiny_run, first_recommend):
+    tmp_path, report = first_recommend
+    out = tmp_path / "merged"
     rows = report["candidates"]
     names = [r["name"] for r in rows]
-    assert names[:2] == ["single", "pair"] and set(names) <= {"single", "pair", "window"}
+    assert names[:3] == ["single", "pair", "lean_pair"] and set(names) <= {"single", "pair", "lean_pair",
+                                                                            "neighbours", "window"}
     assert sum(r["chosen"] for r in rows) == 1 and rows[0]["eligible"]
     chosen = next(r for r in rows if r["chosen"])
     assert report["chosen"] == chosen["candidate"] and report["proxy"] in ("alt_nll", "perturb_nll")
@@ -131,8 +175,6 @@ def test_recommend_writes_the_winner_with_the_comparison(tiny_run, tmp_path):
 def test_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
-    import shutil
-
     shutil.copytree(tiny_run / "checkpoint-2", single / "checkpoint-2")
     cases = [
         (recommend_args(single, tmp_path / "c", tmp_path / "o1", data_from=tiny_run), "needs at least two"),
@@ -144,3 +186,58 @@ def test_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_lora_run_gets_a_model_stock_candidate(lora_run, tmp_path):
+    """A LoRA run knows its base (adapter_config.json), so model_stock is built, on the adapters' ΔW."""
+    out = tmp_path / "merged"
+    result = invoke(recommend_args(lora_run, tmp_path / "cache", out, "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    stock = [r for r in report["candidates"] if r["name"] == "model_stock"]
+    assert len(stock) == 1 and stock[0]["method"] == "model_stock" and "error" not in stock[0]
+    assert stock[0]["candidate"].startswith("model_stock of step ") and len(stock[0]["steps"]) >= 2
+    assert stock[0]["premem_acc"] is not None and stock[0]["proxy"] is not None
+    assert "model_stock" not in report.get("skipped", "")
+    assert (out / "adapter_config.json").is_file()  # the winner is an adapter, whichever it is
+
+
+# A wrapper around the CLI whose candidate measurement sleeps: the built candidates are on disk
+# when it prints "measuring", and SIGKILL lands there.
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import ckptsel.merge.recommend as recommend
+    from ckptsel.cli import main
+
+    def measure(*args, **kwargs):
+        print("measuring", flush=True)
+        time.sleep(120)
+
+    recommend._measure = measure
+    main(sys.argv[1:])
+""")
+
+
+def test_kill_9_while_comparing_candidates_leaves_nothing(tiny_run, first_recommend, tmp_path):
+    shutil.copytree(first_recommend[0] / "cache", tmp_path / "cache")  # the ranking is free, so it gets to the merges
+    out = tmp_path / "merged"
+    args = recommend_args(tiny_run, tmp_path / "cache", out)
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, *args], stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)  # a hung subprocess fails the test instead of blocking it
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert line.strip() == "measuring" and proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.ckptsel-partial-")]
+    assert len(stale) == 1 and any((folder / "config.json").is_file() for folder in stale[0].iterdir())
+
+    # The rerun removes the dead process's candidates and writes the merge.
+    rerun = invoke(recommend_args(tiny_run, tmp_path / "cache", out, "--json"))
+    assert rerun.exit_code == 0, rerun.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "merged"]

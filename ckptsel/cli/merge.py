@@ -50,9 +50,10 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
 
     Ranks RUN like `ckptsel rank` (from the cache when measured already), then builds and
     measures, on the same training examples (--max-examples, default 200): the recommended
-    checkpoint alone; ½/½ with its predecessor (Ruan et al.); the mean of the unflagged
-    checkpoints from the recommended one to the last unflagged one; model_stock when
-    --base-model names the base of full checkpoints. Rule: among the candidates whose
+    checkpoint alone; ½/½ and ⅓/⅔ with its predecessor (Ruan et al.); the mean of the
+    predecessor, the recommended checkpoint and the next unflagged one; the mean of the
+    unflagged checkpoints from the recommended one to the last unflagged one; model_stock
+    when the base is known (LoRA runs; --base-model for full checkpoints). Rule: among the candidates whose
     pre-memorization accuracy (the predictor of test accuracy) is at most --tolerance below
     the recommended checkpoint's, the lowest over-memorization proxy (the ranking's:
     held-out, alternative-solution or perturbed-prompt NLL). The winner is written to OUT with the
@@ -136,7 +137,7 @@ class _MergeCommand(click.Command):
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=str),
               help="Folder to write (must not exist unless --force).")
 @click.option("--method", default="linear", show_default=True, metavar="NAME",
-              help="Merge method (list below). LoRA adapters: linear only, exact.")
+              help="Merge method (list below). LoRA adapters: linear or model_stock, exact.")
 @click.option("--weights", metavar="W1,W2,...",
               help="One relative weight per checkpoint, divided by their sum (default: equal).")
 @click.option("--base-model", metavar="PATH",
@@ -169,8 +170,9 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
     Full checkpoints are merged by mergekit (absolute local paths, offline, lazy loading):
     linear (default), slerp, nuslerp, multislerp, karcher, model_stock, task_arithmetic, ties,
     dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear. LoRA adapters
-    of one base are merged exactly: the weighted sum of their ΔW = scale·B·A, written as an
-    adapter (ranks concatenated, or truncated with --rank) or, with --full, as a full model.
+    of one base are merged exactly: the weighted sum of their ΔW = scale·B·A (linear), or
+    model_stock computed on the ΔW (the base cancels), written as an adapter (ranks
+    concatenated, or truncated with --rank) or, with --full, as a full model.
 
     The output holds the weights, config, tokenizer and generation config, a model card
     (README.md) and ckptsel_merge.json naming every input with its fingerprint and weight.

@@ -16,11 +16,24 @@ SVD (computed on the small r×r core after two QR factorisations, never on the o
 matrix) and reports the relative Frobenius error ‖ΔW − ΔW_R‖ / ‖ΔW‖. With ``--full`` the
 sum is added to the base weights instead, giving a plain model.
 
+Model Stock (Jang et al. 2024, arXiv 2403.19522; ``--method model_stock``) is exact here too.
+Per weight tensor it interpolates from the base toward the average of the fine-tuned weights
+by t = N·cosθ / (1 + (N−1)·cosθ), θ the mean pairwise angle between the offsets W_k − W_0.
+For adapters the offsets *are* the ΔW_k (the base cancels), so the merge is
+
+    ΔW = t · (1/N) Σ_k s_k · B_k · A_k
+
+with t per module: a linear merge with weights t/N, concatenated like any other. The angles
+come from the Gram matrix ⟨ΔW_i, ΔW_j⟩_F = s_i s_j Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ), r×r products
+only; the definition (flattened tensors, norms clamped at 1e-6, t = 0 where the denominator
+vanishes) is mergekit's, whose full-weight result it reproduces (``tests/test_merge.py``).
+
 Layers whose weight is stored as in×out (GPT-2's Conv1D, ``fan_in_fan_out``) and embeddings
 (peft's ``lora_embedding_A/B``) take the transpose, ΔW = (s·B·A)ᵀ. Full tensors saved with an
 adapter (``modules_to_save``, resized embedding ``base_layer``, trained biases) are averaged
 with the same weights, so the result is exactly the weighted average of the full models the
-adapters stand for.
+adapters stand for; under model_stock their offsets are taken from the base's own tensors
+(so the base must be a local folder), exactly as for the full models.
 """
 
 from __future__ import annotations
@@ -78,6 +91,38 @@ def concat_ranks(terms: Sequence[tuple[float, LoraFactors]]) -> tuple[torch.Tens
     A = torch.cat([c * f.scale * f.A.double() for c, f in terms], dim=0)
     B = torch.cat([f.B.double() for _, f in terms], dim=1)
     return A, B
+
+
+def lora_gram(factors: Sequence[LoraFactors | None]) -> torch.Tensor:
+    """G[i, j] = ⟨ΔW_i, ΔW_j⟩_F (float64) without forming any ΔW: s_i·s_j·Σ (B_iᵀ B_j) ⊙ (A_i A_jᵀ).
+
+    ``None`` stands for an adapter without this module (ΔW = 0). The transpose of
+    fan-in-fan-out layers does not change a Frobenius inner product.
+    """
+    n = len(factors)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for i, fi in enumerate(factors):
+        for j, fj in enumerate(factors[: i + 1]):
+            if fi is None or fj is None:
+                continue
+            inner = ((fi.B.double().T @ fj.B.double()) * (fi.A.double() @ fj.A.double().T)).sum()
+            gram[i, j] = gram[j, i] = fi.scale * fj.scale * inner.cpu()
+    return gram
+
+
+def mean_cosine(gram: torch.Tensor) -> float:
+    """Model Stock's cosθ: the mean over pairs i < j of the offsets' cosine, from their Gram matrix
+    (norm products clamped at 1e-6 and cosines at [−1, 1], as mergekit does)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    i, j = torch.triu_indices(len(gram), len(gram), 1)
+    return float((gram[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1).mean())
+
+
+def stock_ratio(cos: float, n: int) -> float:
+    """Model Stock's interpolation ratio t = N·cosθ / (1 + (N−1)·cosθ) toward the average of N
+    fine-tuned weights (Jang et al. 2024); 0 (keep the base) where the denominator vanishes."""
+    denominator = 1 + (n - 1) * cos
+    return 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
 
 
 def truncate_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -169,29 +214,68 @@ def _read_all(plan: MergePlan) -> list[AdapterWeights]:
 
 
 def _merged_factors(plan: MergePlan, adapters: list[AdapterWeights], device: torch.device):
-    """Per module: (A, B) of the exact weighted sum (modules some adapters lack contribute 0)."""
+    """Per module: (A, B) of the exact merged ΔW (modules some adapters lack contribute 0), and
+    model_stock's ratio t per module (empty for linear merges)."""
     names = sorted(set().union(*(a.modules for a in adapters)))
-    out = {}
+    out, ratios = {}, {}
     for name in names:
-        terms = [(w, _to(a.modules[name], device)) for w, a in zip(plan.normalized_weights, adapters)
-                 if name in a.modules]
-        first = terms[0][1]
-        if any(f.B.shape[0] != first.B.shape[0] or f.A.shape[1] != first.A.shape[1] for _, f in terms):
+        factors = [_to(a.modules[name], device) if name in a.modules else None for a in adapters]
+        present = [f for f in factors if f is not None]
+        first = present[0]
+        if any(f.B.shape[0] != first.B.shape[0] or f.A.shape[1] != first.A.shape[1] for f in present):
             raise MergeError(f"module {name}: LoRA shapes differ between adapters (not the same base)")
-        A, B = concat_ranks(terms)
+        if plan.method == "model_stock":
+            ratios[name] = stock_ratio(mean_cosine(lora_gram(factors)), len(factors))
+            weights = [ratios[name] / len(factors)] * len(factors)
+        else:
+            weights = plan.normalized_weights
+        A, B = concat_ranks([(w, f) for w, f in zip(weights, factors) if f is not None])
         out[name] = (A, B, first.transpose, first.embedding)
-    return out
+    return out, ratios
 
 
 def _to(f: LoraFactors, device: torch.device) -> LoraFactors:
     return LoraFactors(f.A.to(device), f.B.to(device), f.scale, f.transpose, f.embedding)
 
 
-def _averaged_tensors(plan: MergePlan, adapters: list[AdapterWeights]) -> dict[str, torch.Tensor]:
-    """Weighted average (float64) of the full tensors saved with the adapters."""
+def _merged_tensors(plan: MergePlan, adapters: list[AdapterWeights]) -> dict[str, torch.Tensor]:
+    """The full tensors saved with the adapters, merged (float64): their weighted average, or for
+    model_stock the base tensor moved toward their average by the tensor's own ratio."""
+    keys = list(adapters[0].tensors)
+    if plan.method != "model_stock":
+        return {key: sum(w * a.tensors[key].double() for w, a in zip(plan.normalized_weights, adapters))
+                for key in keys}
+    base = _base_tensors(plan, keys)
     out = {}
-    for key in adapters[0].tensors:
-        out[key] = sum(w * a.tensors[key].double() for w, a in zip(plan.normalized_weights, adapters))
+    for key in keys:
+        if adapters[0].tensors[key].shape != base[key].shape:
+            raise MergeError(f"model_stock: {key} has shape {tuple(adapters[0].tensors[key].shape)}, the base's "
+                             f"{_base_key(key)} {tuple(base[key].shape)} (a resized vocabulary has no offset)")
+        offsets = torch.stack([a.tensors[key].double().reshape(-1) - base[key].reshape(-1) for a in adapters])
+        t = stock_ratio(mean_cosine(offsets @ offsets.T), len(adapters))
+        out[key] = base[key] + t * offsets.mean(0).reshape(base[key].shape)
+    return out
+
+
+def _base_tensors(plan: MergePlan, saved_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The base's tensors behind the adapters' saved full tensors (model_stock's anchor for them)."""
+    from safetensors import safe_open
+
+    if not saved_keys:
+        return {}
+    if plan.base is None:
+        raise MergeError(f"model_stock: the adapters carry full tensors ({saved_keys[0]}), which need the base "
+                         f"model as a local folder; {plan.base_model} is not one (pass --base-model PATH)")
+    wanted = {_base_key(k): k for k in saved_keys}
+    out = {}
+    for shard in plan.base.weight_files:
+        with safe_open(shard, framework="pt") as f:
+            for key in set(f.keys()) & set(wanted):
+                out[wanted[key]] = f.get_tensor(key).double()
+    missing = sorted(set(saved_keys) - set(out))
+    if missing:
+        raise MergeError(f"base model {plan.base.path}: no tensor {_base_key(missing[0])} "
+                         f"for the adapters' {missing[0]}")
     return out
 
 
@@ -211,7 +295,7 @@ def build_adapter(plan: MergePlan, folder: Path) -> dict:
 
     adapters = _read_all(plan)
     dtype = _TORCH_DTYPES[plan.dtype] if plan.dtype else adapters[0].dtype
-    factors = _merged_factors(plan, adapters, _device(plan))
+    factors, ratios = _merged_factors(plan, adapters, _device(plan))
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     tail = total = 0.0
@@ -224,13 +308,14 @@ def build_adapter(plan: MergePlan, folder: Path) -> dict:
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         state[f"{PREFIX}{name}.{a_key}"] = A.to("cpu", dtype).contiguous()
         state[f"{PREFIX}{name}.{b_key}"] = B.to("cpu", dtype).contiguous()
-    for key, value in _averaged_tensors(plan, adapters).items():
+    for key, value in _merged_tensors(plan, adapters).items():
         state[key] = value.to(dtype).contiguous()
     save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     config = _merged_config(plan, [a.config for a in adapters], ranks)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _copy_tokenizer(plan, folder)
-    report = {"modules": len(ranks), "rank": Counter(ranks.values()).most_common(1)[0][0] if ranks else 0}
+    report = {"modules": len(ranks), "rank": Counter(ranks.values()).most_common(1)[0][0] if ranks else 0,
+              **_ratio_report(ratios)}
     if plan.rank is not None:
         report["svd_relative_error"] = relative_error(tail, total)
         report["svd_max_module_error"] = worst
@@ -279,8 +364,8 @@ def build_on_base(plan: MergePlan, folder: Path) -> dict:
 
     adapters = _read_all(plan)
     device = _device(plan)
-    factors = _merged_factors(plan, adapters, device)
-    replace = {_base_key(k): v for k, v in _averaged_tensors(plan, adapters).items()}
+    factors, ratios = _merged_factors(plan, adapters, device)
+    replace = {_base_key(k): v for k, v in _merged_tensors(plan, adapters).items()}
     deltas = {f"{name}.weight": (A, B, transpose) for name, (A, B, transpose, _) in factors.items()}
     base = plan.base
     in_base = set()
@@ -316,7 +401,15 @@ def build_on_base(plan: MergePlan, folder: Path) -> dict:
     copy_files(base.path, folder, ("generation_config.json",))
     _copy_tokenizer(plan, folder)
     log.info("merged %d adapters into %s: %d modules changed", len(adapters), base.path.name, len(deltas))
-    return {"modules": len(deltas), "replaced_tensors": len(replace)}
+    return {"modules": len(deltas), "replaced_tensors": len(replace), **_ratio_report(ratios)}
+
+
+def _ratio_report(ratios: dict[str, float]) -> dict:
+    """model_stock's ratios t over the modules (what the card and sidecar show); nothing for linear."""
+    if not ratios:
+        return {}
+    values = list(ratios.values())
+    return {"model_stock_ratio": {"min": min(values), "mean": math.fsum(values) / len(values), "max": max(values)}}
 
 
 def _write_index(base: Path, folder: Path, total_bytes: int) -> None:

@@ -43,7 +43,7 @@ class MethodInfo:
 
 
 # The methods `ckptsel merge` offers for full checkpoints, in one explicit table. LoRA
-# adapters are merged by ckptsel itself (exact ΔW) and only with "linear".
+# adapters are merged by ckptsel itself, exactly in ΔW space, with the methods in ADAPTER_METHODS.
 METHODS: dict[str, MethodInfo] = {
     "linear": MethodInfo(False, True, 1, None, "weighted average of the weights (Wortsman et al. 2022)"),
     "slerp": MethodInfo(False, True, 2, 2, "spherical interpolation between two checkpoints"),
@@ -60,6 +60,10 @@ METHODS: dict[str, MethodInfo] = {
     "della": MethodInfo(True, True, 1, None, "DELLA magnitude-based pruning, TIES"),
     "della_linear": MethodInfo(True, True, 1, None, "DELLA magnitude-based pruning, linear"),
 }
+
+# Methods ckptsel computes exactly on LoRA deltas (lora.py): both are linear in the ΔW_k once
+# model_stock's per-module ratio is known, so the result is again an adapter.
+ADAPTER_METHODS = ("linear", "model_stock")
 
 # adapter_config.json fields whose non-default values change what an adapter computes in a way
 # ΔW = scale·B·A does not capture; such adapters are refused, not merged approximately.
@@ -99,7 +103,7 @@ class MergePlan:
     @property
     def weighted(self) -> bool:
         """Whether the weights enter the merge (model_stock and karcher take none)."""
-        return self.kind == "adapter" or METHODS[self.method].takes_weights
+        return METHODS[self.method].takes_weights
 
     @property
     def normalized_weights(self) -> tuple[float, ...]:
@@ -260,7 +264,8 @@ def plan_merge(
         raise MergeError(f"cannot mix LoRA adapters ({', '.join(adapters)}) with full models ({', '.join(fulls)})")
     common = dict(weights=tuple(weights), method=method, dtype=dtype, device=device, seed=seed)
     if kinds == {"adapter"}:
-        plan = _plan_adapters(inputs, rank=rank, full=full, parameters=parameters, **common)
+        plan = _plan_adapters(inputs, rank=rank, full=full, parameters=parameters, weights_given=weights_given,
+                              **common)
     else:
         plan = _plan_full(inputs, base_model=base_model, parameters=parameters, rank=rank, full=full,
                           weights_given=weights_given, **common)
@@ -269,10 +274,14 @@ def plan_merge(
     return plan
 
 
-def _plan_adapters(inputs, *, method, rank, full, parameters, **common) -> MergePlan:
-    if method != "linear":
-        raise MergeError(f"LoRA adapters merge exactly with --method linear only (got {method!r}); "
-                         "for other methods merge each adapter into its base with --full first")
+def _plan_adapters(inputs, *, method, rank, full, parameters, weights_given, **common) -> MergePlan:
+    if method not in ADAPTER_METHODS:
+        raise MergeError(f"LoRA adapters merge exactly with --method {' or '.join(ADAPTER_METHODS)} only "
+                         f"(got {method!r}); for other methods merge each adapter into its base with --full first")
+    if method == "model_stock" and len(inputs) < METHODS[method].min_inputs:
+        raise MergeError(f"model_stock merges at least {METHODS[method].min_inputs} adapters; got {len(inputs)}")
+    if method == "model_stock" and weights_given:
+        raise MergeError("model_stock takes no --weights")
     if parameters:
         raise MergeError(f"--param {', '.join(parameters)}: LoRA merges take no method parameters")
     if full and rank is not None:

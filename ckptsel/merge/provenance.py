@@ -85,7 +85,8 @@ def model_card(meta: Mapping, name: str) -> str:
     if base:
         front.append(f"base_model: {json.dumps(base)}")
     front.append("---")
-    what = "LoRA adapters (exact weighted sum of ΔW)" if meta["inputs_kind"] == "adapter" else "full checkpoints"
+    what = ("full checkpoints" if meta["inputs_kind"] != "adapter" else "LoRA adapters (exact weighted sum of ΔW)"
+            if meta["method"] == "linear" else "LoRA adapters (exact, in ΔW space)")
     n = len(meta["inputs"])
     subject = (f"A `{meta['method']}` merge of {n} {what}" if n > 1 else
                f"One checkpoint, written unchanged (a `{meta['method']}` merge of one)")

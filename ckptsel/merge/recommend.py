@@ -10,11 +10,16 @@ scored with the same train-only metrics, on the same examples, as the ranking.
 Candidates, from the ranking (:func:`plan_candidates`):
 
     single       the recommended checkpoint alone (the reference: always a candidate)
-    pair         ½/½ with its predecessor (Ruan et al.)
+    pair         ½/½ with its predecessor (Ruan et al.'s merge)
+    lean pair    ⅓/⅔ with its predecessor: the same direction, a smaller step away from the
+                 recommended checkpoint (a ½/½ merge that lowers perplexity can cost accuracy)
+    neighbours   uniform average of the predecessor, the recommended checkpoint and the next
+                 unflagged one: a three-checkpoint window centred on the recommendation
     window       uniform average of the unflagged checkpoints from the recommended one to the
                  last unflagged one (skipped when that is the recommended one itself)
-    model_stock  Model Stock toward the base, over the window (or the pair), when the run
-                 consists of full checkpoints and --base-model names their base
+    model_stock  Model Stock (Jang et al. 2024) toward the base, over the window (or the
+                 neighbours, or the pair), when the base is known: LoRA runs (their adapters'
+                 base; merged exactly in ΔW space) and full runs with --base-model
 
 Each merge is built into a temporary folder, measured through :func:`ckptsel.collect.collect`
 (its content fingerprint keys the store, so a rerun measures nothing), and read as if it
@@ -50,6 +55,7 @@ from ckptsel.errors import CkptselError
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.01  # pre-memorization accuracy a candidate may lose against the recommended checkpoint
+LEAN_SHARE = 2 / 3  # the recommended checkpoint's share in the lean pair
 STORE_KEY = "merge-recommend:{fingerprint}"  # the comparison, keyed by the recommended checkpoint
 RULE = ("among the candidates whose pre-memorization accuracy (the predictor of test accuracy) is at most {tol:g} "
         "below the recommended checkpoint's, the lowest {proxy} (the over-memorization proxy; Ruan et al. 2025: "
@@ -67,21 +73,23 @@ class RecommendError(CkptselError):
 class CandidateSpec:
     """One candidate: which run checkpoints (indices, training order) are merged, and how."""
 
-    name: str  # single, pair, window, model_stock
+    name: str  # single, pair, lean_pair, neighbours, window, model_stock
     members: tuple[int, ...]
     method: str = "linear"
+    weights: tuple[float, ...] | None = None  # relative, per member; None: equal (or none, for model_stock)
 
     @property
     def latest(self) -> int:
         return max(self.members)
 
 
-def plan_candidates(flagged: Sequence[bool | None], recommended: int | None,
-                    base_known: bool) -> tuple[list[CandidateSpec], list[str]]:
+def plan_candidates(flagged: Sequence[bool | None], recommended: int | None, base_known: bool,
+                    lean_share: float = LEAN_SHARE) -> tuple[list[CandidateSpec], list[str]]:
     """The candidates (and a note per skipped one) from the ranking's rows in training order.
 
     ``flagged[i]``: True when checkpoint i is flagged over-memorized, None when it was not
-    measured (it takes no part). Pure: the ranking's rows in, specs out.
+    measured (it takes no part). Pure: the ranking's rows in, specs out; a candidate whose
+    members and weights repeat an earlier one's is skipped.
     """
     measured = [i for i, f in enumerate(flagged) if f is not None]
     if recommended is None or recommended not in measured:
@@ -89,21 +97,28 @@ def plan_candidates(flagged: Sequence[bool | None], recommended: int | None,
     if len(measured) < 2:
         raise RecommendError("the run has a single measured checkpoint; merging needs at least two")
     out, notes = [CandidateSpec("single", (recommended,))], []
+
+    def add(spec: CandidateSpec, why_not: str | None = None) -> None:
+        if why_not is not None:
+            notes.append(f"{spec.name.replace('_', ' ')}: {why_not}")
+        elif any(c.members == spec.members and c.weights == spec.weights and c.method == spec.method for c in out):
+            notes.append(f"{spec.name.replace('_', ' ')}: the same merge as an earlier candidate")
+        else:
+            out.append(spec)
+
     earlier = [i for i in measured if i < recommended]
-    if earlier:
-        out.append(CandidateSpec("pair", (earlier[-1], recommended)))
-    else:
-        notes.append("pair: the recommended checkpoint is the first one measured")
     unflagged = [i for i in measured if not flagged[i]]
     window = tuple(i for i in unflagged if i >= recommended)
-    if len(window) > 1 and window != out[-1].members:
-        out.append(CandidateSpec("window", window))
-    elif len(window) > 1:
-        notes.append("window: the same checkpoints as the pair")
-    else:
-        notes.append("window: no unflagged checkpoint after the recommended one")
+    pair = (earlier[-1], recommended) if earlier else ()
+    neighbours = pair + window[1:2] if pair and len(window) > 1 else ()
+    first = None if pair else "the recommended checkpoint is the first one measured"
+    last = None if len(window) > 1 else "no unflagged checkpoint after the recommended one"
+    add(CandidateSpec("pair", pair), first)
+    add(CandidateSpec("lean_pair", pair, weights=(1 - lean_share, lean_share)), first)
+    add(CandidateSpec("neighbours", neighbours), first or last)
+    add(CandidateSpec("window", window), last)
     if base_known:
-        stock = window if len(window) > 1 else out[1].members if len(out) > 1 else ()
+        stock = next((m for m in (window, neighbours, pair) if len(m) > 1), ())
         if stock:
             out.append(CandidateSpec("model_stock", stock, "model_stock"))
     return out, notes
@@ -212,45 +227,59 @@ def _num(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+_FRACTIONS = {(1, 2): "½", (1, 3): "⅓", (2, 3): "⅔", (1, 4): "¼", (3, 4): "¾"}
+
+
+def _share(weight: float, total: float) -> str:
+    from fractions import Fraction
+
+    f = Fraction(weight / total).limit_denominator(12)
+    return _FRACTIONS.get((f.numerator, f.denominator), f"{f.numerator}/{f.denominator}")
+
+
 def _label(spec: CandidateSpec, steps: list) -> str:
     names = [f"step {s}" if s is not None else "final" for s in steps]
     if spec.name == "single":
         return f"{names[0]} alone"
-    if spec.name == "pair":
-        return f"½ {names[0]} + ½ {names[1]}"
-    if spec.name == "window":
+    if spec.method == "model_stock":
+        return f"model_stock of {', '.join(names)}"
+    if spec.weights is None and len(names) > 2:
         return f"mean of {', '.join(names)}"
-    return f"model_stock of {', '.join(names)}"
+    weights = spec.weights or (1.0,) * len(names)
+    return " + ".join(f"{_share(w, sum(weights))} {n}" for w, n in zip(weights, names))
 
 
 def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool = False, base_model: str | None = None,
-              tolerance: float = TOLERANCE, tokenizer=None, work_dir: Path | None = None,
+              tolerance: float = TOLERANCE, lean_share: float = LEAN_SHARE, tokenizer=None,
+              work_dir: Path | None = None,
               on_progress=None, on_stage: Stage | None = None) -> Recommendation:
     """Build, measure and compare the candidates of a ranked ``run``; write the winner to ``out``.
 
     ``run``: what :func:`ckptsel.cli.rank.measure_and_rank` returns (ranking, collected,
-    recipe). ``base_model``: the base of full checkpoints (enables model_stock). Merges are
+    recipe). ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
+    ``lean_share``: the recommended checkpoint's share in the lean pair. Merges are
     built in a temporary folder in ``work_dir`` (default: beside ``out``), removed afterwards.
     ``on_progress`` receives :class:`ckptsel.collect.Progress`; ``on_stage`` a line per step.
     The comparison is also stored under :data:`STORE_KEY`.
     """
     from ckptsel.merge import merge
-    from ckptsel.merge.output import check_free_space, check_target, leftover_name
+    from ckptsel.merge.output import check_free_space, check_target, clean_leftovers, leftover_name
 
     ranking, collected = run.ranking, run.collected
     stage = on_stage or (lambda line: None)
     flagged = [None if c.error or c.fingerprint is None else c.flag is not None for c in ranking.checkpoints]
     adapters = any(c.kind == "adapter" for c in collected.checkpoints)
-    specs, notes = plan_candidates(flagged, ranking.recommended, base_known=base_model is not None and not adapters)
-    if adapters:
-        notes.append("model_stock: LoRA adapters merge exactly with linear only")
-    elif base_model is None:
+    # An adapter names its base, and model_stock of adapters is computed on their ΔW (lora.py).
+    specs, notes = plan_candidates(flagged, ranking.recommended, base_known=adapters or base_model is not None,
+                                   lean_share=lean_share)
+    if not adapters and base_model is None:
         notes.append("model_stock: needs --base-model (the base of full checkpoints)")
     out = Path(out).absolute()
     check_target(out, force)
     candidates = [_candidate(spec, collected.checkpoints, base_model, out) for spec in specs]
     parent = Path(work_dir or out.parent).absolute()
     parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(parent)  # candidates of a killed run (their process is gone) before counting free space
     check_free_space(parent, sum(c.plan.estimated_bytes() for c in candidates if c.spec.name != "single"))
     # Named like a partial merge, so a killed run's candidates are removed by the next merge here.
     work = leftover_name(parent / out.name, "partial")
@@ -301,8 +330,8 @@ def _candidate(spec: CandidateSpec, checkpoints, base_model: str | None, out: Pa
     from ckptsel.merge import plan_merge
 
     inputs = [checkpoints[i] for i in spec.members]
-    plan = plan_merge(inputs, method=spec.method, base_model=base_model if spec.method == "model_stock" else None,
-                      out=out)
+    plan = plan_merge(inputs, method=spec.method, weights=spec.weights,
+                      base_model=base_model if spec.method == "model_stock" else None, out=out)
     return Candidate(spec, _label(spec, [c.step for c in inputs]), plan)
 
 
