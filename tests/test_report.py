@@ -114,8 +114,9 @@ def test_point_positions_encode_the_ranking_values():
 def test_optional_plots_appear_with_their_numbers():
     # MoE pathway metrics nested per row, as Ranking.to_json writes them
     extra = ranking(alt_nll=[1.0, 0.9, 0.8, 0.85, 1.2], perturb_gap=[0.1, 0.2, 0.3, 0.5, 0.9],
-                    pathways=[{"distance": d, "consistency": 1 - c, "complexity": c}
-                              for d, c in zip([9.0, 7.0, 5.0, 4.0, 4.5], [0.37, 0.3, 0.2, 0.1, 0.1])])
+                    pathways=[{"distance": d, "consistency": 1 - c, "complexity": c, "distance_exact": j != 4,
+                               "distance_stderr": 0.0 if j != 4 else 0.031}
+                              for j, (d, c) in enumerate(zip([9.0, 7.0, 5.0, 4.0, 4.5], [0.37, 0.3, 0.2, 0.1, 0.1]))])
     verification = {"source": "test.jsonl", "mode": "greedy",
                     "checkpoints": [{"fingerprint": f"fp{j}", "accuracy": PM[j] + 0.02, "ci": [PM[j] - 0.05, PM[j] + 0.07]}
                                     for j in range(5)]}
@@ -129,6 +130,8 @@ def test_optional_plots_appear_with_their_numbers():
                           "pathway-complexity", "predicted-vs-measured", "merge-recommend"}
     assert html.count("<svg") == 8
     assert "<th>pathway distance</th>" in html and "<td class=\"num\">0.370</td>" in html  # complexity, step 100
+    # an estimated distance (sampled pairs) carries its standard error; exact ones do not
+    assert ">4.500 ± 0.031</td>" in html and html.count(" ± ") == 1
     # scatter: x is the prediction, y the measurement, on one shared domain
     (left, top, right, bottom), (x0, x1), (y0, y1) = frame(found["predicted-vs-measured"])
     scatter = points(found["predicted-vs-measured"], "ckptsel verify (test.jsonl)")

@@ -195,6 +195,9 @@ def table(inputs: ReportInputs) -> str:
             for key, _, spec in columns:
                 if spec == "ci":
                     cells.append(f'<td class="num">{_ci(row.get(key), row.get("premem_ci"))}</td>')
+                elif key == "pathway_distance" and (row.get("pathways") or {}).get("distance_exact") is False:
+                    estimate = f'{_f(row.get(key), spec)} ± {_f(row["pathways"].get("distance_stderr"), spec)}'
+                    cells.append(f'<td class="num" title="estimated on sampled pairs">{escape(estimate)}</td>')
                 elif key == "stage" and row.get("stage"):
                     cls = "stage-" + row["stage"].replace(" ", "-")
                     cells.append(f'<td class="stage"><span class="{escape(cls)}">{escape(row["stage"])}</span></td>')
