@@ -18,7 +18,7 @@ from ckptsel.cli.options import quiet_option, stderr_console, stdout_console
 DEMO_GRID = "demo"
 DEMO_RUN = "demo"
 # Training examples ckptsel measures per checkpoint (a fixed random subset): enough for a
-# pre-memorization interval of about +-0.1, few enough to keep the demo under three minutes.
+# pre-memorization interval of about +-0.1, few enough to keep the demo at about three minutes.
 DEMO_EXAMPLES = 40
 CACHE, REPORT = "cache", "report.html"
 
@@ -33,7 +33,7 @@ CACHE, REPORT = "cache", "report.html"
 def demo(ctx, out, quiet):
     """Train a tiny model on synthetic arithmetic, rank its checkpoints, and write the report.
 
-    About two minutes on two CPU cores; nothing is downloaded. The run folder is a real
+    About three minutes on two CPU cores; nothing is downloaded. The run folder is a real
     Trainer run (checkpoint-N/ folders, train.jsonl, recipe.yaml) with the true held-out
     accuracy and NLL of every checkpoint in ground_truth.json, so ckptsel's prediction from
     the training data alone can be checked against the truth. A second call reuses it all.
