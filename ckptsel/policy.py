@@ -142,8 +142,9 @@ def evaluate(ranking, candidate: int, rules: GateRules) -> list[Check]:
     if rules.max_drop_from_recommended is not None:
         rec = ranking.checkpoints[ranking.recommended] if ranking.recommended is not None else None
         drop = rec.premem_acc - c.premem_acc if rec is not None else math.nan
+        where = f"step {rec.step} ({_num(rec.premem_acc)} − {_num(c.premem_acc)})" if rec is not None else "checkpoint"
         at_most("max_drop_from_recommended", drop, rules.max_drop_from_recommended,
-                f"predicted accuracy below the recommended step {rec.step if rec else '?'} by")
+                f"predicted accuracy drop from the recommended {where} =")
     at_most("max_memorized_frac", c.memorized_frac, rules.max_memorized_frac, "memorised fraction")
     at_most("max_proxy_ratio", c.proxy_ratio, rules.max_proxy_ratio, f"{ranking.proxy or 'proxy'} / its minimum so far")
     return checks

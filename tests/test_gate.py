@@ -86,6 +86,14 @@ def test_thresholds_fail_with_the_numbers(fake):
     assert out["reasons"] == ["predicted test accuracy 0.500 (must be ≥ 0.6)", "memorised fraction 0.400 (must be ≤ 0.3)"]
 
 
+def test_drop_from_the_recommended_checkpoint_names_both_values():
+    # The underfit checkpoint (0.2) against the recommended one (step 2, 0.5): a drop of 0.3.
+    (check,) = [c for c in evaluate(_ranking(["a", "b", "c"]), 0, GateRules(max_drop_from_recommended=0.05))
+                if c.name == "max_drop_from_recommended"]
+    assert not check.passed and check.value == pytest.approx(0.3)
+    assert check.detail == "predicted accuracy drop from the recommended step 2 (0.500 − 0.200) = 0.300 (must be ≤ 0.05)"
+
+
 def test_one_checkpoint_is_judged_with_its_earlier_siblings_as_history(fake):
     result = gate(fake, "--json", path=fake.run / "checkpoint-2")
     assert result.exit_code == 0, result.output
