@@ -182,6 +182,31 @@ def test_unknown_grader_is_one_line_exit_2(tiny_run, tmp_path):
     assert "nope" in result.output and "Traceback" not in result.output
 
 
+def test_recipe_proxies_pick_the_alternative_grader_and_the_option_overrides_it(tiny_run, tmp_path, monkeypatch):
+    import ckptsel.collect as collect_module
+
+    seen, real = [], collect_module.collect
+
+    def spy(*args, proxy_settings, **kwargs):
+        seen.append(proxy_settings.alt_grader)
+        return real(*args, proxy_settings=proxy_settings, **kwargs)
+
+    monkeypatch.setattr(collect_module, "collect", spy)
+    recipe = (tiny_run / "recipe.yaml").read_text()
+    assert "alt_grader: lab-steps" in recipe  # the lab grades its alternative solutions step by step
+    assert invoke(rank_args(tiny_run, tmp_path)).exit_code == 0
+    assert invoke(rank_args(tiny_run, tmp_path, "--alt-grader", "gsm8k")).exit_code == 0
+    assert seen == ["lab-steps", "gsm8k"]
+    # A grader the recipe names but nobody registered: a usage error before any work.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.replace("alt_grader: lab-steps", "alt_grader: nope"))
+    args = rank_args(tiny_run, tmp_path)
+    args[args.index("--recipe") + 1] = str(bad)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "nope" in result.output and "Traceback" not in result.output
+    assert len(seen) == 2
+
+
 def test_template_field_missing_from_the_data_is_exit_2(tiny_run, tmp_path):
     result = CliRunner().invoke(main, rank_args(tiny_run, tmp_path, "--prompt-template", "{problem}\\n"))
     assert result.exit_code == 2

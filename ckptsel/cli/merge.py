@@ -64,7 +64,7 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
     from ckptsel.cli.rank import measure_and_rank
     from ckptsel.discover import discover
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
-    from ckptsel.settings import OvermemSettings, ProxySettings
+    from ckptsel.settings import OvermemSettings
     from ckptsel.store import Store
 
     err = stderr_console(quiet)
@@ -80,7 +80,7 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
     err.print("comparing merge candidates")
     with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
         result = run_recommend(
-            ranked, store, engine=engine, proxy_settings=ProxySettings(alt_grader=measurement["alt_grader"]),
+            ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies,
             overmem=overmem, out=out, force=force, base_model=measurement["base_model"], tolerance=tolerance,
             on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"),
         )

@@ -160,7 +160,8 @@ def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: 
 
     Shared by the commands that need a ranking (rank, gate, report, verify). ``sampling`` and
     ``memorization`` override the recipe's sections (None values keep them); ``checkpoints``
-    (already discovered) skips discovery; ``alt_grader`` picks the alternative solutions
+    (already discovered) skips discovery; ``alt_grader`` overrides the recipe's
+    ``proxies.alt_grader``, the grader that picks the alternative solutions
     (:class:`ckptsel.settings.ProxySettings`).
     """
     from ckptsel.cli.progress import CollectProgress
@@ -172,14 +173,14 @@ def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: 
     from ckptsel.recipes import override
     from ckptsel.select import rank as rank_checkpoints
     from ckptsel import graders
-    from ckptsel.settings import ProxySettings, SelectionSettings
+    from ckptsel.settings import SelectionSettings
     from ckptsel.store import Store, ensure_outside
 
     err = stderr_console(quiet=quiet)  # progress; warnings and failures always print
-    recipe = override(recipe, sampling=sampling, memorization=memorization)
-    if alt_grader is not None:
-        graders.get(alt_grader)  # an unknown name is a usage error before any work
-    proxy_settings = ProxySettings(alt_grader=alt_grader)
+    recipe = override(recipe, sampling=sampling, memorization=memorization, proxies={"alt_grader": alt_grader})
+    proxy_settings = recipe.proxies
+    if proxy_settings.alt_grader is not None:
+        graders.get(proxy_settings.alt_grader)  # an unknown name is a usage error before any work
     if checkpoints is None:
         checkpoints = discover(paths, base_model=base_model)
     usable = [c for c in checkpoints if c.kind != "error"]

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ckptsel.lab.models import ModelSpec
 from ckptsel.lab.splits import Row, make_splits, write_jsonl
 from ckptsel.lab.tasks import FAMILIES
-from ckptsel.settings import DataSettings, Recipe
+from ckptsel.settings import DataSettings, ProxySettings, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,12 @@ def ckptsel_recipe(name: str) -> Recipe:
         append_eos=True,
         grader="gsm8k",
     )
-    return Recipe(name=name, description="Lab run: character-level model, GSM8K layout.", data=data)
+    # Alternative solutions graded step by step: a tiny model's early right answers often come
+    # through broken chains, and the alternative-solution NLL measured against those rises as
+    # the model learns the steps (benchmarks/overmem_validation.py: Spearman with the true
+    # held-out NLL 0.88 with lab-steps).
+    proxies = ProxySettings(alt_grader="lab-steps")
+    return Recipe(name=name, description="Lab run: character-level model, GSM8K layout.", data=data, proxies=proxies)
 
 
 def render(row: Row) -> tuple[str, str]:
