@@ -67,17 +67,17 @@ def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, exam
     from ckptsel.cli.rank import measure_and_rank
     from ckptsel.merge.recommend import recommend
     from ckptsel.recipes import load_recipe
-    from ckptsel.settings import EngineSettings, OvermemSettings, ProxySettings
+    from ckptsel.settings import EngineSettings, ProxySettings
     from ckptsel.store import Store
 
-    engine, overmem = EngineSettings(), OvermemSettings()
+    engine = EngineSettings()
     ranked = measure_and_rank(
         (run,), run / "train.jsonl", load_recipe(str(run / "recipe.yaml")), sampling={}, memorization={},
-        overmem=overmem, base_model=None, max_examples=max_examples, examples_seed=examples_seed, skip_bad=False,
+        stages={}, base_model=None, max_examples=max_examples, examples_seed=examples_seed, skip_bad=False,
         heldout_path=None, engine=engine, cache_dir=cache_dir, quiet=True, command="merge --recommend",
     )
     with Store.open(cache_dir) as store:
-        return recommend(ranked, store, engine=engine, proxy_settings=ProxySettings(), overmem=overmem, out=out,
+        return recommend(ranked, store, engine=engine, proxy_settings=ProxySettings(), overmem=ranked.recipe.stages, out=out,
                          force=True, work_dir=out.parent, base_model=str(anchor) if anchor else None,
                          lean_share=lean_share)
 

@@ -11,7 +11,8 @@ over-memorized flag, which is on by default::
       max_drop_from_recommended: 0.05   # ... and at most this below the recommended checkpoint's
       max_memorized_frac: 0.9       # memorised fraction at most this
       max_proxy_ratio: 1.25         # perplexity proxy at most this x its minimum so far
-    stages:                         # thresholds of the flag (ckptsel.settings.OvermemSettings)
+    stages:                         # thresholds of the flag (ckptsel.settings.OvermemSettings);
+                                    # each one set here overrides the recipe's `stages:`
       acc_margin: 0.1
       memorized_min: 0.5
       proxy_rise: 0.25

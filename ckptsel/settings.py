@@ -128,50 +128,6 @@ class ProxySettings(_Frozen):
 
 
 
-class Recipe(_Frozen):
-    """A named preset: data rendering, grading, sampling, the memorisation rule, the proxies and pathway reading.
-
-    ``proxies`` is not in :meth:`measurement_key`: the measurements it changes carry their own
-    keys (the perturbation set names its series, the alternative-solution harvest is keyed by
-    the proxy settings), so a recipe that sets it re-measures only those.
-    """
-
-    name: str = "custom"
-    description: str = ""
-    data: DataSettings = DataSettings()
-    sampling: SamplingSettings = SamplingSettings()
-    memorization: MemorizationSettings = MemorizationSettings()
-    pathways: PathwaySettings = PathwaySettings()
-    proxies: ProxySettings = ProxySettings()
-
-    def measurement_key(self) -> str:
-        """Hash of everything that changes a stored measurement (not the memorisation rule or pathway reading)."""
-        payload = {"data": self.data.model_dump(), "sampling": self.sampling.model_dump()}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class EngineSettings(_Frozen):
-    """Where and how models run. Only ``dtype`` and a non-default ``backend`` change results, so only they enter the store key."""
-
-    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
-    batch_size: int | None = Field(None, ge=1, description="Rows per forward pass; None = automatic (a token budget).")
-    trust_remote_code: bool = False
-    allow_pickle: bool = Field(False, description="Load .bin (pickle) weights, with weights_only=True.")
-    backend: Literal["hf", "vllm"] = Field(
-        "hf",
-        description="Sampling backend: hf (transformers) or vllm (when installed; faster on GPU, samples differ). "
-        "Scoring always runs on transformers.",
-    )
-
-
-class SelectionSettings(_Frozen):
-    """Which examples are measured: a fixed, seeded subset shared by every checkpoint."""
-
-    max_examples: int | None = Field(None, ge=1, description="Measure at most this many training examples.")
-    examples_seed: int = Field(0, description="Seed of the subset drawn when max_examples is set.")
-
-
 class OvermemSettings(_Frozen):
     """Stages and the over-memorized flag (DESIGN.md, "Stages and the over-memorized flag").
 
@@ -204,3 +160,52 @@ class OvermemSettings(_Frozen):
     proxy_tie: float = Field(
         0.05, ge=0.0, description="Recommendation: proxy values within this share of the lowest count as equal."
     )
+
+
+class Recipe(_Frozen):
+    """A named preset: data rendering, grading, sampling, the memorisation rule, the proxies, the
+    stage thresholds and pathway reading.
+
+    Only ``data`` and ``sampling`` are in :meth:`measurement_key`. ``stages`` and ``pathways``
+    are read at ranking time from stored measurements; the measurements ``proxies`` changes
+    carry their own keys (the perturbation set names its series, the alternative-solution
+    harvest is keyed by the proxy settings), so a recipe that sets it re-measures only those.
+    """
+
+    name: str = "custom"
+    description: str = ""
+    data: DataSettings = DataSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    memorization: MemorizationSettings = MemorizationSettings()
+    pathways: PathwaySettings = PathwaySettings()
+    proxies: ProxySettings = ProxySettings()
+    stages: OvermemSettings = OvermemSettings()
+
+    def measurement_key(self) -> str:
+        """Hash of everything that changes a stored measurement (not the memorisation rule or pathway reading)."""
+        payload = {"data": self.data.model_dump(), "sampling": self.sampling.model_dump()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EngineSettings(_Frozen):
+    """Where and how models run. Only ``dtype`` and a non-default ``backend`` change results, so only they enter the store key."""
+
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    batch_size: int | None = Field(None, ge=1, description="Rows per forward pass; None = automatic (a token budget).")
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Load .bin (pickle) weights, with weights_only=True.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Sampling backend: hf (transformers) or vllm (when installed; faster on GPU, samples differ). "
+        "Scoring always runs on transformers.",
+    )
+
+
+class SelectionSettings(_Frozen):
+    """Which examples are measured: a fixed, seeded subset shared by every checkpoint."""
+
+    max_examples: int | None = Field(None, ge=1, description="Measure at most this many training examples.")
+    examples_seed: int = Field(0, description="Seed of the subset drawn when max_examples is set.")
+
+

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from ckptsel.cli import main
 from ckptsel.policy import GateRules, Policy, PolicyError, evaluate, load_policy
+from ckptsel.recipes import override
 from ckptsel.select import CheckpointMetrics, Ranking, Threshold
 from ckptsel.stages import Flag
 
@@ -43,8 +44,9 @@ def fake(monkeypatch, tmp_path):
     (tmp_path / "train.jsonl").write_text('{"question": "1+1=?", "answer": "#### 2"}\n')
     calls = []
 
-    def measure_and_rank(paths, data_path, recipe, *, checkpoints, overmem, **kwargs):
-        calls.append(SimpleNamespace(checkpoints=checkpoints, overmem=overmem, **kwargs))
+    def measure_and_rank(paths, data_path, recipe, *, checkpoints, stages, **kwargs):
+        recipe = override(recipe, stages=stages)  # as the real one applies them
+        calls.append(SimpleNamespace(checkpoints=checkpoints, stages=stages, overmem=recipe.stages, **kwargs))
         ranking = _ranking([c.path for c in checkpoints])
         ranking.checkpoints = ranking.checkpoints[: len(checkpoints)]
         collected = SimpleNamespace(failures={}, settings_key="k", loaded=len(checkpoints))
@@ -107,8 +109,21 @@ def test_policy_file_sets_candidate_rules_and_stage_thresholds(fake):
     result = gate(fake, "--policy", str(policy), "--json")
     assert result.exit_code == 0, result.output
     assert fake.calls[-1].overmem.proxy_rise == 0.5
+    assert json.loads(result.stdout)["policy"]["stages"]["proxy_rise"] == 0.5  # the thresholds applied
     # An option overrides the file.
     assert gate(fake, "--policy", str(policy), "--min-premem-acc", "0.55").exit_code == 1
+
+
+def test_recipe_stages_apply_and_the_policy_overrides_only_what_it_sets(fake):
+    recipe = fake.dir / "recipe.yaml"
+    recipe.write_text("data: {grader: gsm8k}\nstages: {acc_margin: 0.07, proxy_rise: 0.4}\n")
+    assert gate(fake, "--recipe", str(recipe)).exit_code == 1
+    assert (fake.calls[-1].overmem.acc_margin, fake.calls[-1].overmem.proxy_rise) == (0.07, 0.4)
+    policy = fake.dir / "policy.yaml"
+    policy.write_text("stages:\n  proxy_rise: 0.5\n")
+    assert gate(fake, "--recipe", str(recipe), "--policy", str(policy), "--proxy", "perturb_nll").exit_code == 1
+    applied = fake.calls[-1].overmem
+    assert (applied.acc_margin, applied.proxy_rise, applied.proxy) == (0.07, 0.5, "perturb_nll")
 
 
 @pytest.mark.parametrize(

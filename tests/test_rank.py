@@ -207,6 +207,17 @@ def test_recipe_proxies_pick_the_alternative_grader_and_the_option_overrides_it(
     assert len(seen) == 2
 
 
+def test_recipe_stages_set_the_flag_thresholds_and_proxy_option_overrides(tiny_run, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((tiny_run / "recipe.yaml").read_text() + "stages: {acc_margin: 0.07, proxy_rise: 0.4}\n")
+    args = rank_args(tiny_run, tmp_path / "cache", "--json", "--proxy", "perturb_nll")
+    args[args.index("--recipe") + 1] = str(recipe)
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    rule = json.loads(result.stdout)["stage_rule"]
+    assert "train acc ≥ run best − 0.07" in rule and "perturb_nll ≥ 1.4× its minimum" in rule
+
+
 def test_template_field_missing_from_the_data_is_exit_2(tiny_run, tmp_path):
     result = CliRunner().invoke(main, rank_args(tiny_run, tmp_path, "--prompt-template", "{problem}\\n"))
     assert result.exit_code == 2

@@ -108,11 +108,11 @@ def _rank(run_dir: Path, cache_dir: Path, quiet: bool):
     """Step 3: exactly what ``ckptsel rank`` does, on a fixed subset, with the store in the demo folder."""
     from ckptsel.cli.rank import measure_and_rank
     from ckptsel.recipes import load_recipe
-    from ckptsel.settings import EngineSettings, OvermemSettings
+    from ckptsel.settings import EngineSettings
 
     return measure_and_rank(
         (run_dir,), run_dir / "train.jsonl", load_recipe(run_dir / "recipe.yaml"), sampling={}, memorization={},
-        overmem=OvermemSettings(), base_model=None, max_examples=DEMO_EXAMPLES, examples_seed=0, skip_bad=False,
+        stages={}, base_model=None, max_examples=DEMO_EXAMPLES, examples_seed=0, skip_bad=False,
         heldout_path=None, engine=EngineSettings(), cache_dir=cache_dir, quiet=quiet, command="rank",
     )
 

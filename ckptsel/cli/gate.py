@@ -70,6 +70,9 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
     from ckptsel.policy import Policy, evaluate, load_policy, validate
 
     policy = load_policy(policy_path) if policy_path else Policy()
+    # The policy's stage thresholds override the recipe's `stages:` only where the file sets them.
+    stages = {name: getattr(policy.stages, name) for name in policy.stages.model_fields_set}
+    stages["proxy"] = proxy if proxy is not None else stages.get("proxy")
     overrides = {
         "min_premem_acc": min_premem_acc,
         "max_drop_from_recommended": max_drop,
@@ -81,13 +84,11 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
     payload["rules"].update({k: v for k, v in overrides.items() if v is not None})
     if candidate in ("last", "recommended"):
         payload["candidate"] = candidate
-    if proxy is not None:
-        payload["stages"]["proxy"] = proxy
     policy = validate(payload, "options")
 
     checkpoints, chosen = _candidate(path, candidate, measurement["base_model"])
     run = rank_cli.measure_and_rank(
-        [path], data_path, recipe, overmem=policy.stages, engine=engine, cache_dir=cache_dir, quiet=quiet,
+        [path], data_path, recipe, stages=stages, engine=engine, cache_dir=cache_dir, quiet=quiet,
         command="gate", checkpoints=checkpoints, **measurement,
     )
     ranking = run.ranking
@@ -107,7 +108,7 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
                           "premem_acc": c.premem_acc, "flag": None if c.flag is None else c.flag.to_json()},
             "reasons": [ch.detail for ch in checks if not ch.passed],
             "checks": [ch.to_json() for ch in checks],
-            "policy": policy.model_dump(),
+            "policy": {**policy.model_dump(), "stages": run.recipe.stages.model_dump()},  # the thresholds applied
             "ranking": run.to_json(),
         })
     else:

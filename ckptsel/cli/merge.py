@@ -64,7 +64,6 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
     from ckptsel.cli.rank import measure_and_rank
     from ckptsel.discover import discover
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
-    from ckptsel.settings import OvermemSettings
     from ckptsel.store import Store
 
     err = stderr_console(quiet)
@@ -74,14 +73,13 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
                              "one run and needs at least two")
     if measurement["max_examples"] is None:
         measurement["max_examples"] = RECOMMEND_MAX_EXAMPLES
-    overmem = OvermemSettings(proxy=proxy or "auto")
-    ranked = measure_and_rank((run,), data_path, recipe, overmem=overmem, engine=engine, cache_dir=cache_dir,
+    ranked = measure_and_rank((run,), data_path, recipe, stages={"proxy": proxy}, engine=engine, cache_dir=cache_dir,
                               quiet=quiet, command="merge --recommend", checkpoints=checkpoints, **measurement)
     err.print("comparing merge candidates")
     with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
         result = run_recommend(
-            ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies,
-            overmem=overmem, out=out, force=force, base_model=measurement["base_model"], tolerance=tolerance,
+            ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies, overmem=ranked.recipe.stages,
+            out=out, force=force, base_model=measurement["base_model"], tolerance=tolerance,
             on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"),
         )
     if as_json:

@@ -54,14 +54,14 @@ _MEASUREMENT_OPTIONS = (
     click.option(
         "--alt-grader",
         metavar="NAME",
-        help="Grader deciding which correct samples are alternative solutions (default: --grader); one that "
-        "checks the steps keeps right-answer-wrong-steps samples out.",
+        help="Grader deciding which correct samples are alternative solutions (default: the recipe's "
+        "proxies.alt_grader, else --grader); one that checks the steps keeps right-answer-wrong-steps samples out.",
     ),
     click.option(
         "--proxy",
         type=click.Choice(["auto", "heldout_nll", "alt_nll", "perturb_nll"]),
-        help="Perplexity proxy of the over-memorized flag (default auto: held-out, else alternative-solution, "
-        "else perturbed-prompt NLL).",
+        help="Perplexity proxy of the over-memorized flag (default: the recipe's stages.proxy, auto: held-out, "
+        "else alternative-solution, else perturbed-prompt NLL).",
     ),
 )
 
@@ -112,14 +112,13 @@ def rank(paths, data_path, recipe, measurement, proxy, export_examples, engine, 
     keeps the results in the cache (resumable, incremental), gives each checkpoint a stage
     (underfit / generalizing / over-memorized) and recommends one. Mixture-of-experts
     checkpoints also get pathway distance and complexity (the recipe's `pathways:` section).
+    The flag's thresholds are the recipe's `stages:` section.
 
     \b
     Example:
       ckptsel rank ./run --data train.jsonl --recipe gsm8k --max-examples 500
     """
-    from ckptsel.settings import OvermemSettings
-
-    run = measure_and_rank(paths, data_path, recipe, overmem=OvermemSettings(proxy=proxy or "auto"), engine=engine,
+    run = measure_and_rank(paths, data_path, recipe, stages={"proxy": proxy}, engine=engine,
                            cache_dir=cache_dir, quiet=quiet, command="rank", **measurement)
     ranking, collected = run.ranking, run.collected
     if export_examples:
@@ -153,13 +152,15 @@ class RankedRun:
         return out
 
 
-def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: dict, overmem, base_model,
+def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: dict, stages: dict, base_model,
                      max_examples: int | None, examples_seed: int, skip_bad: bool, heldout_path, engine, cache_dir,
                      quiet: bool, command: str, checkpoints=None, alt_grader: str | None = None) -> RankedRun:
     """Discover, load the data, measure what the cache lacks (with progress on stderr), rank.
 
-    Shared by the commands that need a ranking (rank, gate, report, verify). ``sampling`` and
-    ``memorization`` override the recipe's sections (None values keep them); ``checkpoints``
+    Shared by the commands that need a ranking (rank, gate, report, verify). ``sampling``,
+    ``memorization`` and ``stages`` (the over-memorized flag's thresholds,
+    :class:`ckptsel.settings.OvermemSettings`) override the recipe's sections (None values keep
+    them); the returned run's ``recipe`` is the one used. ``checkpoints``
     (already discovered) skips discovery; ``alt_grader`` overrides the recipe's
     ``proxies.alt_grader``, the grader that picks the alternative solutions
     (:class:`ckptsel.settings.ProxySettings`).
@@ -177,7 +178,8 @@ def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: 
     from ckptsel.store import Store, ensure_outside
 
     err = stderr_console(quiet=quiet)  # progress; warnings and failures always print
-    recipe = override(recipe, sampling=sampling, memorization=memorization, proxies={"alt_grader": alt_grader})
+    recipe = override(recipe, sampling=sampling, memorization=memorization, proxies={"alt_grader": alt_grader},
+                      stages=stages)
     proxy_settings = recipe.proxies
     if proxy_settings.alt_grader is not None:
         graders.get(proxy_settings.alt_grader)  # an unknown name is a usage error before any work
@@ -210,7 +212,8 @@ def measure_and_rank(paths, data_path, recipe, *, sampling: dict, memorization: 
         with CollectProgress(err, len(checkpoints)) as progress:
             collected = collect(checkpoints, examples, recipe, store, tokenizer=tokenizer, engine=engine,
                                 heldout=heldout, proxy_settings=proxy_settings, on_progress=progress.update)
-        ranking = rank_checkpoints(collected, store, recipe.memorization, overmem, pathway_settings=recipe.pathways)
+        ranking = rank_checkpoints(collected, store, recipe.memorization, recipe.stages,
+                                   pathway_settings=recipe.pathways)
     return RankedRun(ranking, collected, recipe, len(usable))
 
 

@@ -110,10 +110,9 @@ def report(ctx, path, out, data_path, recipe, max_examples, examples_seed, heldo
 def _rank(path, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad, engine,
           cache_dir, quiet) -> dict:
     from ckptsel.cli.rank import measure_and_rank
-    from ckptsel.settings import OvermemSettings
 
     run = measure_and_rank(
-        (path,), data_path, recipe, sampling={}, memorization={}, overmem=OvermemSettings(), base_model=base_model,
+        (path,), data_path, recipe, sampling={}, memorization={}, stages={}, base_model=base_model,
         max_examples=max_examples, examples_seed=examples_seed, skip_bad=skip_bad, heldout_path=heldout_path,
         engine=engine, cache_dir=cache_dir, quiet=quiet, command="report",
     )

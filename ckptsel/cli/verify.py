@@ -138,10 +138,9 @@ def _predictions(paths, ranking_path, data_path, recipe, checkpoints, max_exampl
     if data_path is None:
         return None
     from ckptsel.cli.rank import measure_and_rank
-    from ckptsel.settings import OvermemSettings
 
     run = measure_and_rank(
-        paths, data_path, recipe, sampling={}, memorization={}, overmem=OvermemSettings(), base_model=base_model,
+        paths, data_path, recipe, sampling={}, memorization={}, stages={}, base_model=base_model,
         max_examples=max_examples, examples_seed=examples_seed, skip_bad=skip_bad, heldout_path=None, engine=engine,
         cache_dir=cache_dir, quiet=quiet, command="verify (ranking)", checkpoints=checkpoints,
     )
