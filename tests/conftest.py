@@ -59,3 +59,20 @@ def model(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained lab run (full weights, 3 checkpoints, train/test data, recipe), shared by the
+    ranking and merge tests; tests copy from it and never write into it."""
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
+
+
+@pytest.fixture(scope="session")
+def lab_lora_run(tmp_path_factory):
+    """The same as a LoRA run on a base (3 adapter checkpoints)."""
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)

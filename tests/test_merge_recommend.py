@@ -22,20 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 FAST = ["--max-examples", "6", "-k", "2", "--max-new-tokens", "24", "--quiet"]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    from ckptsel.lab.quick import train_tiny_run
-
-    return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    from ckptsel.lab.quick import train_tiny_run
-
-    return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)
-
-
 def recommend_args(run, cache, out, *extra, data_from=None):
     data_from = data_from or run
     return ["merge", str(run), "--recommend", "--data", str(data_from / "train.jsonl"), "--recipe",
@@ -188,10 +174,10 @@ def test_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
         assert len(result.output.strip().splitlines()) == 1
 
 
-def test_lora_run_gets_a_model_stock_candidate(lora_run, tmp_path):
+def test_lora_run_gets_a_model_stock_candidate(lab_lora_run, tmp_path):
     """A LoRA run knows its base (adapter_config.json), so model_stock is built, on the adapters' ΔW."""
     out = tmp_path / "merged"
-    result = invoke(recommend_args(lora_run, tmp_path / "cache", out, "--json"))
+    result = invoke(recommend_args(lab_lora_run, tmp_path / "cache", out, "--json"))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     stock = [r for r in report["candidates"] if r["name"] == "model_stock"]

@@ -23,20 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 FAST = ["--max-examples", "6", "-k", "2", "--max-new-tokens", "24", "--quiet"]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    from ckptsel.lab.quick import train_tiny_run
-
-    return train_tiny_run(tmp_path_factory.mktemp("lab") / "run", n_checkpoints=3)
-
-
-@pytest.fixture(scope="session")
-def lora_run(tmp_path_factory):
-    from ckptsel.lab.quick import train_tiny_run
-
-    return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)
-
-
 def rank_args(run, cache, *extra, data_from=None):
     data_from = data_from or run
     return [
@@ -156,7 +142,7 @@ def test_killed_rank_resumes_to_the_uninterrupted_result(tiny_run, tmp_path):
             assert ra[field] == pytest.approx(rb[field], abs=1e-6), field
 
 
-def test_lora_run_loads_the_base_once(lora_run, tmp_path):
+def test_lora_run_loads_the_base_once(lab_lora_run, tmp_path):
     from ckptsel.collect import collect
     from ckptsel.data import load_examples
     from ckptsel.discover import discover
@@ -164,11 +150,11 @@ def test_lora_run_loads_the_base_once(lora_run, tmp_path):
     from ckptsel.recipes import load_recipe, override
     from ckptsel.store import Store
 
-    ckpts = discover([lora_run])
+    ckpts = discover([lab_lora_run])
     assert [c.kind for c in ckpts] == ["adapter"] * 3
-    recipe = override(load_recipe(str(lora_run / "recipe.yaml")), sampling={"k": 1, "max_new_tokens": 8})
+    recipe = override(load_recipe(str(lab_lora_run / "recipe.yaml")), sampling={"k": 1, "max_new_tokens": 8})
     tokenizer = load_tokenizer(ckpts[0])
-    examples = load_examples(lora_run / "train.jsonl", recipe, tokenizer=tokenizer)[:4]
+    examples = load_examples(lab_lora_run / "train.jsonl", recipe, tokenizer=tokenizer)[:4]
     with Store.open(tmp_path) as store:
         collected = collect(ckpts, examples, recipe, store, tokenizer=tokenizer)
     assert collected.failures == {}

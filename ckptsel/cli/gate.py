@@ -72,7 +72,8 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
     policy = load_policy(policy_path) if policy_path else Policy()
     # The policy's stage thresholds override the recipe's `stages:` only where the file sets them.
     stages = {name: getattr(policy.stages, name) for name in policy.stages.model_fields_set}
-    stages["proxy"] = proxy if proxy is not None else stages.get("proxy")
+    if proxy is not None:
+        stages["proxy"] = proxy
     overrides = {
         "min_premem_acc": min_premem_acc,
         "max_drop_from_recommended": max_drop,
