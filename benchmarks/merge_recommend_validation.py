@@ -64,18 +64,16 @@ def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, exam
                   anchor: Path | None = None, lean_share: float = 2 / 3):
     """The library path of ``ckptsel merge RUN --recommend`` with default settings; ``anchor``
     stands in for the base (``--base-model``), which enables the model_stock candidate."""
-    from ckptsel.cli.rank import measure_and_rank
     from ckptsel.merge.recommend import recommend
+    from ckptsel.pipeline import RankRequest, rank_runs
     from ckptsel.recipes import load_recipe
     from ckptsel.settings import EngineSettings, ProxySettings
     from ckptsel.store import Store
 
     engine = EngineSettings()
-    ranked = measure_and_rank(
-        (run,), run / "train.jsonl", load_recipe(str(run / "recipe.yaml")), sampling={}, memorization={},
-        stages={}, base_model=None, max_examples=max_examples, examples_seed=examples_seed, skip_bad=False,
-        heldout_path=None, engine=engine, cache_dir=cache_dir, quiet=True, command="merge --recommend",
-    )
+    ranked = rank_runs(RankRequest(paths=(run,), recipe=load_recipe(str(run / "recipe.yaml")), data=run / "train.jsonl",
+                                   max_examples=max_examples, examples_seed=examples_seed, engine=engine,
+                                   cache_dir=cache_dir))
     with Store.open(cache_dir) as store:
         return recommend(ranked, store, engine=engine, proxy_settings=ProxySettings(), overmem=ranked.recipe.stages, out=out,
                          force=True, work_dir=out.parent, base_model=str(anchor) if anchor else None,

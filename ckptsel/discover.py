@@ -3,7 +3,9 @@
 INTERFACE (other modules rely on it; keep these names and fields):
 
     Checkpoint                 one discovered checkpoint (below)
-    discover(paths, base_model=None) -> list[Checkpoint]   in training order
+    Run                        one training trajectory: a name, its folder, its checkpoints in step order
+    discover_runs(paths, base_model=None) -> list[Run]     the runs under ``paths``
+    discover(paths, base_model=None) -> list[Checkpoint]   every run's checkpoints, run after run
     describe(folder, base_model=None) -> Checkpoint       one folder, no training state
     fingerprint(ckpt) -> str   content hash for the result store
     read_safetensors_header(path) -> SafetensorsHeader    tensor names, dtypes, shapes, offsets
@@ -21,11 +23,21 @@ Layouts understood, per argument:
   or without ``model.safetensors.index.json``, ``pytorch_model.bin`` shards) next to a
   ``config.json``, or a PEFT adapter (``adapter_config.json`` + ``adapter_model.*``).
 
-Order of several arguments: each argument keeps its own order (a run's checkpoints by
-step). When every argument is a single checkpoint and every one has a known step, they are
-sorted by step, so a shell glob (``run/step_*``, where ``step_100`` sorts before
-``step_20``) still comes out in training order; otherwise the order given is kept, because
-the caller then knows better than we do. A folder given twice is listed once.
+- a sweep: a folder whose subfolders (to three levels down) are runs, such as
+  ``sweep/lr1e-5/checkpoint-*/`` and ``sweep/lr2e-5/checkpoint-*/``. Each run is named by
+  its path below the sweep folder (``lr1e-5``).
+
+Runs (ckptsel/DESIGN.md, "Runs and sweeps"). Every checkpoint belongs to exactly one run
+(``Checkpoint.run``), and pre-memorization accuracy's history stays inside its run. A Trainer
+run folder is one run; each run of a sweep is one run; a model folder given on its own is a run
+of its own; checkpoint folders named by their step (``checkpoint-N``, ``step_N``,
+``global_stepN``, ``iterN``) given as arguments belong to the run of the folder that holds them,
+so a shell glob of one run's checkpoints is one run. Run names are the folder names, lengthened
+by parent folders where two would clash.
+
+Order: runs in the order given (a sweep's runs by name); inside a run, by step, so a shell glob
+(``run/step_*``, where ``step_100`` sorts before ``step_20``) still comes out in training
+order. A folder given twice is listed once.
 
 A broken checkpoint (no weights, truncated or corrupt safetensors, an index naming a missing
 shard, no ``config.json``) is returned with ``kind="error"`` and a one-line ``error``; it
@@ -77,6 +89,7 @@ class Checkpoint:
     lora_alpha: float | None = None
     target_modules: list[str] | None = None
     notes: list[str] = field(default_factory=list)  # things a user should know that are not errors
+    run: str | None = None               # the run it belongs to (Run.name); set by discover_runs
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (paths as strings), the shape ``ckptsel ls --json`` prints."""
@@ -443,8 +456,64 @@ def _expand(root: Path, base_model: str | None) -> tuple[bool, list[Checkpoint]]
     return True, found
 
 
-def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model: str | None = None) -> list[Checkpoint]:
-    """Checkpoints under ``paths`` in training order (see the module docstring for the rules).
+@dataclass
+class Run:
+    """One training trajectory: its checkpoints in training order, and the folder that holds them.
+
+    ``path`` is the run folder (a Trainer ``output_dir``); per-run files such as the training
+    data a run was trained on (``--data-per-run``) are looked up there.
+    """
+
+    name: str
+    path: Path
+    checkpoints: list[Checkpoint]
+
+
+_MAX_SWEEP_DEPTH = 3
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / m).is_file() for m in _ROOT_MARKERS) or any(folder.glob("model-*-of-*.safetensors"))
+
+
+def _is_run_dir(folder: Path) -> bool:
+    try:
+        return _has_weights(folder) or any(CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _sweep_runs(root: Path, depth: int = 1) -> list[Path]:
+    """Run folders below ``root`` (not ``root`` itself), by name, at most ``_MAX_SWEEP_DEPTH`` levels down."""
+    found: list[Path] = []
+    try:
+        children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for child in children:
+        if _is_run_dir(child):
+            found.append(child)
+        elif depth < _MAX_SWEEP_DEPTH:
+            found.extend(_sweep_runs(child, depth + 1))
+    return found
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Folder names, with parent folders prepended (``a/run``) where two runs would share a name."""
+    parts = [p.parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
+def discover_runs(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model: str | None = None) -> list[Run]:
+    """The runs under ``paths`` (see the module docstring for the rules), each in training order.
 
     ``base_model`` overrides every adapter's ``base_model_name_or_path`` (a local folder is
     made absolute; anything else is kept as a hub id). Raises :class:`CheckpointError` only
@@ -463,17 +532,55 @@ def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model:
             raise CheckpointError(f"{root}: not a folder; pass the checkpoint folder ({root.parent})")
     if base_model is not None and Path(base_model).expanduser().is_dir():
         base_model = os.path.abspath(os.path.expanduser(base_model))
-    groups = [_expand(root, base_model) for root in roots]
-    found = [ckpt for _, group in groups for ckpt in group]
-    if all(not is_run for is_run, _ in groups) and all(c.step is not None for c in found):
-        found.sort(key=lambda c: c.step)
+
+    # (run folder, its checkpoints, whether the run is a whole folder) in the order given.
+    groups: dict[Path, tuple[list[Checkpoint], bool]] = {}
     seen: set[Path] = set()
-    unique = []
-    for ckpt in found:
-        if (key := ckpt.path.resolve()) not in seen:
-            seen.add(key)
-            unique.append(ckpt)
-    return unique
+
+    def add(run_dir: Path, found: list[Checkpoint], whole: bool) -> None:
+        for ckpt in found:
+            if (key := ckpt.path.resolve()) not in seen:
+                seen.add(key)
+                groups.setdefault(run_dir, ([], whole))[0].append(ckpt)
+
+    for root in roots:
+        is_run, found = _expand(root, base_model)
+        if is_run:
+            add(root, found, True)
+            continue
+        sweep = _sweep_runs(root) if found[0].error and found[0].error.startswith(NO_WEIGHTS) else []
+        if sweep:
+            for run_dir in sweep:
+                add(run_dir, _expand(run_dir, base_model)[1], True)
+        elif _STEP_IN_NAME.fullmatch(root.name):  # checkpoint-N, step_N...: a checkpoint of the run that holds it
+            add(root.parent, found, False)
+        else:  # one model folder: a run of its own
+            add(root, found, True)
+
+    runs = []
+    names = _unique_names(list(groups))
+    sweep_names = {}
+    for root in roots:  # a sweep's runs are named by their path below the sweep folder
+        for run_dir in groups:
+            if run_dir != root and root in run_dir.parents and run_dir not in sweep_names:
+                sweep_names[run_dir] = run_dir.relative_to(root).as_posix()
+    if len(set(sweep_names.values())) == len(sweep_names):
+        names = [sweep_names.get(d, n) for d, n in zip(groups, names)]
+    if len(set(names)) != len(names):
+        names = _unique_names(list(groups))
+    for (run_dir, (found, whole)), name in zip(groups.items(), names):
+        if not whole and all(c.step is not None for c in found):
+            found.sort(key=lambda c: c.step)
+        for ckpt in found:
+            ckpt.run = name
+        runs.append(Run(name, run_dir, found))
+    return runs
+
+
+def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model: str | None = None) -> list[Checkpoint]:
+    """Every run's checkpoints under ``paths``, run after run, each run in training order
+    (:func:`discover_runs`; ``Checkpoint.run`` says which run each belongs to)."""
+    return [ckpt for run in discover_runs(paths, base_model) for ckpt in run.checkpoints]
 
 
 # --- fingerprint ----------------------------------------------------------------------------

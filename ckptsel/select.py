@@ -1,8 +1,10 @@
 """From stored measurements to a ranking: per-checkpoint metrics, stages, flags, a recommendation.
 
-Reads the ``(checkpoints, examples)`` matrices from the store, applies the formulas in
-:mod:`ckptsel.metrics` and the stage rule of :mod:`ckptsel.stages`, and returns plain data
-(:class:`Ranking`) that the CLI prints and serialises. Nothing here loads a model.
+Reads each run's ``(checkpoints, examples)`` matrices from the store, hands them to the ranking
+rule over arrays (:func:`ckptsel.sweep.rank_sweep`: the formulas of :mod:`ckptsel.metrics`,
+the stage rule of :mod:`ckptsel.stages`, one recommendation per run and one for the sweep), and
+returns plain data (:class:`Ranking`) that the CLI prints and serialises. Nothing here loads a
+model.
 
 The over-memorized flag and the recommendation's tie-break use one perplexity proxy
 (:func:`choose_proxy`): the held-out NLL when a held-out file was given (the real thing),
@@ -17,28 +19,16 @@ memorised examples, from the routing weights the scoring pass stored; how pathwa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ckptsel import metrics, pathways, stages
+from ckptsel import pathways, stages, sweep
 from ckptsel.collect import Collected
 from ckptsel.settings import MemorizationSettings, OvermemSettings, PathwaySettings
 from ckptsel.store import Record, Store
-
-PROXIES = ("heldout_nll", "alt_nll", "perturb_nll")  # auto's order of preference
-
-
-@dataclass
-class Threshold:
-    """The memorisation rule that was used, and the alternatives beside it."""
-
-    rule: str  # "nll" or "copy"
-    used: float | None  # nu in nats/token for the nll rule; None for the copy rule
-    recipe_default: float | None
-    auto: float | None = None  # calibrated from copy rates, when it could be fitted
-    auto_auc: float | None = None
-    auto_note: str | None = None  # why auto could not be fitted
+from ckptsel.sweep import PROXIES, Threshold, choose_proxy  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -68,7 +58,7 @@ class PathwayMetrics:
 
 @dataclass
 class CheckpointMetrics:
-    index: int
+    index: int  # position in the ranking (all runs, run after run)
     path: str
     step: int | None
     epoch: float | None
@@ -90,6 +80,37 @@ class CheckpointMetrics:
     flag: stages.Flag | None = None
     error: str | None = None
     pathways: PathwayMetrics | None = None  # MoE runs only
+    run: str | None = None  # the run it belongs to
+    recommended_in_run: bool = False  # its run's own recommendation
+
+
+@dataclass
+class RunSummary:
+    """One run of the ranking: which checkpoints are its own, and its own recommendation."""
+
+    name: str
+    path: str | None
+    indices: list[int]  # into Ranking.checkpoints, in training order
+    recommended: int | None  # into Ranking.checkpoints
+    n_examples: int
+    proxy: str | None = None
+    threshold: float | None = None  # the nu it used (differs between runs only with auto per run)
+    warnings: list[str] = field(default_factory=list)
+    # Per-example arrays, for --export-examples: (checkpoints, examples), measured rows only.
+    per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_json(self, checkpoints: list[CheckpointMetrics]) -> dict:
+        rec = checkpoints[self.recommended] if self.recommended is not None else None
+        return {
+            "name": self.name,
+            "path": self.path,
+            "steps": [checkpoints[i].step for i in self.indices],
+            "recommended": None if rec is None else {"index": rec.index, "path": rec.path, "step": rec.step},
+            "n_examples": self.n_examples,
+            "proxy": self.proxy,
+            "threshold": _clean(self.threshold),
+            "warnings": self.warnings,
+        }
 
 
 @dataclass
@@ -97,7 +118,7 @@ class Ranking:
     checkpoints: list[CheckpointMetrics]
     threshold: Threshold
     n_examples: int
-    recommended: int | None  # index into checkpoints
+    recommended: int | None  # index into checkpoints: the sweep's pick (the run's, for one run)
     rule: str
     proxy: str | None = None  # the perplexity proxy of the flag and the tie-break
     stage_rule: str = ""
@@ -106,8 +127,17 @@ class Ranking:
     n_heldout: int = 0
     warnings: list[str] = field(default_factory=list)
     pathway_rule: str | None = None  # MoE runs only: how the pathway metrics were computed
-    # Per-example arrays, for --export-examples: (checkpoints, examples), measured rows only.
+    runs: list[RunSummary] = field(default_factory=list)
+    # One run: its per-example arrays (RunSummary.per_example); empty for a sweep.
     per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_sweep(self) -> bool:
+        return len(self.runs) > 1
+
+    def run_of(self, index: int) -> RunSummary | None:
+        """The run holding checkpoint ``index``."""
+        return next((r for r in self.runs if index in r.indices), None)
 
     def to_json(self) -> dict:
         rows = []
@@ -132,6 +162,7 @@ class Ranking:
             "n_examples": self.n_examples,
             "n_heldout": self.n_heldout,
             "warnings": self.warnings,
+            "runs": [r.to_json(self.checkpoints) for r in self.runs],
             **moe,
         }
 
@@ -175,143 +206,117 @@ def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarra
     }
 
 
-def choose_proxy(
-    columns: dict[str, np.ndarray], alt_coverage: float, overmem: OvermemSettings
-) -> tuple[str | None, str | None]:
-    """The perplexity proxy for the flag, and a warning when the asked one could not be used.
-
-    auto: the first of :data:`PROXIES` that was measured (the alternative-solution NLL only
-    when at least ``min_alt_coverage`` of the examples have an alternative solution).
-    """
-    def usable(name: str) -> bool:
-        if name == "alt_nll" and not alt_coverage >= overmem.min_alt_coverage:
-            return False
-        return not np.isnan(columns[name]).all()
-
-    if overmem.proxy != "auto":
-        if usable(overmem.proxy):
-            return overmem.proxy, None
-        fallback = next((p for p in PROXIES if usable(p)), None)
-        return fallback, f"proxy {overmem.proxy} was not measured (or covers too few examples); using {fallback}"
-    return next((p for p in PROXIES if usable(p)), None), None
-
-
-def memorized_mask(m: dict[str, np.ndarray], memorization: MemorizationSettings) -> tuple[np.ndarray, Threshold]:
-    """The memorised mask under the chosen rule, and the threshold report (fixed and auto side by side)."""
-    default = memorization.threshold if memorization.threshold != "auto" else None
-    report = Threshold(rule=memorization.rule, used=None, recipe_default=default)
-    try:
-        cal = metrics.calibrate_threshold(m["nll"], m["copy"], memorization.copy_fraction)
-        report.auto, report.auto_auc = cal.threshold, cal.auc
-    except metrics.CalibrationError as err:
-        report.auto_note = str(err)
-    if memorization.rule == "copy":
-        mask = metrics.memorized_by_copy(m["copy"], memorization.copy_fraction)
-        return mask | np.isnan(m["copy"]), report
-    if memorization.threshold == "auto":
-        if report.auto is None:
-            raise metrics.CalibrationError(report.auto_note or "--threshold auto could not be fitted")
-        report.used = report.auto
-    else:
-        report.used = float(memorization.threshold)
-    mask = metrics.memorized(m["nll"], report.used)
-    return mask | np.isnan(m["nll"]), report
-
-
-def rank(collected: Collected, store: Store, memorization: MemorizationSettings,
+def rank(collected: Collected | Sequence[Collected], store: Store, memorization: MemorizationSettings,
          overmem: OvermemSettings = OvermemSettings(), *, level: float = 0.95, n_boot: int = 1000,
-         pathway_settings: PathwaySettings = PathwaySettings()) -> Ranking:
+         pathway_settings: PathwaySettings = PathwaySettings(), threshold: float | str | None = None,
+         threshold_scope: str = "sweep", run_names: Sequence[str] | None = None,
+         run_paths: Sequence[str | None] | None = None) -> Ranking:
     """Per-checkpoint metrics and proxies, stages and flags, PM with its interval, and a recommendation.
 
+    ``collected``: one :class:`Collected` per run (a single one is a run of its own), in the
+    order they are listed. ``threshold`` overrides ``memorization.threshold`` (a number or
+    "auto"; see :func:`ckptsel.sweep.rank_sweep` for ``threshold_scope`` and the fallback).
     Checkpoints of a mixture-of-experts model also get :class:`PathwayMetrics`.
     """
-    measured = [i for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
-    m = measured_matrices(collected, store)
-    rows = [
-        CheckpointMetrics(
-            index=i,
-            path=str(c.path),
-            step=c.step,
-            epoch=c.epoch,
-            train_loss=c.train_loss,
-            fingerprint=collected.fingerprints[i],
-            error=collected.failures.get(i),
-        )
-        for i, c in enumerate(collected.checkpoints)
-    ]
+    runs = [collected] if isinstance(collected, Collected) else list(collected)
+    names = list(run_names) if run_names is not None else [_run_name(c, r) for r, c in enumerate(runs)]
+    paths = list(run_paths) if run_paths is not None else [None] * len(runs)
+    rows: list[CheckpointMetrics] = []
+    summaries: list[RunSummary] = []
+    measured_rows: list[list[int]] = []  # per measured run: the ranking indices of its measured checkpoints
+    measured_runs: list[tuple[Collected, list[int]]] = []  # per measured run: it, and its measured checkpoints
+    arrays: list[sweep.RunArrays] = []
+    matrices = []
+    for name, path, col in zip(names, paths, runs):
+        first = len(rows)
+        for i, c in enumerate(col.checkpoints):
+            rows.append(CheckpointMetrics(index=first + i, path=str(c.path), step=c.step, epoch=c.epoch,
+                                          train_loss=c.train_loss, fingerprint=col.fingerprints[i],
+                                          error=col.failures.get(i), run=name))
+        measured = [i for i, fp in enumerate(col.fingerprints) if fp is not None and i not in col.failures]
+        summaries.append(RunSummary(name, path, list(range(first, len(rows))), None, len(col.examples)))
+        if not measured:
+            continue
+        m = measured_matrices(col, store)
+        coverage = math.nan
+        if col.harvest is not None:
+            coverage = col.harvest.coverage(ex.uid for ex in col.examples) if col.harvest.fixed else 0.0
+        measured_rows.append([first + i for i in measured])
+        measured_runs.append((col, measured))
+        matrices.append(m)
+        arrays.append(sweep.RunArrays(
+            name=name, steps=[col.checkpoints[i].step for i in measured], acc=m["acc"], nll=m["nll"], copy=m["copy"],
+            entropy=m["entropy"], perturb=m["perturb"], alt=m["alt"], heldout=m["heldout"],
+            examples=[ex.uid for ex in col.examples], alt_coverage=coverage if col.harvest is not None else 0.0,
+        ))
+
+    first_run = runs[0]
     default = memorization.threshold if memorization.threshold != "auto" else None
-    ranking = Ranking(rows, Threshold(memorization.rule, None, default), len(collected.examples), None,
+    ranking = Ranking(rows, Threshold(memorization.rule, None, default), len(first_run.examples), None,
                       stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy="proxy", tie=overmem.proxy_tie),
-                      n_heldout=len(collected.heldout))
-    if collected.harvest is not None and collected.harvest.fixed:
-        ranking.alt_coverage = collected.harvest.coverage(ex.uid for ex in collected.examples)
-        ranking.alt_sources = [i for i, fp in enumerate(collected.fingerprints) if fp in collected.harvest.sources]
-    if not measured:
+                      n_heldout=len(first_run.heldout), runs=summaries)
+    if len(runs) > 1:
+        ranking.n_examples = len({ex.uid for col in runs for ex in col.examples})
+    if len(runs) == 1 and first_run.harvest is not None and first_run.harvest.fixed:
+        ranking.alt_coverage = first_run.harvest.coverage(ex.uid for ex in first_run.examples)
+        ranking.alt_sources = [i for i, fp in enumerate(first_run.fingerprints) if fp in first_run.harvest.sources]
+    for name, col in zip(names, runs):
+        if col.harvest is not None and not col.harvest.fixed and any(
+                fp is not None for i, fp in enumerate(col.fingerprints) if i not in col.failures):
+            ranking.warnings.append(_open_harvest_warning(col, name if len(runs) > 1 else None))
+    if not arrays:
         ranking.warnings.append("no checkpoint could be measured")
         return ranking
 
-    mask, ranking.threshold = memorized_mask(m, memorization)
-    per_example = metrics.premem_accuracy_per_example_from_mask(m["acc"], mask)
-    pm = metrics.per_checkpoint_mean(per_example)
-    lo, hi = metrics.bootstrap_ci(per_example, n_boot=n_boot, level=level)
-    measured_mask = ~np.isnan(m["nll"] if memorization.rule == "nll" else m["copy"])
-    columns = {
-        "train_acc": metrics.train_accuracy(m["acc"]),
-        "premem_acc": pm,
-        "memorized_frac": metrics.memorized_fraction(mask & measured_mask, measured_mask),
-        "copy_rate": metrics.copy_rate(m["copy"]),
-        "target_nll": metrics.per_checkpoint_mean(m["nll"]),
-        "entropy": metrics.per_checkpoint_mean(m["entropy"]),
-        "alt_nll": metrics.per_checkpoint_mean(m["alt"]),
-        "perturb_nll": metrics.per_checkpoint_mean(m["perturb"]),
-        "perturb_gap": metrics.per_checkpoint_mean(m["perturb"] - m["nll"]),
-        "heldout_nll": metrics.per_checkpoint_mean(m["heldout"]),
-    }
-
-    proxy, note = choose_proxy(columns, ranking.alt_coverage, overmem)
-    if note:
-        ranking.warnings.append(note)
-    if collected.harvest is not None and not collected.harvest.fixed:
-        ranking.warnings.append(_open_harvest_warning(collected))
-    proxy_values = columns[proxy] if proxy else np.full(len(measured), np.nan)
-    assessment = stages.assess(columns["train_acc"], pm, columns["memorized_frac"], proxy_values, proxy or "proxy",
-                               overmem)
-    columns["proxy_ratio"] = assessment.ratio
-    for r, i in enumerate(measured):
-        for name, values in columns.items():
-            setattr(rows[i], name, float(values[r]))
-        rows[i].premem_ci = (float(lo[r]), float(hi[r]))
-        rows[i].stage, rows[i].flag = assessment.stages[r], assessment.flags[r]
-    if any(collected.checkpoints[i].num_experts is not None for i in measured):
-        ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
-        uids = [ex.uid for ex in collected.examples]
-        for r, i in enumerate(measured):
-            if collected.checkpoints[i].num_experts is not None:
-                records = store.get_many(collected.fingerprints[i], collected.settings_key, "score", uids)
-                rows[i].pathways = pathway_metrics(records, uids, mask[r] & measured_mask[r], pathway_settings)
-    flagged = np.array([f is not None for f in assessment.flags])
-
-    # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
-    tie_break = proxy_values if proxy else columns["memorized_frac"]
+    result = sweep.rank_sweep(arrays, memorization=memorization, overmem=overmem, threshold=threshold,
+                              threshold_scope=threshold_scope, n_boot=n_boot, level=level)
+    ranking.threshold = result.threshold
+    ranking.warnings.extend(result.warnings)
+    by_name = {s.name: s for s in summaries}
+    for ranked, where, m in zip(result.runs, measured_rows, matrices):
+        summary = by_name[ranked.name]
+        summary.proxy, summary.threshold = ranked.proxy, ranked.threshold
+        prefix = f"run {ranked.name}: " if len(runs) > 1 else ""
+        summary.warnings = ranked.warnings
+        ranking.warnings.extend(prefix + w for w in ranked.warnings)
+        for r, i in enumerate(where):
+            row = rows[i]
+            for name, values in ranked.columns.items():
+                setattr(row, name, float(values[r]))
+            row.premem_ci = (float(ranked.premem_ci[0][r]), float(ranked.premem_ci[1][r]))
+            row.stage, row.flag = ranked.stages[r], ranked.flags[r]
+        if ranked.recommended is not None:
+            summary.recommended = where[ranked.recommended]
+            rows[summary.recommended].recommended_in_run = True
+        summary.per_example = {"premem": ranked.per_example, "memorized": ranked.memorized,
+                               "measured_index": np.array([i - summary.indices[0] for i in where]), **m}
+    if result.recommended_run is not None:
+        ranking.recommended = by_name[result.runs[result.recommended_run].name].recommended
+    proxies = {r.proxy for r in result.runs}
+    proxy = next(iter(proxies)) if len(proxies) == 1 else None
     ranking.proxy = proxy
-    ranking.rule = stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy=proxy or "memorised fraction",
-                                                tie=overmem.proxy_tie)
+    ranking.rule = result.rule
     ranking.stage_rule = stages.STAGE_RULE.format(proxy=proxy or "proxy", rise=1 + overmem.proxy_rise,
                                                   **overmem.model_dump(exclude={"proxy"}))
-    support = metrics.premem_support(m["acc"], mask)
-    if (warning := support.warning()) is not None:
-        ranking.warnings.append(warning)
-    if len(measured) < 3:
-        ranking.warnings.append(
-            f"only {len(measured)} checkpoint(s) measured; pre-memorization accuracy needs the history "
-            "before memorisation — save more frequent checkpoints"
-        )
-    if flagged.all():
-        ranking.warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
-    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se)
-    ranking.recommended = measured[pick] if pick is not None else None
-    ranking.per_example = {"premem": per_example, "memorized": mask, "measured_index": np.array(measured), **m}
+    if len(runs) == 1:
+        ranking.per_example = summaries[0].per_example
+
+    if any(c.num_experts is not None for col in runs for c in col.checkpoints):
+        ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
+        for (col, measured), where, ranked, arr in zip(measured_runs, measured_rows, result.runs, arrays):
+            uids = [ex.uid for ex in col.examples]
+            measured_mask = ~np.isnan(arr.matrix("nll" if memorization.rule == "nll" else "copy"))
+            for r, (i, local) in enumerate(zip(where, measured)):
+                if col.checkpoints[local].num_experts is not None:
+                    records = store.get_many(col.fingerprints[local], col.settings_key, "score", uids)
+                    rows[i].pathways = pathway_metrics(records, uids, ranked.memorized[r] & measured_mask[r],
+                                                       pathway_settings)
     return ranking
+
+
+def _run_name(col: Collected, r: int) -> str:
+    named = {c.run for c in col.checkpoints if c.run}
+    return next(iter(named)) if len(named) == 1 else f"run{r + 1}"
 
 
 PATHWAY_RULE = (
@@ -355,7 +360,7 @@ def pathway_metrics(records: dict[str, Record], uids: list[str], memorised: np.n
     )
 
 
-def _open_harvest_warning(collected: Collected) -> str:
+def _open_harvest_warning(collected: Collected, run: str | None = None) -> str:
     n = len(collected.harvest.sources)
     uids = [ex.uid for ex in collected.examples]
     if n == 0:
@@ -363,4 +368,6 @@ def _open_harvest_warning(collected: Collected) -> str:
     else:
         what = (f"{n} checkpoint(s) gave alternative solutions for {collected.harvest.coverage(uids):.0%} of the "
                 "examples so far")
-    return f"alternative-solution NLL not reported: {what}; the set is completed as checkpoints are added"
+    where = f" in run {run}" if run else ""
+    return (f"alternative-solution NLL not reported{where}: {what}; the set is completed as checkpoints are "
+            "added")

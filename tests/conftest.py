@@ -71,6 +71,17 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def learning_run(tmp_path_factory):
+    """A tiny run that learns its training set (4 checkpoints, about 12 s): train accuracy 0 ->
+    1 on ``max`` questions, memorising on the way, so pre-memorization accuracy, the memorised
+    fraction and their history are all non-trivial. Tests copy from it and never write into it."""
+    from ckptsel.lab.quick import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("learning") / "run", families=("max",), n_train=24, epochs=80,
+                          n_checkpoints=4)
+
+
+@pytest.fixture(scope="session")
 def lab_lora_run(tmp_path_factory):
     """The same as a LoRA run on a base (3 adapter checkpoints)."""
     from ckptsel.lab.quick import train_tiny_run

@@ -17,6 +17,7 @@ import ckptsel.discover as discover_module
 from ckptsel.cli import main
 from ckptsel.discover import (
     discover,
+    discover_runs,
     epoch_and_loss,
     fingerprint,
     moe_from_config,
@@ -202,8 +203,37 @@ def test_model_facts_read_from_config_and_headers(trainer_run):
 def test_explicit_checkpoints_are_sorted_by_step_when_all_steps_are_known(trainer_run, tiny_llama_dir):
     steps = [c.step for c in discover([trainer_run / "checkpoint-100", trainer_run / "checkpoint-10"])]
     assert steps == [10, 100]
-    mixed = discover([trainer_run / "checkpoint-100", tiny_llama_dir, trainer_run / "checkpoint-10"])
-    assert [c.step for c in mixed] == [100, None, 10]  # one step unknown: the given order stands
+    # Checkpoints of another folder are another run; each run keeps its own order.
+    runs = discover_runs([trainer_run / "checkpoint-100", tiny_llama_dir, trainer_run / "checkpoint-10"])
+    assert [[c.step for c in r.checkpoints] for r in runs] == [[10, 100], [None]]
+    assert [r.name for r in runs] == [trainer_run.name, tiny_llama_dir.name]
+
+
+def test_a_sweep_folder_is_several_runs_named_by_their_subfolders(trainer_run, tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("lr2e-5", "lr1e-5", "seeds/s0"):
+        shutil.copytree(trainer_run, sweep / name)
+    (sweep / "notes").mkdir()  # neither a run nor holding one: ignored
+    runs = discover_runs(sweep)
+    assert [r.name for r in runs] == ["lr1e-5", "lr2e-5", "seeds/s0"]
+    steps = [c.step for c in discover_runs(trainer_run)[0].checkpoints]
+    for run in runs:
+        assert [c.step for c in run.checkpoints] == steps and {c.run for c in run.checkpoints} == {run.name}
+        assert run.path == sweep / run.name
+    # Run folders given as arguments are runs each, named by their folders, lengthened where they clash.
+    runs = discover_runs([sweep / "lr1e-5", sweep / "seeds" / "s0", sweep / "lr2e-5"])
+    assert [r.name for r in runs] == ["lr1e-5", "s0", "lr2e-5"]
+    shutil.copytree(trainer_run, tmp_path / "other" / "s0")
+    runs = discover_runs([sweep / "seeds" / "s0", tmp_path / "other" / "s0"])
+    assert [r.name for r in runs] == ["seeds/s0", "other/s0"]
+    flat = discover([sweep / "lr1e-5", sweep / "lr2e-5"])
+    assert [c.run for c in flat] == ["lr1e-5"] * len(steps) + ["lr2e-5"] * len(steps)
+
+
+def test_an_empty_folder_is_still_one_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (ckpt,) = discover(tmp_path / "empty")
+    assert ckpt.kind == "error" and "no checkpoint-N/ folders" in ckpt.error
 
 
 def test_step_from_folder_names_orders_a_shell_glob(tmp_path, tiny_llama_dir):

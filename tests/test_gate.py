@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from ckptsel.cli import main
+from ckptsel.discover import Run
+from ckptsel.pipeline import MeasuredRun, RankResult
 from ckptsel.policy import GateRules, Policy, PolicyError, evaluate, load_policy
-from ckptsel.recipes import override
 from ckptsel.select import CheckpointMetrics, Ranking, Threshold
 from ckptsel.stages import Flag
 
@@ -44,15 +45,16 @@ def fake(monkeypatch, tmp_path):
     (tmp_path / "train.jsonl").write_text('{"question": "1+1=?", "answer": "#### 2"}\n')
     calls = []
 
-    def measure_and_rank(paths, data_path, recipe, *, checkpoints, stages, **kwargs):
-        recipe = override(recipe, stages=stages)  # as the real one applies them
-        calls.append(SimpleNamespace(checkpoints=checkpoints, stages=stages, overmem=recipe.stages, **kwargs))
+    def run_ranking(request, *, command, quiet):
+        checkpoints = [c for r in request.runs for c in r.checkpoints]
+        calls.append(SimpleNamespace(checkpoints=checkpoints, overmem=request.recipe.stages, request=request))
         ranking = _ranking([c.path for c in checkpoints])
         ranking.checkpoints = ranking.checkpoints[: len(checkpoints)]
         collected = SimpleNamespace(failures={}, settings_key="k", loaded=len(checkpoints))
-        return rank_cli.RankedRun(ranking, collected, recipe, len(checkpoints))
+        measured = MeasuredRun(Run("run", run, list(checkpoints)), request.data, collected)
+        return RankResult(ranking, [measured], request.recipe, len(checkpoints))
 
-    monkeypatch.setattr(rank_cli, "measure_and_rank", measure_and_rank)
+    monkeypatch.setattr(rank_cli, "run_ranking", run_ranking)
     return SimpleNamespace(run=run, data=tmp_path / "train.jsonl", calls=calls, dir=tmp_path)
 
 
@@ -156,14 +158,14 @@ def test_usage_and_input_errors_exit_2(fake):
 def test_a_candidate_that_could_not_be_measured_is_exit_2(fake, monkeypatch):
     from ckptsel.cli import rank as rank_cli
 
-    measure = rank_cli.measure_and_rank
+    measure = rank_cli.run_ranking
 
     def failing(*args, **kwargs):
         run = measure(*args, **kwargs)
         run.ranking.checkpoints[-1].error = "checkpoint-3: cannot load"
         return run
 
-    monkeypatch.setattr(rank_cli, "measure_and_rank", failing)
+    monkeypatch.setattr(rank_cli, "run_ranking", failing)
     result = gate(fake)
     assert result.exit_code == 2 and "candidate could not be measured" in result.output
 

@@ -36,14 +36,18 @@ def invoke(args):
     return result
 
 
-def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path):
-    result = invoke(rank_args(tiny_run, tmp_path, "--json", "--heldout", str(tiny_run / "test.jsonl")))
+def test_rank_json_matches_the_formula_on_stored_measurements(learning_run, tmp_path):
+    run = learning_run
+    args = ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe", str(run / "recipe.yaml"),
+            "--cache-dir", str(tmp_path), "--max-examples", "8", "-k", "2", "--quiet", "--json",
+            "--heldout", str(run / "test.jsonl")]
+    result = invoke(args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     rows = out["checkpoints"]
-    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert [r["step"] for r in rows] == [40, 80, 120, 160]
     assert out["recommended"]["path"] in [r["path"] for r in rows]
-    assert out["cache"] == {"measured": 3, "from_cache": 0}
+    assert out["cache"] == {"measured": 4, "from_cache": 0}
 
     # Recompute PM(J) from the store with the public formula: the CLI must agree exactly.
     from ckptsel.store import Store
@@ -53,8 +57,8 @@ def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path
     from ckptsel.recipes import load_recipe
     from ckptsel.settings import SelectionSettings
 
-    examples = load_examples(tiny_run / "train.jsonl", load_recipe(str(tiny_run / "recipe.yaml")))
-    uids = [ex.uid for ex in select_examples(examples, SelectionSettings(max_examples=6))]
+    examples = load_examples(run / "train.jsonl", load_recipe(str(run / "recipe.yaml")))
+    uids = [ex.uid for ex in select_examples(examples, SelectionSettings(max_examples=8))]
     with Store.open(tmp_path) as store:
         fps = [r["fingerprint"] for r in rows]
         key = out["settings_key"]
@@ -63,21 +67,33 @@ def test_rank_json_matches_the_formula_on_stored_measurements(tiny_run, tmp_path
         from ckptsel.proxies import perturb_series
 
         perturbed = store.matrix(fps, key, perturb_series(("preamble", "format", "instruction")), uids, "nll")
-    assert acc.shape == (3, 6) and not np.isnan(acc).any() and not np.isnan(nll).any()
-    expected = metrics.premem_accuracy(acc, nll, out["threshold"]["used"])
+    assert acc.shape == (4, 8) and not np.isnan(acc).any() and not np.isnan(nll).any()
+    # This run answers and memorises: the formula's max, min and mask all matter here.
+    nu = out["threshold"]["used"]
+    assert acc.max() > 0 and (nll < nu).any() and (acc * (nll >= nu)).max() > 0
+    expected = metrics.premem_accuracy(acc, nll, nu)
     assert [r["premem_acc"] for r in rows] == pytest.approx(expected.tolist())
+    assert [r["train_acc"] for r in rows] == pytest.approx(acc.mean(axis=1).tolist())
+    assert [r["memorized_frac"] for r in rows] == pytest.approx((nll < nu).mean(axis=1).tolist())
+    assert expected[-1] < acc[-1].mean()  # memorised examples lose their credit: PM is not train accuracy
     for r in rows:
         lo, hi = r["premem_ci"]
         assert lo <= r["premem_acc"] <= hi
-        assert 0.0 <= r["memorized_frac"] <= 1.0
     # The proxies: the perturbation gap from the stored perturbed NLLs, the held-out NLL as the
     # flag's proxy (a held-out file was given), a stage for every checkpoint.
     assert [r["perturb_gap"] for r in rows] == pytest.approx((perturbed - nll).mean(axis=1).tolist())
-    assert out["proxy"] == "heldout_nll" and out["n_heldout"] == 6
+    assert out["proxy"] == "heldout_nll" and out["n_heldout"] == 8
     assert all(r["heldout_nll"] > 0 and r["entropy"] > 0 for r in rows)
+    assert all(r["stage"] in ("underfit", "generalizing", "over-memorized") for r in rows)
+    assert "not flagged over-memorized" in out["rule"] and "heldout_nll" in out["rule"]
+
+
+def test_rank_then_gate_on_the_same_cache_measures_nothing(tiny_run, tmp_path):
+    result = invoke(rank_args(tiny_run, tmp_path, "--json", "--heldout", str(tiny_run / "test.jsonl")))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["checkpoints"]
     # The tiny model never answers correctly: no alternative solutions, every checkpoint underfit.
     assert [r["stage"] for r in rows] == ["underfit"] * 3 and all(r["flag"] is None for r in rows)
-    assert "not flagged over-memorized" in out["rule"] and "heldout_nll" in out["rule"]
 
     # The gate on the same run and cache measures nothing again; exit 0 pass, 1 fail.
     gate = ["gate", str(tiny_run), "--data", str(tiny_run / "train.jsonl"), "--recipe", str(tiny_run / "recipe.yaml"),

@@ -106,15 +106,13 @@ def _train(out: Path, err, quiet: bool) -> Path:
 
 def _rank(run_dir: Path, cache_dir: Path, quiet: bool):
     """Step 3: exactly what ``ckptsel rank`` does, on a fixed subset, with the store in the demo folder."""
-    from ckptsel.cli.rank import measure_and_rank
+    from ckptsel.cli.rank import run_ranking
+    from ckptsel.pipeline import RankRequest
     from ckptsel.recipes import load_recipe
-    from ckptsel.settings import EngineSettings
 
-    return measure_and_rank(
-        (run_dir,), run_dir / "train.jsonl", load_recipe(run_dir / "recipe.yaml"), sampling={}, memorization={},
-        stages={}, base_model=None, max_examples=DEMO_EXAMPLES, examples_seed=0, skip_bad=False,
-        heldout_path=None, engine=EngineSettings(), cache_dir=cache_dir, quiet=quiet, command="rank",
-    )
+    request = RankRequest(paths=(run_dir,), recipe=load_recipe(run_dir / "recipe.yaml"), data=run_dir / "train.jsonl",
+                          max_examples=DEMO_EXAMPLES, cache_dir=cache_dir)
+    return run_ranking(request, command="rank", quiet=quiet)
 
 
 def _report(ranked, truth: dict, run_dir: Path, out: Path) -> Path:

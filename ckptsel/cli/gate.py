@@ -22,7 +22,6 @@ EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2 (ckptsel.cli)
 
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Training data file or folder.")
 @recipe_options
 @click.option(
     "--policy", "policy_path", type=click.Path(path_type=Path), help="Policy YAML (rules, candidate, stage thresholds)."
@@ -49,13 +48,14 @@ EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2 (ckptsel.cli)
 @engine_options
 @json_option
 @quiet_option
-def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_memorized, max_proxy_ratio,
-         allow_overmemorized, measurement, proxy, engine, cache_dir, as_json, quiet):
+def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_memorized, max_proxy_ratio,
+         allow_overmemorized, measurement, engine, cache_dir, as_json, quiet):
     """Pass or fail a checkpoint against a policy, judged from the training data and its run's history.
 
     PATH is a run folder (the candidate is its last checkpoint unless --candidate or the
-    policy says otherwise) or one checkpoint-N folder (its earlier siblings are the
-    history). The run is measured like `ckptsel rank` (cached, incremental). Options
+    policy says otherwise), a sweep (a folder of runs: the candidate is the sweep's
+    recommendation unless --candidate or the policy says otherwise) or one checkpoint-N folder
+    (its earlier siblings are the history). The run is measured like `ckptsel rank` (cached, incremental). Options
     override the policy file.
 
     \b
@@ -72,8 +72,6 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
     policy = load_policy(policy_path) if policy_path else Policy()
     # The policy's stage thresholds override the recipe's `stages:` only where the file sets them.
     stages = {name: getattr(policy.stages, name) for name in policy.stages.model_fields_set}
-    if proxy is not None:
-        stages["proxy"] = proxy
     overrides = {
         "min_premem_acc": min_premem_acc,
         "max_drop_from_recommended": max_drop,
@@ -87,14 +85,16 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
         payload["candidate"] = candidate
     policy = validate(payload, "options")
 
-    checkpoints, chosen = _candidate(path, candidate, measurement["base_model"])
-    run = rank_cli.measure_and_rank(
-        [path], data_path, recipe, stages=stages, engine=engine, cache_dir=cache_dir, quiet=quiet,
-        command="gate", checkpoints=checkpoints, **measurement,
-    )
+    runs, chosen = _candidate(path, candidate, measurement.base_model)
+    request = measurement.request([path], recipe, engine=engine, cache_dir=cache_dir, runs=runs, stages=stages)
+    run = rank_cli.run_ranking(request, command="gate", quiet=quiet)
     ranking = run.ranking
+    candidate_set = candidate is not None or "candidate" in policy.model_fields_set
     if chosen is None:
-        chosen = ranking.recommended if policy.candidate == "recommended" else _last_measured(ranking)
+        if policy.candidate == "recommended" or (len(runs) > 1 and not candidate_set):
+            chosen = ranking.recommended  # a sweep's default candidate: the sweep's pick
+        else:
+            chosen = _last_measured(ranking)
     if chosen is None or ranking.checkpoints[chosen].error:
         reason = ranking.checkpoints[chosen].error if chosen is not None else "no checkpoint could be measured"
         raise CkptselError(f"gate: the candidate could not be measured: {reason}")
@@ -121,41 +121,48 @@ def gate(path, data_path, recipe, policy_path, candidate, min_premem_acc, max_dr
     alert = stderr_console()
     for warning in ranking.warnings:
         alert.print(f"[yellow]warning:[/] {warning}")
-    for reason in run.collected.failures.values():
+    for reason in run.failures:
         alert.print(f"[yellow]not measured:[/] {reason}")
     raise SystemExit(EXIT_PASS if passed else EXIT_FAIL)
 
 
 def _candidate(path: Path, candidate: str | None, base_model: str | None):
-    """(checkpoints to measure, index of the candidate or None to pick after ranking).
+    """(runs to measure, index of the candidate in the ranking, or None to pick after ranking).
 
     A checkpoint-N folder inside a run is judged with the run's checkpoints up to it as
-    history; a run folder gives all its checkpoints; ``--candidate PATH`` must be one of them.
+    history; a run or sweep folder gives all its checkpoints; ``--candidate PATH`` must be one
+    of them.
     """
-    from ckptsel.discover import discover
+    from ckptsel.discover import Run, discover_runs
     from ckptsel.errors import CkptselError
 
-    found = discover([path], base_model=base_model)
+    runs = discover_runs([path], base_model=base_model)
+    found = [c for run in runs for c in run.checkpoints]
     target = path.expanduser().resolve()
     is_single = len(found) == 1 and found[0].path.resolve() == target
     if is_single:
         if candidate not in (None, "last", "recommended"):
             raise click.UsageError("--candidate applies to a run folder; PATH is already one checkpoint")
-        history = discover([target.parent], base_model=base_model)
+        history = discover_runs([target.parent], base_model=base_model)
+        history = history[0].checkpoints if len(history) == 1 else []
         paths = [c.path.resolve() for c in history]
         if target not in paths:  # a lone checkpoint folder: no history to judge against
-            return found, 0
+            return runs, 0
         history = history[: paths.index(target) + 1]
-        return history, len(history) - 1
+        return [Run(runs[0].name, runs[0].path, history)], len(history) - 1
     if candidate in (None, "last", "recommended"):
-        return found, None
+        return runs, None
     wanted = Path(candidate).expanduser().resolve()
     for i, c in enumerate(found):
         if c.path.resolve() == wanted:
-            return found, i
+            return runs, i
     raise CkptselError(f"--candidate {candidate}: not a checkpoint of {path} (found {len(found)})")
 
 
 def _last_measured(ranking) -> int | None:
-    """The last checkpoint of the run (in training order), even if it failed: the gate must not skip it."""
-    return len(ranking.checkpoints) - 1 if ranking.checkpoints else None
+    """The last checkpoint of the run (in training order), even if it failed: the gate must not skip it.
+    For a sweep: the last checkpoint of the recommended checkpoint's run."""
+    if not ranking.checkpoints:
+        return None
+    run = ranking.run_of(ranking.recommended) if ranking.recommended is not None and ranking.is_sweep else None
+    return run.indices[-1] if run is not None else len(ranking.checkpoints) - 1

@@ -48,7 +48,7 @@ def _adapter_cell(ckpt) -> str:
     return f"r={ckpt.lora_rank}{alpha} {','.join(ckpt.target_modules or [])} on {base}"
 
 
-def _row(ckpt, cwd: Path, fp: str | None) -> dict[str, str]:
+def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
     """One table row as rich markup; columns whose cells are all empty are dropped later."""
     from rich.markup import escape  # paths and messages may contain [brackets]
 
@@ -58,6 +58,7 @@ def _row(ckpt, cwd: Path, fp: str | None) -> dict[str, str]:
         shown = str(ckpt.path)
     notes = [f"[red]{escape(ckpt.error)}[/]"] if ckpt.error else []
     return {
+        "run": escape(ckpt.run or "") if with_run else "",
         "step": "" if ckpt.step is None else str(ckpt.step),
         "checkpoint": escape(shown),
         "kind": f"[{_KIND_STYLE[ckpt.kind]}]{ckpt.kind}[/]",
@@ -80,7 +81,8 @@ def ls(paths, base_model, with_fingerprint, as_json):
     """List checkpoints under PATH... in training order, read from configs and headers only.
 
     PATH is a Trainer run folder (checkpoint-N/ inside, plus a final model at its root),
-    a single checkpoint folder, or several of either.
+    a sweep (a folder of run folders), a single checkpoint folder, or several of these.
+    Checkpoints are grouped by run, each run in training order.
 
     \b
     Example:
@@ -93,34 +95,38 @@ def ls(paths, base_model, with_fingerprint, as_json):
       1  nothing usable: every checkpoint found is broken
       2  a PATH does not exist or is not a folder
     """
-    from ckptsel.discover import discover, fingerprint
+    from ckptsel.discover import discover_runs, fingerprint
 
-    found = discover(paths, base_model=base_model)
+    runs = discover_runs(paths, base_model=base_model)
+    found = [c for run in runs for c in run.checkpoints]
     fps = {c.path: fingerprint(c) for c in found if c.kind != "error"} if with_fingerprint else {}
     usable = sum(c.kind != "error" for c in found)
     if as_json:
         print_json([c.to_dict() | ({"fingerprint": fps.get(c.path)} if with_fingerprint else {}) for c in found])
     else:
-        _print_table(found, fps, Path(os.getcwd()))
+        _print_table(found, fps, Path(os.getcwd()), len(runs))
     if usable == 0:
         raise click.exceptions.Exit(1)
 
 
-def _print_table(found, fps, cwd) -> None:
+def _print_table(found, fps, cwd, n_runs: int) -> None:
     from rich import box
     from rich.table import Table
 
-    rows = [_row(c, cwd, fps.get(c.path)) for c in found]
+    rows = [_row(c, cwd, fps.get(c.path), n_runs > 1) for c in found]
     columns = [name for name in rows[0] if any(r[name] for r in rows)]
     errors = sum(c.kind == "error" for c in found)
-    table = Table(caption=f"{len(found)} checkpoints, {errors} broken", caption_justify="left", box=box.SIMPLE_HEAD)
+    runs = f" in {n_runs} runs" if n_runs > 1 else ""
+    table = Table(caption=f"{len(found)} checkpoints{runs}, {errors} broken", caption_justify="left",
+                  box=box.SIMPLE_HEAD)
     for name in columns:
         # Short cells never wrap and names keep their width up to a cap, so on a narrow
         # terminal it is the model and notes columns that wrap.
         widest = max(len(r[name]) for r in rows)
         table.add_column(name, justify="right" if name in ("step", "epoch", "loss") else "left",
-                         no_wrap=name in ("step", "kind", "epoch", "loss", "fingerprint"), overflow="fold",
+                         no_wrap=name in ("run", "step", "kind", "epoch", "loss", "fingerprint"), overflow="fold",
                          min_width=min(widest, 40) if name == "checkpoint" else None)
-    for r in rows:
-        table.add_row(*(r[name] for name in columns))
+    for n, r in enumerate(rows):
+        last_of_run = n + 1 < len(found) and found[n + 1].run != found[n].run
+        table.add_row(*(r[name] for name in columns), end_section=last_of_run)
     stdout_console().print(table)

@@ -30,7 +30,6 @@ RECOMMEND_MAX_EXAMPLES = 200  # --recommend's default subset: every candidate is
 @click.command("merge")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--recommend", is_flag=True, help="Choose the merge from the ranking (this form of the command).")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Training data file or folder.")
 @recipe_options
 @measurement_options
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
@@ -41,14 +40,14 @@ RECOMMEND_MAX_EXAMPLES = 200  # --recommend's default subset: every candidate is
 @engine_options
 @json_option
 @quiet_option
-def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, tolerance, out, force, engine, cache_dir,
-                    as_json, quiet):
+def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, engine, cache_dir, as_json, quiet):
     """Write the best of the merges the ranking suggests, chosen on the training data.
 
     \b
     ckptsel merge ./run --recommend --data train.jsonl --recipe gsm8k -o merged
 
-    Ranks RUN like `ckptsel rank` (from the cache when measured already), then builds and
+    Ranks RUN like `ckptsel rank` (from the cache when measured already; for a sweep, the
+    merge is made in the run of the sweep's recommended checkpoint), then builds and
     measures, on the same training examples (--max-examples, default 200): the recommended
     checkpoint alone; ½/½ and ⅓/⅔ with its predecessor (Ruan et al.); the mean of the
     predecessor, the recommended checkpoint and the next unflagged one; the mean of the
@@ -60,26 +59,32 @@ def merge_recommend(run, recommend, data_path, recipe, measurement, proxy, toler
     comparison in its model card and ckptsel_merge.json, and stored in the cache for
     `ckptsel report`. Merged candidates are built beside OUT and removed afterwards.
     """
+    import dataclasses
+
     from ckptsel.cli.progress import CollectProgress
-    from ckptsel.cli.rank import measure_and_rank
-    from ckptsel.discover import discover
+    from ckptsel.cli.rank import run_ranking
+    from ckptsel.discover import discover_runs
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
     from ckptsel.store import Store
 
     err = stderr_console(quiet)
-    checkpoints = discover([run], base_model=measurement["base_model"])
-    if sum(c.kind != "error" for c in checkpoints) < 2:
-        raise RecommendError(f"{run}: {len(checkpoints)} checkpoint(s) found; --recommend merges checkpoints of "
-                             "one run and needs at least two")
-    if measurement["max_examples"] is None:
-        measurement["max_examples"] = RECOMMEND_MAX_EXAMPLES
-    ranked = measure_and_rank((run,), data_path, recipe, stages={"proxy": proxy}, engine=engine, cache_dir=cache_dir,
-                              quiet=quiet, command="merge --recommend", checkpoints=checkpoints, **measurement)
+    runs = discover_runs([run], base_model=measurement.base_model)
+    if max(sum(c.kind != "error" for c in r.checkpoints) for r in runs) < 2:
+        n = sum(len(r.checkpoints) for r in runs)
+        raise RecommendError(f"{run}: {n} checkpoint(s) found; --recommend merges checkpoints of one run and needs "
+                             "at least two")
+    if measurement.max_examples is None:
+        measurement = dataclasses.replace(measurement, max_examples=RECOMMEND_MAX_EXAMPLES)
+    request = measurement.request([run], recipe, engine=engine, cache_dir=cache_dir, runs=runs)
+    ranked = run_ranking(request, command="merge --recommend", quiet=quiet).run_view()
+    checkpoints = ranked.collected.checkpoints
+    if len(runs) > 1:
+        err.print(f"merging in run {ranked.runs[0].run.name}, the sweep's recommendation")
     err.print("comparing merge candidates")
     with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
         result = run_recommend(
             ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies, overmem=ranked.recipe.stages,
-            out=out, force=force, base_model=measurement["base_model"], tolerance=tolerance,
+            out=out, force=force, base_model=measurement.base_model, tolerance=tolerance,
             on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"),
         )
     if as_json:

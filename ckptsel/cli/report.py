@@ -26,6 +26,8 @@ RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.js
               show_default=True, help="The HTML file to write.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path),
               help=f"Training data, when PATH is a run folder (default: PATH/{RUN_DATA} if there).")
+@click.option("--data-per-run", metavar="FILENAME",
+              help="For a sweep: each run reads its own RUN/FILENAME (instead of --data).")
 @recipe_options
 @click.option("--max-examples", type=click.IntRange(min=1), help="The fixed random subset of training examples.")
 @click.option("--examples-seed", type=int, default=0, show_default=True, help="Seed of that subset.")
@@ -45,12 +47,12 @@ RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.js
 @json_option
 @quiet_option
 @click.pass_context
-def report(ctx, path, out, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
+def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
            verify_path, ground_truth, merges, title, png_dir, engine, cache_dir, as_json, quiet):
     """Write the report: plots over training, the recommendation and why, every number.
 
-    PATH is a run folder (ranked from the cache; only what it lacks is measured) or the
-    output of `ckptsel rank --json`. Verify results, the lab's ground_truth.json and merge
+    PATH is a run or sweep folder (ranked from the cache; only what it lacks is measured) or
+    the output of `ckptsel rank --json`. Verify results, the lab's ground_truth.json and merge
     comparisons are added when present. The page needs no network and no script.
 
     \b
@@ -71,18 +73,20 @@ def report(ctx, path, out, data_path, recipe, max_examples, examples_seed, heldo
         run_dir = _run_dir(ranking)
     else:
         run_dir = path
-        if data_path is None and (path / RUN_DATA).is_file():
+        if data_path is None and data_per_run is None and (path / RUN_DATA).is_file():
             data_path = path / RUN_DATA
-        if data_path is None:
-            raise CkptselError(f"{path}: give --data (training data) to rank this run, or a rank --json file as PATH")
+        if data_path is None and data_per_run is None:
+            raise CkptselError(f"{path}: give --data (training data) or --data-per-run FILENAME to rank this run, "
+                               "or a rank --json file as PATH")
         if not any(ctx.params.get(name) is not None for name in RECIPE_OPTION_NAMES) and (path / RUN_RECIPE).is_file():
             from ckptsel.recipes import load_recipe
 
             recipe = load_recipe(path / RUN_RECIPE)
             provenance.append(f"recipe: {path / RUN_RECIPE}")
-        ranking = _rank(path, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
-                        engine, cache_dir, quiet)
-        provenance.append(f"training data: {data_path} (ranked from the cache at report time)")
+        ranking = _rank(path, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model,
+                        skip_bad, engine, cache_dir, quiet)
+        data = data_path if data_path is not None else f"RUN/{data_per_run} of each run"
+        provenance.append(f"training data: {data} (ranked from the cache at report time)")
 
     verification = read_json(verify_path, "verify") if verify_path is not None else None
     if verify_path is not None:
@@ -107,16 +111,15 @@ def report(ctx, path, out, data_path, recipe, max_examples, examples_seed, heldo
         err.print(f"report written to [bold]{written}[/]" + (f"; plots as PNG in {png_dir}" if png_dir else ""))
 
 
-def _rank(path, data_path, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad, engine,
-          cache_dir, quiet) -> dict:
-    from ckptsel.cli.rank import measure_and_rank
+def _rank(path, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
+          engine, cache_dir, quiet) -> dict:
+    from ckptsel.cli.rank import run_ranking
+    from ckptsel.pipeline import RankRequest
 
-    run = measure_and_rank(
-        (path,), data_path, recipe, sampling={}, memorization={}, stages={}, base_model=base_model,
-        max_examples=max_examples, examples_seed=examples_seed, skip_bad=skip_bad, heldout_path=heldout_path,
-        engine=engine, cache_dir=cache_dir, quiet=quiet, command="report",
-    )
-    return run.to_json()
+    request = RankRequest(paths=(path,), recipe=recipe, data=data_path, data_per_run=data_per_run,
+                          base_model=base_model, max_examples=max_examples, examples_seed=examples_seed,
+                          skip_bad=skip_bad, heldout=heldout_path, engine=engine, cache_dir=cache_dir)
+    return run_ranking(request, command="report", quiet=quiet).to_json()
 
 
 def _run_dir(ranking: dict) -> Path | None:

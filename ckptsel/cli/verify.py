@@ -38,6 +38,8 @@ from ckptsel.cli.options import (
               help="Predictions: the output of `ckptsel rank --json`.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path),
               help="Predictions: rank the checkpoints on this training data (stored measurements are reused).")
+@click.option("--data-per-run", metavar="FILENAME",
+              help="Predictions for a sweep: each run ranked on its own RUN/FILENAME (instead of --data).")
 @click.option("--max-examples", type=click.IntRange(min=1), help="--data: the fixed random subset of training examples.")
 @click.option("--examples-seed", type=int, default=0, show_default=True, help="--data: seed of that subset.")
 @click.option("--base-model", metavar="PATH", help="Base model for LoRA adapters (overrides adapter_config.json).")
@@ -46,7 +48,7 @@ from ckptsel.cli.options import (
 @json_option
 @quiet_option
 def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, greedy, k, temperature, top_p,
-           max_new_tokens, seed, ranking_path, data_path, max_examples, examples_seed, base_model, skip_bad, engine,
+           max_new_tokens, seed, ranking_path, data_path, data_per_run, max_examples, examples_seed, base_model, skip_bad, engine,
            cache_dir, as_json, quiet):
     """Measure test accuracy with lm-eval; compare it with the predicted (pre-memorization) accuracy.
 
@@ -60,27 +62,28 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
       ckptsel verify ./run --test-file test.jsonl --recipe gsm8k --data train.jsonl --greedy
     """
     from ckptsel.cli.progress import CollectProgress
-    from ckptsel.discover import discover
+    from ckptsel.discover import discover_runs
     from ckptsel.errors import CkptselError
     from ckptsel.recipes import override
     from ckptsel.store import Store, ensure_outside
 
     if (test_file is None) == (tasks is None):
         raise click.UsageError("give exactly one of --test-file or --tasks")
-    if ranking_path is not None and data_path is not None:
-        raise click.UsageError("give --ranking or --data, not both")
+    if ranking_path is not None and (data_path is not None or data_per_run is not None):
+        raise click.UsageError("give --ranking or --data/--data-per-run, not both")
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars would garble ours and --json pipelines
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     err = stderr_console(quiet=quiet)
 
-    checkpoints = discover(paths, base_model=base_model)
+    runs = discover_runs(paths, base_model=base_model)
+    checkpoints = [c for run in runs for c in run.checkpoints]
     usable = [c for c in checkpoints if c.kind != "error"]
     if not usable:
         reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
         raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, paths))} ({reasons})")
     ensure_outside(cache_dir, [c.path for c in checkpoints])
-    ranking = _predictions(paths, ranking_path, data_path, recipe, checkpoints, max_examples, examples_seed, skip_bad,
-                           base_model, engine, cache_dir, quiet)
+    ranking = _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed,
+                           skip_bad, base_model, engine, cache_dir, quiet)
 
     with Store.open(cache_dir) as store:
         if test_file is not None:
@@ -128,23 +131,22 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
         raise SystemExit(3)
 
 
-def _predictions(paths, ranking_path, data_path, recipe, checkpoints, max_examples, examples_seed, skip_bad,
+def _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed, skip_bad,
                  base_model, engine, cache_dir, quiet) -> dict | None:
     """The ranking to compare against: a rank --json file, or computed now from the cache (measuring what it lacks)."""
     if ranking_path is not None:
         from ckptsel.report.inputs import read_json
 
         return read_json(ranking_path, "ranking")
-    if data_path is None:
+    if data_path is None and data_per_run is None:
         return None
-    from ckptsel.cli.rank import measure_and_rank
+    from ckptsel.cli.rank import run_ranking
+    from ckptsel.pipeline import RankRequest
 
-    run = measure_and_rank(
-        paths, data_path, recipe, sampling={}, memorization={}, stages={}, base_model=base_model,
-        max_examples=max_examples, examples_seed=examples_seed, skip_bad=skip_bad, heldout_path=None, engine=engine,
-        cache_dir=cache_dir, quiet=quiet, command="verify (ranking)", checkpoints=checkpoints,
-    )
-    return run.to_json()
+    request = RankRequest(paths=tuple(paths), recipe=recipe, data=data_path, data_per_run=data_per_run,
+                          base_model=base_model, max_examples=max_examples, examples_seed=examples_seed,
+                          skip_bad=skip_bad, engine=engine, cache_dir=cache_dir, runs=tuple(runs))
+    return run_ranking(request, command="verify (ranking)", quiet=quiet).to_json()
 
 
 def _fmt(value, spec: str = ".3f") -> str:

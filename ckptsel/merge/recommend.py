@@ -255,8 +255,8 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
               on_progress=None, on_stage: Stage | None = None) -> Recommendation:
     """Build, measure and compare the candidates of a ranked ``run``; write the winner to ``out``.
 
-    ``run``: what :func:`ckptsel.cli.rank.measure_and_rank` returns (ranking, collected,
-    recipe). ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
+    ``run``: a :class:`ckptsel.pipeline.RankResult` of one run (ranking, collected, recipe;
+    :meth:`~ckptsel.pipeline.RankResult.run_view` of a sweep's). ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
     ``lean_share``: the recommended checkpoint's share in the lean pair. Merges are
     built in a temporary folder in ``work_dir`` (default: beside ``out``), removed afterwards.
     ``on_progress`` receives :class:`ckptsel.collect.Progress`; ``on_stage`` a line per step.

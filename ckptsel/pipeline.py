@@ -1,0 +1,307 @@
+"""The rank pipeline as one library call: discover → data → measure → rank (ckptsel/DESIGN.md).
+
+    from ckptsel.pipeline import RankRequest, rank_runs
+    result = rank_runs(RankRequest(paths=("sweep",), data_per_run="train.jsonl", recipe=load_recipe("gsm8k")))
+    result.ranking.recommended          # index into result.ranking.checkpoints: the sweep's pick
+    result.ranking.runs                 # each run, with its own recommendation
+
+Every command that needs a ranking (rank, gate, report, verify, merge --recommend, the demo)
+builds a :class:`RankRequest` and calls :func:`rank_runs`; the CLI only parses options and
+prints. The library never prints: progress goes to ``on_progress`` (one event per unit of
+work, with the checkpoint's position in the whole sweep) and the opening line to ``on_start``.
+
+Runs (:func:`ckptsel.discover.discover_runs`) are measured one after another, each by
+:func:`ckptsel.collect.collect` on its own examples, so the alternative-solution harvest and
+pre-memorization accuracy's history stay inside each run. Runs trained on the same data file
+are measured on the same examples (one ``--max-examples`` subset), which makes the comparison
+between them paired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptsel.collect import Collected, Progress
+from ckptsel.discover import Checkpoint, Run
+from ckptsel.errors import CkptselError, DataError
+from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """Everything a ranking depends on. ``recipe`` holds the rendering, sampling, memorisation,
+    proxy and stage settings (with the CLI's overrides applied); ``threshold`` overrides its
+    ν without replacing it, so ``"auto"`` can fall back to the recipe's value where it cannot
+    be fitted (``"auto"`` pools the sweep's pairs, ``"auto-run"`` fits each run alone)."""
+
+    paths: tuple[Path, ...]
+    recipe: Recipe
+    data: Path | None = None  # one training file (or folder) for every run
+    data_per_run: str | None = None  # each run reads RUN/<this>
+    threshold: float | str | None = None
+    base_model: str | None = None
+    max_examples: int | None = None
+    examples_seed: int = 0
+    skip_bad: bool = False
+    heldout: Path | None = None
+    engine: EngineSettings = EngineSettings()
+    cache_dir: Path | None = None
+    runs: tuple[Run, ...] | None = None  # already discovered: skips discovery
+
+    def __post_init__(self):
+        if (self.data is None) == (self.data_per_run is None):
+            raise CkptselError("give the training data: either --data FILE or --data-per-run FILENAME (not both)")
+        if self.threshold not in (None, "auto", "auto-run") and not isinstance(self.threshold, (int, float)):
+            raise CkptselError(f"threshold {self.threshold!r}: a number of nats/token, 'auto' or 'auto-run'")
+
+    @property
+    def selection(self) -> SelectionSettings:
+        return SelectionSettings(max_examples=self.max_examples, examples_seed=self.examples_seed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a request is about to measure (``on_start``'s argument)."""
+
+    checkpoints: int
+    runs: int
+    examples: tuple[int, ...]  # distinct example counts over the runs
+    heldout: tuple[int, ...]
+    k: int
+    store: Path
+
+    def describe(self) -> str:
+        return (f"{self.checkpoints} checkpoint(s)" + (f" in {self.runs} runs" if self.runs > 1 else "")
+                + f", {'/'.join(map(str, self.examples))} example(s)"
+                + (f", {'/'.join(map(str, self.heldout))} held-out" if self.heldout else "")
+                + f", k={self.k}, cache {self.store}")
+
+
+@dataclass
+class MeasuredRun:
+    """One run of the request: what was found, the data it was measured on, what was measured."""
+
+    run: Run
+    data: Path
+    collected: Collected
+
+
+@dataclass
+class RankResult:
+    """What :func:`rank_runs` returns."""
+
+    ranking: "Ranking"  # noqa: F821  (ckptsel.select.Ranking; imported late)
+    runs: list[MeasuredRun]
+    recipe: Recipe
+    usable: int  # checkpoints that could be read (the rest were broken on disk)
+    skipped_runs: list[str] = field(default_factory=list)
+
+    @property
+    def collected(self) -> Collected:
+        """The recommended run's measurements (the only run's, for one run)."""
+        return self.runs[self.recommended_run].collected
+
+    @property
+    def recommended_run(self) -> int:
+        rec = self.ranking.recommended
+        if rec is not None:
+            name = self.ranking.checkpoints[rec].run
+            for r, m in enumerate(self.runs):
+                if m.run.name == name:
+                    return r
+        return 0
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per checkpoint that could not be read or measured, over all runs."""
+        return [reason for m in self.runs for reason in m.collected.failures.values()]
+
+    @property
+    def loaded(self) -> int:
+        return sum(m.collected.loaded for m in self.runs)
+
+    def run_view(self, name: str | None = None) -> RankResult:
+        """The result restricted to one run (default: the recommended checkpoint's), indices renumbered
+        from 0, the sweep's threshold kept: what commands that work on one run (merge --recommend) take."""
+        from ckptsel.select import Ranking
+
+        r = self.recommended_run if name is None else next(
+            (i for i, m in enumerate(self.runs) if m.run.name == name), None)
+        if r is None:
+            raise CkptselError(f"no run named {name!r} (runs: {', '.join(m.run.name for m in self.runs)})")
+        if len(self.runs) == 1:
+            return self
+        summary = self.ranking.runs[r]
+        first = summary.indices[0] if summary.indices else 0
+        rows = [dataclasses.replace(self.ranking.checkpoints[i], index=i - first) for i in summary.indices]
+        local = dataclasses.replace(summary, indices=[i - first for i in summary.indices],
+                                    recommended=None if summary.recommended is None else summary.recommended - first)
+        collected = self.runs[r].collected
+        ranking = Ranking(rows, self.ranking.threshold, len(collected.examples), local.recommended, self.ranking.rule,
+                          proxy=summary.proxy, stage_rule=self.ranking.stage_rule, n_heldout=len(collected.heldout),
+                          warnings=list(summary.warnings), pathway_rule=self.ranking.pathway_rule, runs=[local],
+                          per_example=summary.per_example)
+        if collected.harvest is not None and collected.harvest.fixed:
+            ranking.alt_coverage = collected.harvest.coverage(ex.uid for ex in collected.examples)
+            ranking.alt_sources = [i for i, fp in enumerate(collected.fingerprints) if fp in collected.harvest.sources]
+        usable = sum(c.kind != "error" for c in collected.checkpoints)
+        return RankResult(ranking, [self.runs[r]], self.recipe, usable)
+
+    def to_json(self) -> dict:
+        out = self.ranking.to_json()
+        keys = {m.collected.settings_key for m in self.runs}
+        out["settings_key"] = next(iter(keys)) if len(keys) == 1 else sorted(keys)
+        out["cache"] = {"measured": self.loaded, "from_cache": self.usable - self.loaded}
+        return out
+
+
+def rank_runs(
+    request: RankRequest,
+    *,
+    on_start: Callable[[Plan], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RankResult:
+    """Discover the runs, load each run's data, measure what the store lacks, rank (module docstring).
+
+    Raises :class:`CkptselError` for bad input (no loadable checkpoint at all, a run without
+    its data file, no examples); a checkpoint that cannot be measured is recorded in its run's
+    ``Collected.failures`` and the others go on.
+    """
+    from ckptsel import graders
+    from ckptsel.collect import collect, select_examples
+    from ckptsel.data import load_data
+    from ckptsel.discover import discover_runs
+    from ckptsel.select import rank
+    from ckptsel.store import Store, ensure_outside
+
+    recipe = request.recipe
+    if recipe.proxies.alt_grader is not None:
+        graders.get(recipe.proxies.alt_grader)  # an unknown name is a usage error before any work
+    runs = list(request.runs) if request.runs is not None else discover_runs(request.paths, request.base_model)
+    checkpoints = [c for run in runs for c in run.checkpoints]
+    usable = [c for c in checkpoints if c.kind != "error"]
+    if not usable:
+        reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
+        raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, request.paths))} ({reasons})")
+    data_files = _data_files(runs, request)
+    ensure_outside(request.cache_dir, [c.path for c in checkpoints])
+
+    tokenizers = _Tokenizers(request.engine)
+    loaded: dict[tuple, list] = {}  # (file, tokenizer source) -> the selected examples
+
+    def examples_of(path: Path, run: Run, what: str) -> list:
+        tok = tokenizers.for_run(run)
+        key = (path.resolve(), tokenizers.identity(run))
+        if key not in loaded:
+            rows = load_data(path, recipe, tokenizer=tok, skip_bad=request.skip_bad)
+            loaded[key] = select_examples(rows.examples, request.selection)
+            if not loaded[key]:
+                raise DataError(f"{path}: no {what} examples")
+        return loaded[key]
+
+    measured: list[MeasuredRun] = []
+    with Store.open(request.cache_dir) as store:
+        plans = []
+        for run in runs:
+            if not any(c.kind != "error" for c in run.checkpoints):
+                plans.append((run, None, [], []))  # nothing to measure: reported as failures
+                continue
+            examples = examples_of(data_files[run.name], run, "training")
+            heldout = examples_of(request.heldout, run, "held-out") if request.heldout is not None else []
+            plans.append((run, examples, heldout, None))
+        if on_start is not None:
+            on_start(Plan(len(checkpoints), len(runs), tuple(sorted({len(p[1]) for p in plans if p[1] is not None})),
+                          tuple(sorted({len(p[2]) for p in plans if p[2]})), recipe.sampling.k, store.path))
+        offset = 0
+        for run, examples, heldout, _ in plans:
+            progress = _offset(on_progress, offset)
+            offset += len(run.checkpoints)
+            if examples is None:
+                collected = _unreadable(run, recipe, request.engine)
+            else:
+                collected = collect(run.checkpoints, examples, recipe, store, tokenizer=tokenizers.for_run(run),
+                                    engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
+                                    on_progress=progress)
+            measured.append(MeasuredRun(run, data_files.get(run.name), collected))
+        threshold, scope = request.threshold, "sweep"
+        if threshold == "auto-run":
+            threshold, scope = "auto", "run"
+        ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
+                       pathway_settings=recipe.pathways, threshold=threshold, threshold_scope=scope,
+                       run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
+    return RankResult(ranking, measured, recipe, len(usable))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _data_files(runs: Sequence[Run], request: RankRequest) -> dict[str, Path]:
+    """Each run's training data: the one ``--data``, or ``RUN/<data_per_run>``."""
+    if request.data is not None:
+        return {run.name: Path(request.data) for run in runs}
+    out = {}
+    for run in runs:
+        path = run.path / request.data_per_run
+        if not path.exists():
+            raise DataError(f"run {run.name}: no {request.data_per_run} in {run.path} (--data-per-run)")
+        out[run.name] = path
+    return out
+
+
+class _Tokenizers:
+    """One tokenizer per distinct set of tokenizer files, loaded on first use."""
+
+    def __init__(self, engine: EngineSettings):
+        self._engine = engine
+        self._by_identity: dict[str, object] = {}
+
+    def identity(self, run: Run) -> str:
+        """A digest of the tokenizer files the run's checkpoints carry (else its base model's name)."""
+        ckpt = _first_usable(run)
+        files = [ckpt.path / name for name in _TOKENIZER_FILES if (ckpt.path / name).is_file()]
+        if not files:
+            return f"base:{ckpt.base_model}"
+        h = hashlib.sha256()
+        for path in files:
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()
+
+    def for_run(self, run: Run):
+        from ckptsel.measure.loading import load_tokenizer
+
+        key = self.identity(run)
+        if key not in self._by_identity:
+            self._by_identity[key] = load_tokenizer(_first_usable(run),
+                                                    trust_remote_code=self._engine.trust_remote_code)
+        return self._by_identity[key]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+
+
+def _first_usable(run: Run) -> Checkpoint:
+    return next(c for c in run.checkpoints if c.kind != "error")
+
+
+def _offset(on_progress, offset: int):
+    """Progress events of one run, renumbered to the checkpoint's position in the whole sweep."""
+    if on_progress is None:
+        return None
+    return lambda event: on_progress(dataclasses.replace(event, index=event.index + offset))
+
+
+def _unreadable(run: Run, recipe: Recipe, engine: EngineSettings) -> Collected:
+    """A run none of whose checkpoints can be read: every one recorded as failed."""
+    from ckptsel.collect import settings_key
+
+    failures = {i: c.error or "unreadable checkpoint" for i, c in enumerate(run.checkpoints)}
+    return Collected(list(run.checkpoints), [None] * len(run.checkpoints), settings_key(recipe, engine), [],
+                     failures=failures)

@@ -1,0 +1,227 @@
+"""Sweeps: the ranking rule over arrays (ckptsel.sweep), and `ckptsel rank` of a folder of runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ckptsel import metrics
+from ckptsel.cli import main
+from ckptsel.settings import MemorizationSettings, OvermemSettings
+from ckptsel.sweep import RunArrays, gap_between, rank_sweep, shared_columns
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# --------------------------------------------------------------------------- the rule over arrays
+
+
+def _run(name, acc, nll, **kw):
+    acc = np.asarray(acc, dtype=float)
+    return RunArrays(name=name, steps=list(range(1, acc.shape[0] + 1)), acc=acc, nll=np.asarray(nll, dtype=float), **kw)
+
+
+def test_history_stays_inside_each_run():
+    # Run a answers example 0 right before memorising it; run b starts memorised and never earns credit.
+    a = _run("a", [[1.0, 0.0], [1.0, 0.5]], [[0.5, 0.5], [0.01, 0.5]])
+    b = _run("b", [[1.0, 0.5]], [[0.01, 0.5]])
+    result = rank_sweep([a, b], recipe="gsm8k")
+    pm = {(r.run, r.step): r.premem_acc for r in result.rows}
+    assert pm[("a", 2)] == pytest.approx(metrics.premem_accuracy(a.acc, a.nll, 0.1)[-1]) == pytest.approx(0.75)
+    # The same last checkpoint, without a's history: example 0 was never answered unmemorised.
+    assert pm[("b", 1)] == pytest.approx(0.25)
+    assert [r.run for r in result.rows] == ["a", "a", "b"] and result.threshold.used == 0.1
+
+
+def test_sweep_pick_is_the_most_accurate_run_and_each_run_keeps_its_own():
+    rng = np.random.default_rng(0)
+    low = _run("low", rng.uniform(0.0, 0.4, (3, 200)), np.full((3, 200), 1.0))
+    high = _run("high", rng.uniform(0.4, 0.9, (3, 200)), np.full((3, 200), 1.0))
+    result = rank_sweep([low, high], recipe="gsm8k")
+    assert result.recommended[0] == "high"
+    assert result.runs[result.recommended_run].name == "high"
+    for rr in result.runs:  # each run's own pick is the single-run rule on that run alone
+        alone = rank_sweep([low if rr.name == "low" else high], recipe="gsm8k")
+        assert rr.recommended == alone.runs[0].recommended
+        assert alone.recommended == (rr.name, rr.steps[rr.recommended])
+    assert sum(r.recommended_in_run for r in result.rows) == 2
+    assert "across runs" in result.rule
+
+
+def test_within_the_noise_the_lower_proxy_rise_wins():
+    rng = np.random.default_rng(1)
+    acc = rng.uniform(0.4, 0.6, (3, 50))
+    nll = np.full((3, 50), 1.0)
+    flat = np.ones((3, 50))
+    rising = np.ones((3, 50)) * np.array([[1.0], [1.1], [1.2]])  # rises, but not enough to flag (1.25x)
+    a = _run("rising", acc, nll, heldout=rising, examples=[str(i) for i in range(50)])
+    b = _run("flat", acc + 0.001, nll, heldout=flat, examples=[str(i) for i in range(50)])
+    overmem = OvermemSettings(proxy_tie=0.0)
+    result = rank_sweep([a, b], memorization=MemorizationSettings(), overmem=overmem)
+    picks = {rr.name: rr.recommended for rr in result.runs}
+    ratios = {rr.name: rr.columns["proxy_ratio"][picks[rr.name]] for rr in result.runs}
+    assert ratios["flat"] < ratios["rising"] or picks["rising"] == 0
+    assert result.recommended[0] == "flat"
+    # Far apart in accuracy, the more accurate run wins whatever its proxy.
+    far = _run("rising", acc + 0.3, nll, heldout=rising, examples=[str(i) for i in range(50)])
+    assert rank_sweep([far, b], overmem=overmem).recommended[0] == "rising"
+
+
+def test_paired_where_runs_share_examples_unpaired_otherwise():
+    a = _run("a", [[1.0, 0.0, 1.0]], [[1.0] * 3], examples=["x", "y", "z"])
+    b = _run("b", [[0.0, 1.0, 1.0]], [[1.0] * 3], examples=["z", "x", "w"])
+    left, right = shared_columns(a, b)
+    assert [a.examples[i] for i in left] == [b.examples[j] for j in right] == ["x", "z"]
+    assert shared_columns(a, _run("c", [[1.0] * 3], [[1.0] * 3])) is None  # no ids: not paired
+    ra, rb = (rank_sweep([r], recipe="gsm8k").runs[0] for r in (a, b))
+    gap, se = gap_between(a, ra, b, rb)
+    d = np.array([1.0 - 1.0, 1.0 - 0.0])  # x: 1 vs 1, z: 1 vs 0
+    assert gap == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(2))
+    c = _run("c", [[1.0, 1.0, 0.0, 0.0]], [[1.0] * 4])
+    rc = rank_sweep([c], recipe="gsm8k").runs[0]
+    gap, se = gap_between(a, ra, c, rc)
+    va, vc = np.array([1.0, 0.0, 1.0]), np.array([1.0, 1.0, 0.0, 0.0])
+    assert gap == pytest.approx(va.mean() - vc.mean())
+    assert se == pytest.approx(np.sqrt(va.var(ddof=1) / 3 + vc.var(ddof=1) / 4))
+
+
+def test_threshold_auto_pools_the_sweep_and_falls_back_to_the_recipe_when_nothing_copies():
+    nll = np.array([[0.5, 0.4], [0.05, 0.3]])
+    copies = np.array([[0.0, 0.0], [1.0, 0.0]])
+    a = _run("a", np.ones((2, 2)), nll, copy=copies)
+    b = _run("b", np.ones((2, 2)), nll * 2, copy=np.zeros((2, 2)))
+    pooled = rank_sweep([a, b], recipe="gsm8k", threshold="auto")
+    expected = metrics.calibrate_threshold(np.concatenate([nll.ravel(), (nll * 2).ravel()]),
+                                           np.concatenate([copies.ravel(), np.zeros(4)])).threshold
+    assert pooled.threshold.used == pytest.approx(expected) and not pooled.threshold.fell_back
+    assert all(rr.threshold == pytest.approx(expected) for rr in pooled.runs)
+    # Per run: run b has no copying pair, so it falls back to the recipe's nu, with a warning.
+    per_run = rank_sweep([a, b], recipe="gsm8k", threshold="auto", threshold_scope="run")
+    assert per_run.threshold.per_run["b"] == 0.1 and per_run.threshold.fell_back
+    assert per_run.threshold.per_run["a"] == pytest.approx(metrics.calibrate_threshold(nll, copies).threshold)
+    assert any("run b" in w and "0.1" in w for w in per_run.warnings)
+    # Nothing copies anywhere: the sweep falls back too, rather than stopping.
+    none = rank_sweep([b], recipe="gsm8k", threshold="auto")
+    assert none.threshold.used == 0.1 and none.threshold.fell_back and "could not be fitted" in none.warnings[0]
+
+
+def test_bad_arrays_are_named():
+    with pytest.raises(ValueError, match="run x: acc and nll"):
+        rank_sweep([RunArrays("x", [1], np.ones((1, 3)), np.ones((1, 2)))])
+    with pytest.raises(ValueError, match="unique"):
+        rank_sweep([_run("x", [[1.0]], [[1.0]]), _run("x", [[1.0]], [[1.0]])])
+    with pytest.raises(ValueError, match="2 steps for 1"):
+        rank_sweep([RunArrays("x", [1, 2], np.ones((1, 3)), np.ones((1, 3)))])
+
+
+# --------------------------------------------------------------------------- ckptsel rank SWEEP
+
+
+FAST = ["--max-examples", "6", "-k", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sweep(learning_run, tmp_path_factory):
+    """Three runs: the learning run ("full"), its first half ("early") and its second half
+    ("late", as if it had started there), all trained on the same data."""
+    root = tmp_path_factory.mktemp("sweep") / "sweep"
+    steps = sorted(int(p.name.split("-")[1]) for p in learning_run.glob("checkpoint-*"))
+    for name, keep in (("full", steps), ("early", steps[:2]), ("late", steps[2:])):
+        for step in keep:
+            shutil.copytree(learning_run / f"checkpoint-{step}", root / name / f"checkpoint-{step}")
+        for f in ("train.jsonl", "recipe.yaml"):
+            shutil.copy(learning_run / f, root / name / f)
+    return root
+
+
+def _rank(sweep, cache, *extra, recipe=None):
+    recipe = recipe or sweep / "full" / "recipe.yaml"
+    args = ["rank", str(sweep), "--recipe", str(recipe), "--cache-dir", str(cache), *FAST, *extra]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_rank_of_a_sweep_ranks_every_run_and_picks_one(sweep, tmp_path):
+    result = _rank(sweep, tmp_path, "--data-per-run", "train.jsonl", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    runs = [r["run"] for r in out["checkpoints"]]
+    assert runs == ["early"] * 2 + ["full"] * 4 + ["late"] * 2
+    assert [r["name"] for r in out["runs"]] == ["early", "full", "late"]
+    # Four distinct checkpoints: the copies share fingerprints, so each is measured once.
+    assert out["cache"]["measured"] == 4
+    rows = {(r["run"], r["step"]): r for r in out["checkpoints"]}
+    # The same checkpoint with the same history: the same numbers; without its history: its own.
+    assert rows[("early", 80)]["premem_acc"] == rows[("full", 80)]["premem_acc"]
+    assert rows[("late", 120)]["train_acc"] == rows[("full", 120)]["train_acc"]
+    assert rows[("late", 160)]["premem_acc"] <= rows[("full", 160)]["premem_acc"]
+    rec = out["recommended"]
+    assert rec["path"] in [r["path"] for r in out["checkpoints"]]
+    assert any(r["recommended"]["path"] == rec["path"] for r in out["runs"])  # the sweep picks a run's pick
+
+    # rank_sweep reproduces it from the stored arrays alone.
+    from ckptsel.store import Store
+
+    from ckptsel.collect import select_examples
+    from ckptsel.data import load_examples
+    from ckptsel.recipes import load_recipe
+    from ckptsel.settings import SelectionSettings
+
+    recipe = load_recipe(str(sweep / "full" / "recipe.yaml"))
+    uids = [ex.uid for ex in select_examples(load_examples(sweep / "full" / "train.jsonl", recipe),
+                                             SelectionSettings(max_examples=6))]
+    arrays = []
+    with Store.open(tmp_path) as store:
+        for run in out["runs"]:
+            own = [r for r in out["checkpoints"] if r["run"] == run["name"]]
+            fps = [r["fingerprint"] for r in own]
+            read = lambda kind, field: store.matrix(fps, out["settings_key"], kind, uids, field)  # noqa: E731
+            arrays.append(RunArrays(run["name"], [r["step"] for r in own], read("sample", "acc"), read("score", "nll"),
+                                    copy=read("sample", "copy_rate"), examples=uids))
+    again = rank_sweep(arrays, recipe=recipe)
+    assert [r.premem_acc for r in again.rows] == pytest.approx([r["premem_acc"] for r in out["checkpoints"]])
+    assert [r.stage for r in again.rows] != [] and again.recommended[0] in {"early", "full", "late"}
+
+
+def test_one_data_file_for_every_run_and_the_table(sweep, tmp_path):
+    table = _rank(sweep, tmp_path, "--data", str(sweep / "full" / "train.jsonl"))
+    assert table.exit_code == 0, table.output
+    assert "3 runs" in table.stdout and "recommended:" in table.stdout and "run " in table.stdout
+    assert table.stdout.count("☆") >= 2  # the other runs' own picks, listed
+    listed = CliRunner().invoke(main, ["ls", str(sweep)])
+    assert listed.exit_code == 0 and "in 3 runs" in listed.stdout and "early" in listed.stdout
+
+
+def test_data_per_run_missing_file_names_the_run(sweep, tmp_path):
+    broken = tmp_path / "sweep"
+    shutil.copytree(sweep, broken)
+    (broken / "late" / "train.jsonl").unlink()
+    result = _rank(broken, tmp_path / "cache", "--data-per-run", "train.jsonl")
+    assert result.exit_code == 2
+    assert "run late" in result.output and "train.jsonl" in result.output and "Traceback" not in result.output
+    neither = CliRunner().invoke(main, ["rank", str(sweep), "--cache-dir", str(tmp_path)])
+    assert neither.exit_code == 2 and "--data-per-run" in neither.output
+
+
+def test_threshold_auto_on_a_sweep_falls_back_with_a_warning(sweep, tmp_path):
+    early = tmp_path / "early-only"
+    shutil.copytree(sweep / "early", early / "early")
+    shutil.copytree(sweep / "early", early / "again")
+    result = _rank(early, tmp_path / "c", "--data-per-run", "train.jsonl", "--threshold", "auto", "--json",
+                   recipe=early / "early" / "recipe.yaml")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["threshold"]["used"] == 0.1 and out["threshold"]["fell_back"]
+    assert any("could not be fitted" in w for w in out["warnings"])
+
+
+def test_gate_on_a_sweep_judges_the_sweeps_pick(sweep, tmp_path):
+    args = ["gate", str(sweep), "--data-per-run", "train.jsonl", "--recipe", str(sweep / "full" / "recipe.yaml"),
+            "--cache-dir", str(tmp_path), *FAST, "--allow-overmemorized", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["candidate"]["path"] == out["ranking"]["recommended"]["path"]
