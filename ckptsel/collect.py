@@ -41,7 +41,7 @@ from ckptsel.discover import Checkpoint, fingerprint
 from ckptsel.errors import CheckpointError
 from ckptsel.proxies import Harvest
 from ckptsel.settings import EngineSettings, ProxySettings, Recipe, SelectionSettings
-from ckptsel.store import Record, Store
+from ckptsel.store import Record, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: dict, *, rou
         [ex.prompt for ex in examples],
         [ex.target for ex in examples],
         append_eos=recipe.data.append_eos,
+        ends=[ex.end_of_turn for ex in examples],  # realmodel: a chat template's end of turn, as TRL trains it
         batch_size=ctx["engine"].batch_size,
         routers=routers,
     )
@@ -210,7 +211,7 @@ def budgets(tokenizer, examples: Sequence[Example], recipe: Recipe) -> dict[str,
     """
     if recipe.sampling.max_new_tokens is not None:
         return {ex.uid: recipe.sampling.max_new_tokens for ex in examples}
-    from ckptsel.measure.sampling import max_new_tokens_for
+    from ckptsel.measure.text import max_new_tokens_for
 
     ids = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
     return {ex.uid: max_new_tokens_for([len(t) + recipe.data.append_eos]) for ex, t in zip(examples, ids)}
@@ -218,14 +219,35 @@ def budgets(tokenizer, examples: Sequence[Example], recipe: Recipe) -> dict[str,
 
 def settings_key(recipe: Recipe, engine: EngineSettings) -> str:
     """Everything that changes a stored number: rendering, sampling and its budget rule, the dtype, the backend."""
-    from ckptsel.measure.loading import dtype_name
-
-    dtype = dtype_name(engine)
+    dtype = resolved_dtype_name(engine)
     budget = recipe.sampling.max_new_tokens or PER_EXAMPLE_BUDGET
     payload = {"recipe": recipe.measurement_key(), "dtype": dtype, "max_new_tokens": budget}
     if engine.backend != "hf":  # other backends draw other samples; hf keys stay as they were
         payload["backend"] = engine.backend
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolved_dtype_name(engine: EngineSettings) -> str:
+    """The dtype name ``engine`` runs in, as :func:`ckptsel.measure.loading.dtype_name` resolves it.
+
+    Without torch where the answer is certain: a named dtype is itself, and ``auto`` on a machine
+    with no GPU device node (``/dev/nvidia*``, ``/dev/kfd``) or with the GPU hidden by
+    ``--device cpu`` / ``CUDA_VISIBLE_DEVICES`` is float32. Otherwise torch decides (bf16 or fp16
+    on a GPU), so a ranking served from the store imports torch only on a GPU machine.
+    """
+    import glob
+    import os
+
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if engine.dtype != "auto" and engine.dtype in {*names, *names.values()}:
+        return names.get(engine.dtype, engine.dtype)
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    no_gpu = not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd")
+    if engine.dtype == "auto" and (engine.device == "cpu" or (engine.device == "auto" and (hidden or no_gpu))):
+        return "float32"
+    from ckptsel.measure.loading import dtype_name
+
+    return dtype_name(engine)
 
 
 def fingerprints(checkpoints: Sequence[Checkpoint], store: Store) -> list[str | None]:
@@ -261,18 +283,19 @@ def collect(
     heldout: Sequence[Example] = (),
     proxy_settings: ProxySettings = ProxySettings(),
     on_progress: Callable[[Progress], None] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> Collected:
     """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
 
     ``checkpoints`` are in training order (the alternative-solution set is harvested from
     the first ones). ``tokenizer`` (the run's: see
-    :func:`ckptsel.measure.loading.load_tokenizer`) sizes the sampling budgets. ``heldout``
+    :func:`ckptsel.measure.loading.load_tokenizer`) sizes the sampling budgets, unless
+    ``sizes`` gives them (uid -> budget, from :func:`budgets`); then it may be None, and a run
+    whose results are all stored imports neither torch nor transformers. ``heldout``
     examples are scored by the ``heldout`` kind (nothing to do when empty). One checkpoint
     failing to load or measure is recorded in ``Collected.failures``; the others go on.
     """
     from ckptsel import graders
-    from ckptsel.measure.loading import CheckpointLoader
-    from ckptsel.measure.vllm_backend import VllmSampler
 
     checkpoints = list(checkpoints)
     examples = list(examples)
@@ -281,9 +304,13 @@ def collect(
         raise ValueError(f"unknown measurement kinds {unknown}; known: {sorted(KINDS)}")
     grader = graders.get(recipe.data.grader)
     alt_grader = graders.get(proxy_settings.alt_grader) if proxy_settings.alt_grader else grader
-    sampler = VllmSampler(engine) if engine.backend == "vllm" else None  # raises when vllm is missing
+    sampler = None
+    if engine.backend == "vllm":
+        from ckptsel.measure.vllm_backend import VllmSampler
+
+        sampler = VllmSampler(engine)  # raises when vllm is missing
     ctx = {"engine": engine, "grader": grader, "proxies": proxy_settings, "vllm": sampler}
-    ctx["budgets"] = budgets(tokenizer, examples, recipe)
+    ctx["budgets"] = dict(sizes) if sizes is not None else budgets(tokenizer, examples, recipe)
     key = settings_key(recipe, engine)
     fps = fingerprints(checkpoints, store)
     result = Collected(checkpoints, fps, key, examples, heldout=list(heldout))
@@ -339,9 +366,7 @@ def collect(
         result.series["alt"] = harvest.series
         return True
 
-    with CheckpointLoader(
-        engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code, allow_pickle=engine.allow_pickle
-    ) as loader, sampler or nullcontext():
+    with _LazyLoader(engine) as loader, sampler or nullcontext():
         for i in pending:
             session = _Session(loader, checkpoints[i], i, result, on_progress)
             with _recording_failure(result, i):
@@ -364,6 +389,35 @@ def collect(
                         run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt", alt_pool())
         result.base_loads = loader.base_loads
     return result
+
+
+class _LazyLoader:
+    """A :class:`ckptsel.measure.loading.CheckpointLoader` made on the first load, so that a run
+    served from the store never imports torch."""
+
+    def __init__(self, engine: EngineSettings):
+        self._engine = engine
+        self._loader = None
+
+    def __enter__(self) -> _LazyLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loader is not None:
+            self._loader.__exit__(*exc)
+
+    @property
+    def base_loads(self) -> int:
+        return 0 if self._loader is None else self._loader.base_loads
+
+    def load(self, ckpt: Checkpoint):
+        if self._loader is None:
+            from ckptsel.measure.loading import CheckpointLoader
+
+            e = self._engine
+            self._loader = CheckpointLoader(e.device, e.dtype, trust_remote_code=e.trust_remote_code,
+                                            allow_pickle=e.allow_pickle).__enter__()
+        return self._loader.load(ckpt)
 
 
 class _Session:
@@ -394,10 +448,13 @@ def _recording_failure(result: Collected, index: int) -> Iterator[None]:
     except CheckpointError as err:
         result.failures[index] = str(err)
         log.info("%s", err)
+    except StoreError:  # the shared store, not this checkpoint: stop the run (one line, exit 2)
+        raise
     except Exception as exc:  # one bad checkpoint must not lose the others' results
         reason = f"{result.checkpoints[index].path}: measurement failed: {type(exc).__name__}: {exc}".splitlines()[0]
         result.failures[index] = reason
         log.info("%s", reason)
+        log.debug("traceback of %s", reason, exc_info=True)  # ckptsel --debug shows it; our bug or the model's?
 
 
 def _emit(callback, ckpt, index, phase, done, total) -> None:

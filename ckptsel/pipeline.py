@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptsel.collect import Collected, Progress
+from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, Run
 from ckptsel.errors import CkptselError, DataError
 from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
@@ -176,7 +178,6 @@ def rank_runs(
     """
     from ckptsel import graders
     from ckptsel.collect import collect, select_examples
-    from ckptsel.data import load_data
     from ckptsel.discover import discover_runs
     from ckptsel.select import rank
     from ckptsel.store import Store, ensure_outside
@@ -194,17 +195,17 @@ def rank_runs(
     ensure_outside(request.cache_dir, [c.path for c in checkpoints])
 
     tokenizers = _Tokenizers(request.engine)
-    loaded: dict[tuple, list] = {}  # (file, tokenizer source) -> the selected examples
+    loaded: dict[tuple, Rendered] = {}  # (file, tokenizer identity) -> its rendered rows
 
     def examples_of(path: Path, run: Run, what: str) -> list:
-        tok = tokenizers.for_run(run)
         key = (path.resolve(), tokenizers.identity(run))
         if key not in loaded:
-            rows = load_data(path, recipe, tokenizer=tok, skip_bad=request.skip_bad)
-            loaded[key] = select_examples(rows.examples, request.selection)
-            if not loaded[key]:
-                raise DataError(f"{path}: no {what} examples")
-        return loaded[key]
+            loaded[key] = render(path, recipe, store, tokenizer_identity=key[1], skip_bad=request.skip_bad,
+                                 tokenizer=lambda: tokenizers.for_run(run))
+        examples = select_examples(loaded[key].examples, request.selection)
+        if not examples:
+            raise DataError(f"{path}: no {what} examples")
+        return examples
 
     measured: list[MeasuredRun] = []
     with Store.open(request.cache_dir) as store:
@@ -226,7 +227,8 @@ def rank_runs(
             if examples is None:
                 collected = _unreadable(run, recipe, request.engine)
             else:
-                collected = collect(run.checkpoints, examples, recipe, store, tokenizer=tokenizers.for_run(run),
+                sizes = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].budgets
+                collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=sizes,
                                     engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
                                     on_progress=progress)
             measured.append(MeasuredRun(run, data_files.get(run.name), collected))
@@ -237,6 +239,68 @@ def rank_runs(
                        pathway_settings=recipe.pathways, threshold=threshold, threshold_scope=scope,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
     return RankResult(ranking, measured, recipe, len(usable))
+
+
+# --------------------------------------------------------------------------- rendering, kept in the store
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A data file rendered for one tokenizer: its examples, the rows skipped, and per example the
+    sampling budget and the token count of prompt + target (+ EOS)."""
+
+    examples: list[Example]
+    skipped: list[str]
+    budgets: dict[str, int]
+    lengths: dict[str, int]
+
+
+RENDER_SCHEME = "rendered/1"
+
+
+def render(path: Path, recipe: Recipe, store, *, tokenizer_identity: str, skip_bad: bool,
+           tokenizer: Callable[[], object]) -> Rendered:
+    """The rendered rows of ``path``, from the store when this file, tokenizer and rendering were seen before.
+
+    What rendering needs of the tokenizer (chat templates, token counts for the sampling
+    budgets) is kept with the examples, so re-ranking a measured run loads no tokenizer and
+    imports neither torch nor transformers. ``tokenizer`` is called only on a miss. The key
+    holds the file's content hash, the tokenizer files' digest and the recipe's data section.
+    """
+    from ckptsel.collect import budgets
+    from ckptsel.data import load_data, token_lengths
+
+    payload = {"scheme": RENDER_SCHEME, "data": _content_digest(path), "tokenizer": tokenizer_identity,
+               "rendering": recipe.data.model_dump(mode="json"), "max_new_tokens": recipe.sampling.max_new_tokens,
+               "skip_bad": skip_bad}
+    key = "rendered:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    stored = store.get_value(key)
+    if stored is not None:
+        if stored["skipped"]:
+            log.warning("%s: skipped %d bad row(s); first: %s", path, len(stored["skipped"]), stored["skipped"][0])
+        return Rendered([Example(**e) for e in stored["examples"]], stored["skipped"], stored["budgets"],
+                        stored["lengths"])
+    tok = tokenizer()
+    loaded = load_data(path, recipe, tokenizer=tok, skip_bad=skip_bad)
+    parts = token_lengths(loaded.examples, tok, recipe.data.append_eos)
+    lengths = dict(zip((ex.uid for ex in loaded.examples), parts["total"]))
+    rendered = Rendered(loaded.examples, loaded.skipped, budgets(tok, loaded.examples, recipe), lengths)
+    store.put_value(key, {"examples": [dataclasses.asdict(e) for e in rendered.examples], "skipped": rendered.skipped,
+                          "budgets": rendered.budgets, "lengths": rendered.lengths})
+    return rendered
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a data file, or of a data folder's files (names, sizes and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers

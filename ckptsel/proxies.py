@@ -95,7 +95,8 @@ def measure_perturbed(model, tokenizer, examples: Sequence[Example], recipe: Rec
     names = ctx["proxies"].perturbations
     prompts = [PERTURBATIONS[n](ex.prompt) for ex in examples for n in names]
     targets = [ex.target for ex in examples for _ in names]
-    pairs = encode_pairs(tokenizer, prompts, targets, append_eos=recipe.data.append_eos)
+    ends = [ex.end_of_turn for ex in examples for _ in names]
+    pairs = encode_pairs(tokenizer, prompts, targets, append_eos=recipe.data.append_eos, ends=ends)
     nll = score_token_pairs(model, pairs, batch_size=ctx["engine"].batch_size).nll.reshape(len(examples), len(names))
     return {
         ex.uid: Record(nll=float(row.mean()), data={n: float(v) for n, v in zip(names, row)})
@@ -114,6 +115,7 @@ def measure_alternatives(model, tokenizer, examples: Sequence[Example], recipe: 
         [ex.prompt for ex in examples],
         [harvest.solution(ex.uid) for ex in examples],
         append_eos=recipe.data.append_eos,
+        ends=[ex.end_of_turn for ex in examples],
         batch_size=ctx["engine"].batch_size,
     )
     return {ex.uid: Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i])) for i, ex in enumerate(examples)}
@@ -129,7 +131,7 @@ def alternative_solution(
     broken trace (seen on the lab: early checkpoints write wrong steps and a lucky final
     number), and such a text is no valid solution to measure the model against.
     """
-    from ckptsel.measure.sampling import normalize_solution
+    from ckptsel.measure.text import normalize_solution
 
     if not samples or sum(map(bool, correct)) / len(samples) < min_accuracy:
         return None

@@ -390,3 +390,39 @@ def test_other_moe_families_rank_with_pathways_from_either_layout(family, tiny_r
     assert per_expert["n_examples"] == 6 and len(per_expert["per_layer"]["distance"]) == 2
     assert fused["distance"] == pytest.approx(per_expert["distance"])
     assert fused["complexity"] == pytest.approx(per_expert["complexity"], abs=1e-5)
+
+
+_NO_TORCH = """
+import json, sys
+from ckptsel.cli import main
+sys.argv = ["ckptsel", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", ["rank", "gate", "report"])
+def test_a_fully_stored_run_is_ranked_without_importing_torch(command, tiny_run, tmp_path):
+    first = invoke(rank_args(tiny_run, tmp_path, "--json"))
+    assert first.exit_code == 0, first.output
+    args = rank_args(tiny_run, tmp_path, "--json")
+    args[0] = command
+    if command == "report":
+        args += ["-o", str(tmp_path / "report.html")]
+    if command == "gate":
+        args += ["--allow-overmemorized"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    status = json.loads(done.stderr.strip().splitlines()[-1])
+    assert status == {"code": 0, "heavy": []}, done.stderr
+    if command == "rank":
+        again = json.loads(done.stdout)
+        before = json.loads(first.stdout)
+        assert again.pop("cache") == {"measured": 0, "from_cache": 3}
+        before.pop("cache")
+        assert again == before

@@ -15,6 +15,7 @@ from ckptsel.cli.options import (
     recipe_options,
     stderr_console,
 )
+from ckptsel.cli.rank import measurement_options
 
 # A run folder written by the lab (or laid out like one) carries its data, recipe and ground truth.
 RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.json"
@@ -24,16 +25,8 @@ RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.js
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
               show_default=True, help="The HTML file to write.")
-@click.option("--data", "data_path", type=click.Path(path_type=Path),
-              help=f"Training data, when PATH is a run folder (default: PATH/{RUN_DATA} if there).")
-@click.option("--data-per-run", metavar="FILENAME",
-              help="For a sweep: each run reads its own RUN/FILENAME (instead of --data).")
 @recipe_options
-@click.option("--max-examples", type=click.IntRange(min=1), help="The fixed random subset of training examples.")
-@click.option("--examples-seed", type=int, default=0, show_default=True, help="Seed of that subset.")
-@click.option("--heldout", "heldout_path", type=click.Path(path_type=Path), help="Held-out data for the NLL proxy.")
-@click.option("--base-model", metavar="PATH", help="Base model for LoRA adapters (overrides adapter_config.json).")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed data rows instead of stopping.")
+@measurement_options
 @click.option("--verify", "verify_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Measured accuracy: `ckptsel verify --json` output (default: the newest verify results in the cache).")
 @click.option("--ground-truth", type=click.Path(dir_okay=False, path_type=Path),
@@ -47,8 +40,8 @@ RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.js
 @json_option
 @quiet_option
 @click.pass_context
-def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
-           verify_path, ground_truth, merges, title, png_dir, engine, cache_dir, as_json, quiet):
+def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merges, title, png_dir, engine, cache_dir,
+           as_json, quiet):
     """Write the report: plots over training, the recommendation and why, every number.
 
     PATH is a run or sweep folder (ranked from the cache; only what it lacks is measured) or
@@ -60,6 +53,9 @@ def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, exampl
       ckptsel report ./run --data train.jsonl --recipe gsm8k -o report.html
       ckptsel rank ./run --data train.jsonl --json > rank.json && ckptsel report rank.json
     """
+    import dataclasses
+
+    from ckptsel.cli.rank import run_ranking
     from ckptsel.errors import CkptselError
     from ckptsel.report import write_report
     from ckptsel.report.inputs import read_json
@@ -73,9 +69,9 @@ def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, exampl
         run_dir = _run_dir(ranking)
     else:
         run_dir = path
-        if data_path is None and data_per_run is None and (path / RUN_DATA).is_file():
-            data_path = path / RUN_DATA
-        if data_path is None and data_per_run is None:
+        if measurement.data is None and measurement.data_per_run is None and (path / RUN_DATA).is_file():
+            measurement = dataclasses.replace(measurement, data=path / RUN_DATA)
+        if measurement.data is None and measurement.data_per_run is None:
             raise CkptselError(f"{path}: give --data (training data) or --data-per-run FILENAME to rank this run, "
                                "or a rank --json file as PATH")
         if not any(ctx.params.get(name) is not None for name in RECIPE_OPTION_NAMES) and (path / RUN_RECIPE).is_file():
@@ -83,9 +79,9 @@ def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, exampl
 
             recipe = load_recipe(path / RUN_RECIPE)
             provenance.append(f"recipe: {path / RUN_RECIPE}")
-        ranking = _rank(path, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model,
-                        skip_bad, engine, cache_dir, quiet)
-        data = data_path if data_path is not None else f"RUN/{data_per_run} of each run"
+        request = measurement.request([path], recipe, engine=engine, cache_dir=cache_dir)
+        ranking = run_ranking(request, command="report", quiet=quiet).to_json()
+        data = measurement.data if measurement.data is not None else f"RUN/{measurement.data_per_run} of each run"
         provenance.append(f"training data: {data} (ranked from the cache at report time)")
 
     verification = read_json(verify_path, "verify") if verify_path is not None else None
@@ -109,17 +105,6 @@ def report(ctx, path, out, data_path, data_per_run, recipe, max_examples, exampl
         print_json({"report": str(written), "png": pngs})
     else:
         err.print(f"report written to [bold]{written}[/]" + (f"; plots as PNG in {png_dir}" if png_dir else ""))
-
-
-def _rank(path, data_path, data_per_run, recipe, max_examples, examples_seed, heldout_path, base_model, skip_bad,
-          engine, cache_dir, quiet) -> dict:
-    from ckptsel.cli.rank import run_ranking
-    from ckptsel.pipeline import RankRequest
-
-    request = RankRequest(paths=(path,), recipe=recipe, data=data_path, data_per_run=data_per_run,
-                          base_model=base_model, max_examples=max_examples, examples_seed=examples_seed,
-                          skip_bad=skip_bad, heldout=heldout_path, engine=engine, cache_dir=cache_dir)
-    return run_ranking(request, command="report", quiet=quiet).to_json()
 
 
 def _run_dir(ranking: dict) -> Path | None:

@@ -21,15 +21,14 @@ text normalisation lives in one function (:func:`normalize_solution`).
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ckptsel.measure.text import copy_rate, max_new_tokens_for, normalize_solution, sample_seed  # noqa: F401
 from ckptsel.settings import SamplingSettings
 
 # Rows decoded together when the batch size is automatic. A step's fixed costs (reading the
@@ -38,17 +37,6 @@ from ckptsel.settings import SamplingSettings
 # 128 rows of 300 tokens is about 1 GB.
 CPU_BATCH = 128
 GPU_BATCH = 256
-
-
-def max_new_tokens_for(target_token_lengths: Sequence[int]) -> int:
-    """Budget that lets a model reproduce the longest target with room to spare: ceil(1.5 x longest) + 16."""
-    return math.ceil(1.5 * max(target_token_lengths, default=0)) + 16
-
-
-def sample_seed(seed: int, key: str, index: int) -> int:
-    """A 63-bit seed for one (base seed, example key, sample index); stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}\x1f{key}\x1f{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def draw_tokens(
@@ -329,18 +317,3 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def normalize_solution(text: str) -> str:
-    """Text as compared for copying: whitespace runs collapsed to one space, ends stripped.
-
-    Case is kept: in math solutions it carries meaning (variables x and X, units mL and ML),
-    so a case-folded match could call two different solutions copies.
-    """
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def copy_rate(completions: Sequence[str], target: str) -> float:
-    """Fraction of samples equal to the training target after :func:`normalize_solution`."""
-    if not completions:
-        return float("nan")
-    want = normalize_solution(target)
-    return sum(normalize_solution(c) == want for c in completions) / len(completions)
