@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,44 @@ def test_gate_on_a_sweep_judges_the_sweeps_pick(sweep, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["candidate"]["path"] == out["ranking"]["recommended"]["path"]
+
+
+def test_report_of_a_sweep_shows_the_runs_side_by_side_with_their_truth(sweep, tmp_path):
+    import re
+
+    root = tmp_path / "sweep"
+    shutil.copytree(sweep, root)
+    for name, accs in (("early", {40: 0.11, 80: 0.22}), ("late", {120: 0.33, 160: 0.44})):
+        points = {str(step): {"step": step, "test_accuracy": acc} for step, acc in accs.items()}
+        (root / name / "ground_truth.json").write_text(json.dumps({"checkpoints": points}))
+    out = tmp_path / "report.html"
+    args = ["report", str(root), "--data-per-run", "train.jsonl", "--recipe", str(root / "full" / "recipe.yaml"),
+            "--cache-dir", str(tmp_path / "cache"), *FAST, "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert "Runs side by side" in html and "in 3 runs" in html
+    # One line per run on the sweep's charts; the truth of two runs in the scatter, matched by run and step.
+    chart = html[html.index('id="fig-sweep-premem-acc"'):]
+    chart = chart[: chart.index("</figure>")]
+    assert set(re.findall(r'data-series="([a-z]+)', chart)) == {"early", "full", "late"}
+    scatter = html[html.index('id="fig-predicted-vs-measured"'):]
+    scatter = scatter[: scatter.index("</figure>")]
+    assert "over 4 checkpoints" in scatter  # early's 2 and late's 2; full has no ground truth
+    assert "early/checkpoint-80" in html and "0.440" in html
+
+
+def test_merge_recommend_on_a_sweep_merges_in_the_picked_run(sweep, tmp_path):
+    out = tmp_path / "merged"
+    args = ["merge", str(sweep), "--recommend", "--data-per-run", "train.jsonl", "--recipe",
+            str(sweep / "full" / "recipe.yaml"), "--cache-dir", str(tmp_path / "cache"), *FAST, "-o", str(out),
+            "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    ranked = CliRunner().invoke(main, ["rank", str(sweep), "--data-per-run", "train.jsonl", "--recipe",
+                                       str(sweep / "full" / "recipe.yaml"), "--cache-dir", str(tmp_path / "cache"),
+                                       *FAST, "--max-examples", "6", "--json"])
+    pick = json.loads(ranked.stdout)["recommended"]["path"]
+    run_dir = str(Path(pick).parent)
+    inputs = json.loads((out / "ckptsel_merge.json").read_text())["inputs"]
+    assert inputs and all(str(Path(i["path"]).parent) == run_dir for i in inputs)  # from the sweep pick's run

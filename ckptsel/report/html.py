@@ -117,7 +117,8 @@ def _nobreak(text: str) -> str:
 
 def _name(row: dict) -> str:
     path = str(row.get("path", ""))
-    return path.rstrip("/").rsplit("/", 1)[-1] or path
+    name = path.rstrip("/").rsplit("/", 1)[-1] or path
+    return row.get("label") or name  # a sweep's rows are labelled run/checkpoint (build_inputs)
 
 
 def headline(inputs: ReportInputs) -> str:
@@ -143,8 +144,9 @@ def headline(inputs: ReportInputs) -> str:
         truth = inputs.truth.get(rec["index"])
         if truth and truth.get("test_accuracy") is not None:
             best = max((t.get("test_accuracy") or 0.0 for t in inputs.truth.values()), default=0.0)
+            scope = "sweep" if len(ranking.get("runs") or []) > 1 else "run"
             out.append(f'<p>Lab ground truth: held-out accuracy <b class="num">{_f(truth["test_accuracy"])}</b> '
-                       f'(best checkpoint of the run: {_f(best)}).</p>')
+                       f'(best checkpoint of the {scope}: {_f(best)}).</p>')
         out.append(f'<p><b>Why:</b> {escape(ranking.get("rule", ""))}.</p>')
     for row in rows:
         flag = row.get("flag")
@@ -169,6 +171,41 @@ def figure(chart: Chart) -> str:
     return (f'<figure id="fig-{escape(chart.id)}"><h3>{escape(chart.title)}</h3>'
             f'<div class="legend">{"".join(legend)}</div>{svg.render(chart)}{note}'
             f"<figcaption>{escape(chart.caption)}</figcaption></figure>")
+
+
+def runs_table(inputs: ReportInputs) -> str:
+    """A sweep's runs side by side: each run's own recommendation, and the truth where the lab knows it."""
+    runs = inputs.ranking.get("runs") or []
+    if len(runs) < 2:
+        return ""
+    rows, rec = inputs.rows, (inputs.ranking.get("recommended") or {}).get("index")
+    truth = any(t.get("test_accuracy") is not None for t in inputs.truth.values())
+    head = ("<tr><th>run</th><th>checkpoints</th><th>its pick</th><th>pre&#8209;mem acc (95% CI)</th>"
+            "<th>stage</th><th>memorised</th><th>proxy rise</th>"
+            + ("<th>lab held&#8209;out acc</th><th>run's best (lab)</th>" if truth else "") + "</tr>")
+    body = []
+    for run in runs:
+        pick = (run.get("recommended") or {}).get("index")
+        own = [i for i, r in enumerate(rows) if r.get("run") == run["name"]]
+        cells = [f"<td>{'★ ' if pick is not None and pick == rec else ''}{escape(run['name'])}</td>",
+                 f'<td class="num">{len(run.get("steps") or own)}</td>']
+        if pick is None:
+            cells.append(f'<td colspan="{5 + 2 * truth}">nothing measured</td>')
+        else:
+            row = rows[pick]
+            cells += [f'<td class="num">{escape(_f(row.get("step"), "s"))}</td>',
+                      f'<td class="num">{_ci(row.get("premem_acc"), row.get("premem_ci"))}</td>',
+                      f'<td>{escape(_f(row.get("stage"), "s"))}</td>',
+                      f'<td class="num">{_f(row.get("memorized_frac"))}</td>',
+                      f'<td class="num">{_f(row.get("proxy_ratio"), ".2f")}</td>']
+            if truth:
+                best = max((inputs.truth[i].get("test_accuracy") for i in own
+                            if (inputs.truth.get(i) or {}).get("test_accuracy") is not None), default=None)
+                cells += [f'<td class="num">{_f((inputs.truth.get(pick) or {}).get("test_accuracy"))}</td>',
+                          f'<td class="num">{_f(best)}</td>']
+        body.append(f'<tr class="{"rec" if pick is not None and pick == rec else ""}">{"".join(cells)}</tr>')
+    return (f'<h2>Runs side by side</h2><div class="table-wrap"><table><thead>{head}</thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def table(inputs: ReportInputs) -> str:
@@ -274,7 +311,9 @@ def rules(inputs: ReportInputs) -> str:
 def page(inputs: ReportInputs, charts: list[Chart]) -> str:
     """The whole HTML document."""
     rows = inputs.rows
-    sub = f"{len(rows)} checkpoint(s) · {inputs.ranking.get('n_examples', '?')} training examples"
+    n_runs = len(inputs.ranking.get("runs") or [])
+    runs = f" in {n_runs} runs" if n_runs > 1 else ""
+    sub = f"{len(rows)} checkpoint(s){runs} · {inputs.ranking.get('n_examples', '?')} training examples"
     if inputs.ranking.get("n_heldout"):
         sub += f" · {inputs.ranking['n_heldout']} held-out examples"
     figures = "".join(figure(c) for c in charts)
@@ -290,7 +329,7 @@ def page(inputs: ReportInputs, charts: list[Chart]) -> str:
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{escape(inputs.title)}</title><style>{_css()}</style></head><body><main>"
         f"<h1>{escape(inputs.title)}</h1><p class=\"sub\">{escape(sub)}</p>"
-        f"{headline(inputs)}"
+        f"{headline(inputs)}{runs_table(inputs)}"
         f'<h2>Over training</h2>{stage_legend}<div class="grid">{figures}</div>'
         f"<h2>Every number</h2>{table(inputs)}"
         f"{merge_tables(inputs)}"

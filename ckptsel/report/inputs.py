@@ -119,11 +119,14 @@ def measured_from_summaries(rows: Sequence[Mapping],
     return out, source
 
 
-def truth_from_ground_truth(rows: Sequence[Mapping], ground_truth: Mapping) -> dict[int, dict]:
-    """The lab's held-out numbers per ranking row, matched by training step."""
+def truth_from_ground_truth(rows: Sequence[Mapping], ground_truth: Mapping, run: str | None = None) -> dict[int, dict]:
+    """The lab's held-out numbers per ranking row, matched by training step (within ``run`` when given:
+    a sweep has one ground truth per run)."""
     by_step = {point.get("step"): point for point in ground_truth.get("checkpoints", {}).values()}
     out = {}
     for i, row in enumerate(rows):
+        if run is not None and row.get("run") != run:
+            continue
         point = by_step.get(row.get("step"))
         if point is not None:
             out[i] = {k: v for k, v in point.items() if k != "per_example"}
