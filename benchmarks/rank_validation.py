@@ -101,7 +101,7 @@ def premem_at(run: dict, threshold: float) -> np.ndarray:
 
 
 def premem_copy_rule(run: dict) -> np.ndarray:
-    """Pre-memorization accuracy with DESIGN.md's alternative rule: memorised once samples copy the trace."""
+    """Pre-memorization accuracy with ckptsel/DESIGN.md's alternative rule: memorised once samples copy the trace."""
     from ckptsel import metrics
 
     return metrics.premem_accuracy_from_mask(run["acc"], metrics.memorized_by_copy(run["copy"]))

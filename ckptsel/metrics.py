@@ -3,7 +3,7 @@
 Every function takes numpy arrays and returns numpy arrays (or small dataclasses of
 numbers); nothing here reads files, loads models or logs. Matrices are laid out
 ``(checkpoints, examples)``: row ``j`` is checkpoint ``j`` in training order, column ``i``
-is training example ``i``. The definitions are those of ``DESIGN.md``; the paper's step
+is training example ``i``. The definitions are those of ``ckptsel/DESIGN.md``; the paper's step
 is named in a comment beside each formula.
 
 Missing measurements (NaN policy, the same everywhere in this module): a NaN in ``acc``,
@@ -45,7 +45,7 @@ def memorized(nll: np.ndarray, threshold: float) -> np.ndarray:
 def memorized_by_copy(copy_rate: np.ndarray, fraction: float = 0.5) -> np.ndarray:
     """Memorised by the copy rule: at least ``fraction`` of the samples reproduce the target.
 
-    The direct definition in DESIGN.md (copy_ij >= 1/2). NaN gives False.
+    The direct definition in ckptsel/DESIGN.md (copy_ij >= 1/2). NaN gives False.
     """
     return np.asarray(copy_rate, dtype=float) >= fraction
 
@@ -305,7 +305,7 @@ class Calibration:
 def calibrate_threshold(nll: np.ndarray, copy_rate: np.ndarray, fraction: float = 0.5) -> Calibration:
     """Fit nu, the target-NLL level below which samples reproduce the training trace.
 
-    Ties DESIGN.md's two memorisation rules together without a test set. Over all
+    Ties ckptsel/DESIGN.md's two memorisation rules together without a test set. Over all
     (checkpoint, example) pairs measured in both arrays, label a pair "copying" when
     ``copy_rate >= fraction`` and choose the cut nu of the classifier "nll < nu" that
     maximises balanced accuracy. Balanced accuracy rather than accuracy or F1 because

@@ -11,7 +11,7 @@ random and sample-specific (memorisation):
 * **pathway complexity**: 1 - consistency, where consistency is the mean cosine between
   the routing-weighted expert vectors of consecutive layers.
 
-Our choices where the paper is silent (DESIGN.md asks for them to be written down):
+Our choices where the paper is silent (ckptsel/DESIGN.md asks for them to be written down):
 
 * A pathway keeps, per layer, the experts with the largest weights until their cumulative
   weight reaches ``cutoff`` (default 0.8; weights are first divided by the layer's total,

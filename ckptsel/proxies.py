@@ -1,7 +1,7 @@
 """Over-memorization proxies: what a checkpoint pays for valid text it was not trained on.
 
 Ruan et al. (2025, arXiv 2508.04117) see over-memorization as the perplexity of *held-out
-reference solutions* rising while accuracy stays high. DESIGN.md asks for the same signal
+reference solutions* rising while accuracy stays high. ckptsel/DESIGN.md asks for the same signal
 without a test set; this module holds the measurement kinds that ``ckptsel.collect`` runs
 on each loaded checkpoint (one load, the same pass as target NLL and sampling):
 

@@ -33,7 +33,7 @@ from ckptsel.sweep import PROXIES, Threshold, choose_proxy  # noqa: F401  (re-ex
 
 @dataclass
 class PathwayMetrics:
-    """Li et al.'s pathway metrics of one MoE checkpoint, over its memorised examples (DESIGN.md).
+    """Li et al.'s pathway metrics of one MoE checkpoint, over its memorised examples (ckptsel/DESIGN.md).
 
     Lower distance and complexity: routing has become structured and shared (generalising).
     ``per_layer``: ``distance`` per layer (each pathway's layer segment alone) and

@@ -52,7 +52,7 @@ class SamplingSettings(_Frozen):
 
 
 class MemorizationSettings(_Frozen):
-    """When an example counts as memorised (DESIGN.md: nll_ij < nu, or copy rate >= 1/2)."""
+    """When an example counts as memorised (ckptsel/DESIGN.md: nll_ij < nu, or copy rate >= 1/2)."""
 
     rule: Literal["nll", "copy"] = Field("nll", description="nll: target NLL below threshold; copy: samples copy the target.")
     threshold: float | Literal["auto"] = Field(
@@ -70,7 +70,7 @@ class MemorizationSettings(_Frozen):
 
 
 class PathwaySettings(_Frozen):
-    """How MoE pathways are read from the stored routing weights (DESIGN.md, "Pathways").
+    """How MoE pathways are read from the stored routing weights (ckptsel/DESIGN.md, "Pathways").
 
     None of this changes a measurement: the scoring pass stores each example's per-layer
     routing probabilities, and pathways are cut from them at ranking time, so changing the
@@ -95,7 +95,7 @@ class PathwaySettings(_Frozen):
 
 
 class ProxySettings(_Frozen):
-    """How the over-memorization proxies are measured on the training questions (DESIGN.md).
+    """How the over-memorization proxies are measured on the training questions (ckptsel/DESIGN.md).
 
     The perturbations are named in ``ckptsel.proxies.PERTURBATIONS``. The alternative-solution
     set is harvested from the run's earliest checkpoints: one checkpoint at a time, in training
@@ -129,7 +129,7 @@ class ProxySettings(_Frozen):
 
 
 class OvermemSettings(_Frozen):
-    """Stages and the over-memorized flag (DESIGN.md, "Stages and the over-memorized flag").
+    """Stages and the over-memorized flag (ckptsel/DESIGN.md, "Stages and the over-memorized flag").
 
     A checkpoint is flagged over-memorized when all three hold: its train accuracy is within
     ``acc_margin`` of the run's best, its memorised fraction is at least ``memorized_min``, and

@@ -3,7 +3,7 @@
 Ruan et al. (2025, arXiv 2508.04117) describe three stages of fine-tuning: (a) low accuracy;
 (b) high accuracy, low perplexity on held-out reference solutions -- the good region;
 (c) high accuracy, high perplexity -- over-memorized. ckptsel reads them off the training
-data (DESIGN.md, "Stages and the over-memorized flag"), one value per checkpoint in training
+data (ckptsel/DESIGN.md, "Stages and the over-memorized flag"), one value per checkpoint in training
 order, with the thresholds of :class:`ckptsel.settings.OvermemSettings`:
 
 * **underfit** -- stage (a): predicted test accuracy (pre-memorization accuracy) <

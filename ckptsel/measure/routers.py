@@ -43,7 +43,7 @@ layer's probabilities sum to 1 per token. For a router whose model scores with s
 other than a softmax (DeepSeek-V3's sigmoid), the softmax of its logits keeps the experts'
 order but not the model's exact weights; such model types are logged once.
 
-Which tokens. "The example's tokens" (DESIGN.md) are, here, the positions whose *input*
+Which tokens. "The example's tokens" (ckptsel/DESIGN.md) are, here, the positions whose *input*
 token is a target token: the router decision made while reading y_t. With the scoring
 pass's layout (prompt, then target, then right padding) that is positions
 ``len(prompt) .. len(prompt) + len(target) - 1``, the appended EOS included; prompt and
