@@ -36,10 +36,14 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ckptsel.data import Example
 from ckptsel.settings import ProxySettings, Recipe
 from ckptsel.store import Record
+
+if TYPE_CHECKING:
+    from ckptsel.collect import MeasureContext
 
 PREAMBLE = "Here is a problem.\n\n"
 INSTRUCTION = "Solve it step by step."
@@ -88,27 +92,29 @@ def perturb_series(names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- measurement kinds
 
 
-def measure_perturbed(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
+def measure_perturbed(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
+                      ctx: MeasureContext) -> dict[str, Record]:
     """Target NLL under each perturbation, all (example, perturbation) pairs in one batched call."""
     from ckptsel.measure.scoring import encode_pairs, score_token_pairs
 
-    names = ctx["proxies"].perturbations
+    names = ctx.proxies.perturbations
     prompts = [PERTURBATIONS[n](ex.prompt) for ex in examples for n in names]
     targets = [ex.target for ex in examples for _ in names]
     ends = [ex.end_of_turn for ex in examples for _ in names]
     pairs = encode_pairs(tokenizer, prompts, targets, append_eos=recipe.data.append_eos, ends=ends)
-    nll = score_token_pairs(model, pairs, batch_size=ctx["engine"].batch_size).nll.reshape(len(examples), len(names))
+    nll = score_token_pairs(model, pairs, batch_size=ctx.engine.batch_size).nll.reshape(len(examples), len(names))
     return {
         ex.uid: Record(nll=float(row.mean()), data={n: float(v) for n, v in zip(names, row)})
         for ex, row in zip(examples, nll)
     }
 
 
-def measure_alternatives(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
+def measure_alternatives(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
+                      ctx: MeasureContext) -> dict[str, Record]:
     """NLL of each example's harvested alternative solution (examples without one are not asked)."""
     from ckptsel.measure.scoring import score_targets
 
-    harvest = ctx["harvest"]
+    harvest = ctx.harvest
     result = score_targets(
         model,
         tokenizer,
@@ -116,7 +122,7 @@ def measure_alternatives(model, tokenizer, examples: Sequence[Example], recipe: 
         [harvest.solution(ex.uid) for ex in examples],
         append_eos=recipe.data.append_eos,
         ends=[ex.end_of_turn for ex in examples],
-        batch_size=ctx["engine"].batch_size,
+        batch_size=ctx.engine.batch_size,
     )
     return {ex.uid: Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i])) for i, ex in enumerate(examples)}
 
