@@ -200,6 +200,12 @@ class EngineSettings(_Frozen):
         description="Sampling backend: hf (transformers) or vllm (when installed; faster on GPU, samples differ). "
         "Scoring always runs on transformers.",
     )
+    ray: str | None = Field(
+        None, description="Measure checkpoints as Ray tasks: 'local' starts Ray here, 'auto' or HOST:PORT joins a "
+        "cluster; None measures in this process. Results are the same either way.",
+    )
+    ray_cpus: int = Field(1, ge=1, description="CPUs (and torch threads) per Ray task; tasks take one GPU each "
+                          "where the cluster has GPUs.")
 
 
 class SelectionSettings(_Frozen):

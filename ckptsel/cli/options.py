@@ -148,6 +148,17 @@ _ENGINE_OPTIONS = (
         help="vllm: sample with vLLM when installed (faster on GPU); scoring stays on transformers.",
     ),
     click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        metavar="[ADDRESS]",
+        help="Measure checkpoints as Ray tasks, one GPU each (pip install 'ckptsel[ray]'): alone, starts Ray on this "
+        "machine; 'auto' or HOST:PORT joins a cluster. Same results as without.",
+    ),
+    click.option("--ray-cpus", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="CPUs (and torch threads) per Ray task."),
+    click.option(
         "--cache-dir",
         type=click.Path(file_okay=False, path_type=Path),
         envvar="CKPTSEL_CACHE",
@@ -161,7 +172,8 @@ def engine_options(command):
     import functools
 
     @functools.wraps(command)
-    def wrapper(*args, device, dtype, batch_size, allow_pickle, trust_remote_code, backend, **kwargs):
+    def wrapper(*args, device, dtype, batch_size, allow_pickle, trust_remote_code, backend, ray_address, ray_cpus,
+                **kwargs):
         from ckptsel.settings import EngineSettings
 
         engine = EngineSettings(
@@ -171,11 +183,17 @@ def engine_options(command):
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             backend=backend,
+            ray=ray_address,
+            ray_cpus=ray_cpus,
         )
         if backend == "vllm":  # a missing vllm is a usage error before any work
             from ckptsel.measure.vllm_backend import require_vllm
 
             require_vllm()
+        if ray_address is not None:  # likewise a missing ray
+            from ckptsel.distributed import require_ray
+
+            require_ray()
         return command(*args, engine=engine, **kwargs)
 
     for option in reversed(_ENGINE_OPTIONS):

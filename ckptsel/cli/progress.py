@@ -31,12 +31,12 @@ class CollectProgress:
 
     def update(self, event) -> None:
         name = event.checkpoint.path.name
-        label = {"load": "loading", "cached": "cached"}.get(event.phase, event.phase)
+        label = {"load": "loading", "cached": "cached", "done": "measured"}.get(event.phase, event.phase)
         self._progress.update(
             self._phase, description=f"{name}: {label}", completed=event.done, total=max(event.total, 1), visible=True
         )
         if event.index not in self._seen:
             self._seen.add(event.index)
             self._progress.update(self._overall, completed=len(self._seen) - 1)
-        if event.phase == "cached":
+        if event.phase in ("cached", "done"):  # done: a Ray task's results arrived
             self._progress.update(self._overall, completed=len(self._seen))
