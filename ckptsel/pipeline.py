@@ -176,7 +176,7 @@ def rank_runs(
     its data file, no examples); a checkpoint that cannot be measured is recorded in its run's
     ``Collected.failures`` and the others go on.
     """
-    from ckptsel import graders
+    from ckptsel import checks, graders
     from ckptsel.collect import collect, select_examples
     from ckptsel.discover import discover_runs
     from ckptsel.select import rank
@@ -186,6 +186,7 @@ def rank_runs(
     if recipe.proxies.alt_grader is not None:
         graders.get(recipe.proxies.alt_grader)  # an unknown name is a usage error before any work
     runs = list(request.runs) if request.runs is not None else discover_runs(request.paths, request.base_model)
+    checks.exclude_other_architectures(runs)  # robustness: a stray model is not mixed into a run's history
     checkpoints = [c for run in runs for c in run.checkpoints]
     usable = [c for c in checkpoints if c.kind != "error"]
     if not usable:
@@ -193,6 +194,8 @@ def rank_runs(
         raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, request.paths))} ({reasons})")
     data_files = _data_files(runs, request)
     ensure_outside(request.cache_dir, [c.path for c in checkpoints])
+    grader = graders.get(recipe.data.grader)
+    gradable: dict[tuple, list[Example]] = {}  # (file, tokenizer identity) -> the rows the grader can read
 
     tokenizers = _Tokenizers(request.engine)
     loaded: dict[tuple, Rendered] = {}  # (file, tokenizer identity) -> its rendered rows
@@ -202,7 +205,14 @@ def rank_runs(
         if key not in loaded:
             loaded[key] = render(path, recipe, store, tokenizer_identity=key[1], skip_bad=request.skip_bad,
                                  tokenizer=lambda: tokenizers.for_run(run))
-        examples = select_examples(loaded[key].examples, request.selection)
+        pool = loaded[key].examples
+        if what == "training":  # robustness (ckptsel.checks): references the grader cannot read
+            if key not in gradable:
+                gradable[key] = checks.gradable(pool, path, grader, recipe.data.grader, skip_bad=request.skip_bad)
+            pool = gradable[key]
+        examples = select_examples(pool, request.selection)
+        # robustness: rows longer than the model's context, before any model work
+        examples = checks.fit_context(examples, loaded[key].lengths, run.checkpoints, path, skip_bad=request.skip_bad)
         if not examples:
             raise DataError(f"{path}: no {what} examples")
         return examples
@@ -325,17 +335,18 @@ class _Tokenizers:
     def __init__(self, engine: EngineSettings):
         self._engine = engine
         self._by_identity: dict[str, object] = {}
+        self._identities: dict[Path, str] = {}
 
     def identity(self, run: Run) -> str:
         """A digest of the tokenizer files the run's checkpoints carry (else its base model's name)."""
         ckpt = _first_usable(run)
-        files = [ckpt.path / name for name in _TOKENIZER_FILES if (ckpt.path / name).is_file()]
-        if not files:
-            return f"base:{ckpt.base_model}"
-        h = hashlib.sha256()
-        for path in files:
-            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        return h.hexdigest()
+        if ckpt.path not in self._identities:
+            files = [ckpt.path / name for name in _TOKENIZER_FILES if (ckpt.path / name).is_file()]
+            h = hashlib.sha256()
+            for path in files:
+                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+            self._identities[ckpt.path] = h.hexdigest() if files else f"base:{ckpt.base_model}"
+        return self._identities[ckpt.path]
 
     def for_run(self, run: Run):
         from ckptsel.measure.loading import load_tokenizer
