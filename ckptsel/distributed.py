@@ -220,3 +220,69 @@ def _groups(indices: list[int], checkpoints: Sequence[Checkpoint], slots: int) -
         size = -(-len(adapters) // n)
         groups += [adapters[k : k + size] for k in range(0, len(adapters), size)]
     return groups
+
+
+# --------------------------------------------------------------------------- verify (lm-eval) on Ray
+
+
+def evaluate_items(items: Sequence[tuple[Checkpoint, list]], grader_name: str, recipe, engine, max_new_tokens: int,
+                   seed: int, threads: int) -> list:
+    """In a Ray worker: lm-eval on each checkpoint's missing test examples. Per item: ``{uid: Record}``,
+    or a one-line reason it failed."""
+    import torch
+
+    from ckptsel import graders
+    from ckptsel.measure.loading import CheckpointLoader
+    from ckptsel.verify.run import evaluate_examples
+
+    torch.set_num_threads(max(1, threads))
+    grader = graders.get(grader_name)
+    out: list = []
+    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
+                          allow_pickle=engine.allow_pickle) as loader:
+        for ckpt, examples in items:
+            try:
+                out.append(evaluate_examples(loader.load(ckpt), examples, grader, recipe, engine, max_new_tokens,
+                                             seed))
+            except CheckpointError as err:
+                out.append(str(err))
+            except Exception as exc:
+                log.debug("lm-eval failed", exc_info=True)
+                out.append(f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    return out
+
+
+def verify_distributed(checkpoints, fps, rows, by_uid, uids, recipe, store, key, kind, engine, *, max_new_tokens,
+                       seed, on_progress=None) -> None:
+    """The loop of :func:`ckptsel.verify.run.verify_file` with one Ray task per checkpoint."""
+    from ckptsel.collect import Progress
+
+    def emit(i, phase, done, total):
+        if on_progress is not None:
+            on_progress(Progress(checkpoints[i], i, phase, done, total))
+
+    executor = RayExecutor(engine.ray, engine.ray_cpus)
+    with contextlib.redirect_stdout(sys.stderr), executor:
+        ray = require_ray()
+        task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(evaluate_items)
+        refs = {}
+        for i, ckpt in enumerate(checkpoints):
+            if fps[i] is None:
+                continue
+            missing = store.missing(fps[i], key, kind, uids)
+            rows[i].from_cache = not missing
+            if not missing:
+                emit(i, "cached", len(uids), len(uids))
+                continue
+            ref = task.options(num_cpus=executor.cpus, num_gpus=executor.gpus).remote(
+                [(ckpt, [by_uid[u] for u in missing])], recipe.data.grader, recipe, engine, max_new_tokens, seed,
+                executor.cpus)
+            refs[ref] = i
+        for ref, (answer,) in executor.wait(list(refs)):
+            i = refs[ref]
+            if isinstance(answer, str):
+                rows[i].error = answer
+                continue
+            store.register_checkpoint(fps[i], checkpoints[i].path, checkpoints[i].step)
+            store.put_many(fps[i], key, kind, answer)
+            emit(i, "done", len(uids), len(uids))

@@ -71,6 +71,17 @@ def test_a_lora_run_on_ray_groups_adapters_by_base(lab_lora_run, local_ray, tmp_
     assert _without_cache(json.loads(spread.stdout)) == _without_cache(json.loads(single.stdout))
 
 
+def test_verify_with_ray_measures_what_lm_eval_measures_in_process(learning_run, local_ray, tmp_path):
+    args = ["verify", str(learning_run), "--test-file", str(learning_run / "test.jsonl"), "--recipe",
+            str(learning_run / "recipe.yaml"), "--greedy", "--limit", "4", "--device", "cpu", "--json", "-q"]
+    single = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "one")])
+    spread = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "ray"), "--ray"])
+    assert single.exit_code == spread.exit_code == 0, spread.output
+    one, many = (json.loads(r.stdout)["verifications"][0]["checkpoints"] for r in (single, spread))
+    assert [c["accuracy"] for c in many] == [c["accuracy"] for c in one] and len(one) == 4
+    assert not any(c["from_cache"] for c in many)
+
+
 def test_groups_split_a_base_over_the_slots():
     from ckptsel.discover import Checkpoint
     from ckptsel.distributed import _groups

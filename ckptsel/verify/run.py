@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
@@ -29,7 +30,7 @@ from ckptsel.data import Example
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CheckpointError, CkptselError
 from ckptsel.settings import EngineSettings, Recipe, SamplingSettings
-from ckptsel.store import Record, Store
+from ckptsel.store import Record, Store, StoreError
 from ckptsel.verify import compare, harness
 
 log = logging.getLogger(__name__)
@@ -165,9 +166,15 @@ def verify_file(
     rows = [Measured(i, str(c.path), c.step, fps[i], error=c.error if c.kind == "error" else None)
             for i, c in enumerate(checkpoints)]
 
-    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-                          allow_pickle=engine.allow_pickle) as loader:
-        for i, ckpt in enumerate(checkpoints):
+    if engine.ray is not None:  # --ray: one lm-eval task per checkpoint; this process writes the store
+        from ckptsel.distributed import verify_distributed
+
+        verify_distributed(checkpoints, fps, rows, by_uid, uids, recipe, store, key, KIND, engine,
+                           max_new_tokens=max_new_tokens, seed=seed, on_progress=on_progress)
+    with nullcontext() if engine.ray is not None else CheckpointLoader(
+            engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
+            allow_pickle=engine.allow_pickle) as loader:
+        for i, ckpt in enumerate(checkpoints if engine.ray is None else ()):
             if fps[i] is None:
                 continue
             missing = store.missing(fps[i], key, KIND, uids)
@@ -180,18 +187,17 @@ def verify_file(
                 loaded = loader.load(ckpt)
                 store.register_checkpoint(fps[i], ckpt.path, ckpt.step)
                 _emit(on_progress, ckpt, i, "lm-eval", len(uids) - len(missing), len(uids))
-                task = harness.build_task([by_uid[u] for u in missing], grader, recipe.sampling, max_new_tokens)
-                lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
-                results = harness.file_results(harness.evaluate(lm, [task], seed=seed))
-                store.put_many(fps[i], key, KIND, {
-                    uid: Record(acc=r.acc, samples=r.completions) for uid, r in results.items()
-                })
+                store.put_many(fps[i], key, KIND, evaluate_examples(
+                    loaded, [by_uid[u] for u in missing], grader, recipe, engine, max_new_tokens, seed))
                 _emit(on_progress, ckpt, i, "lm-eval", len(uids), len(uids))
             except CheckpointError as err:
                 rows[i].error = str(err)
+            except StoreError:  # the shared store, not this checkpoint
+                raise
             except Exception as exc:  # one bad checkpoint must not lose the others' results
                 rows[i].error = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
                 log.info("%s", rows[i].error)
+                log.debug("traceback of %s", rows[i].error, exc_info=True)  # shown by ckptsel --debug
 
     measured = [i for i in range(len(rows)) if fps[i] is not None and rows[i].error is None]
     matrix = np.array([[_acc(store.get_many(fps[i], key, KIND, uids), u) for u in uids] for i in measured])
@@ -205,6 +211,15 @@ def verify_file(
             rows[i].per_example = {u: float(v) for u, v in zip(uids, matrix[r]) if not math.isnan(v)}
             save_summary(store, rows[i], verification)
     return verification
+
+
+def evaluate_examples(loaded, examples: Sequence[Example], grader, recipe: Recipe, engine: EngineSettings,
+                      max_new_tokens: int, seed: int) -> dict[str, Record]:
+    """lm-eval's graded completions of one loaded checkpoint on ``examples``, as store records."""
+    task = harness.build_task(list(examples), grader, recipe.sampling, max_new_tokens)
+    lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
+    results = harness.file_results(harness.evaluate(lm, [task], seed=seed))
+    return {uid: Record(acc=r.acc, samples=r.completions) for uid, r in results.items()}
 
 
 def _acc(records: Mapping[str, Record], uid: str) -> float:
@@ -307,6 +322,7 @@ def verify_tasks(
                 raise
             except Exception as exc:
                 errors[i] = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                log.debug("traceback of %s", errors[i], exc_info=True)  # shown by ckptsel --debug
 
     out = []
     for name in names:
