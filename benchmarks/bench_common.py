@@ -12,6 +12,9 @@ real data):
               builds it as a Qwen2 tokenizer: Qwen's pre-tokenisation, digits one by one.
               Ids past the BPE's own vocabulary are never produced but are paid for in
               every LM-head projection and softmax, as with the real vocabulary.
+``qwen-tiny`` the same Qwen2 architecture at test size (2 layers, width 64, GQA 4/2 heads,
+              tied 4,096-token vocabulary) with the lab's character tokenizer: every code path
+              of the 0.5B model in seconds on a CPU (``gpu_check.py --cpu --quick``).
 
 Weights are written as safetensors and loaded back with ``from_pretrained``, so the model
 is the one the loader would hand out (and a folder the rank benchmarks can point at).
@@ -31,9 +34,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The datasets; ``CKPTSEL_BENCH_DATA`` points elsewhere (a copy carried to a machine without them).
+DATA = Path(os.environ.get("CKPTSEL_BENCH_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 CACHE = Path(os.environ.get("CKPTSEL_BENCH_CACHE", "/tmp/ckptsel-bench"))
-SIZES = ("lab", "qwen0.5b")
+SIZES = ("lab", "qwen0.5b", "qwen-tiny")
 QWEN_VOCAB = 151936
 BPE_VOCAB = 32000
 
@@ -93,7 +97,7 @@ def alternative_solutions(target: str) -> list[str]:
 
 
 def tokenizer_for(size: str):
-    if size == "lab":
+    if size in ("lab", "qwen-tiny"):
         from ckptsel.lab.tokenizer import build_tokenizer
 
         return build_tokenizer()
@@ -137,6 +141,12 @@ def model_config(size: str, tokenizer):
 
     if size == "lab":
         return build_config(ModelSpec(max_positions=4096), tokenizer)
+    if size == "qwen-tiny":
+        return Qwen2Config(
+            vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
     return Qwen2Config(
         vocab_size=QWEN_VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -160,7 +170,7 @@ def model_dir(size: str, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, meta in shapes.items():
-        if size == "qwen0.5b" and name == "lm_head.weight":
+        if size.startswith("qwen") and name == "lm_head.weight":
             continue  # tied to the embedding
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(meta.shape)

@@ -42,19 +42,12 @@ def main() -> None:
     bench.setup(args.threads)
 
     import numpy as np
-    from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from ckptsel.measure.scoring import encode_pairs, score_token_pairs
-    from ckptsel.proxies import PERTURBATIONS
 
     model, tokenizer = bench.load_model(args.size)
     examples = bench.gsm8k_examples(args.questions)
-    workload = []
-    for ex in examples:
-        workload += [(ex.prompt, ex.target)] + [(ex.prompt, alt) for alt in bench.alternative_solutions(ex.target)]
-        workload += [(perturb(ex.prompt), ex.target) for perturb in PERTURBATIONS.values()]
-    plain = [(ex.prompt, ex.target) for ex in examples]
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.lm_eval_batch, device="cpu", add_bos_token=True,
               max_length=model.config.max_position_embeddings)
@@ -64,16 +57,10 @@ def main() -> None:
     print(bench.describe(model, args.size))
     print(f"{bench.machine()}; lm-eval batch size {args.lm_eval_batch}")
 
-    for name, requests in (("workload", workload), ("plain", plain)):
+    for name, requests in requests_for(examples).items():
         prompts, targets = [p for p, _ in requests], [t for _, t in requests]
         pairs = encode_pairs(tokenizer, prompts, targets, append_eos=True)
-        instances = [
-            Instance(request_type="loglikelihood", doc={}, arguments=(p, t + tokenizer.eos_token), idx=i)
-            for i, (p, t) in enumerate(requests)
-        ]
-        same = sum(lm._encode_pair(p, t + tokenizer.eos_token) == pair for (p, t), pair in zip(requests, pairs))
-        if same != len(pairs):
-            raise SystemExit(f"{name}: lm-eval tokenises {len(pairs) - same} of {len(pairs)} requests differently")
+        instances = lm_eval_instances(lm, tokenizer, requests, pairs, name)
         n_target = sum(len(t) for _, t in pairs)
 
         results = {}
@@ -121,6 +108,33 @@ def main() -> None:
         print(f"  lm-eval   {n_target / t_theirs:10,.0f} target tok/s   {bench.fmt_times(times['lm-eval'])}")
         print(f"  ckptsel   {n_target / t_ours:10,.0f} target tok/s   {bench.fmt_times(times['ckptsel'])}")
         print(f"  ratio {t_theirs / t_ours:.2f}x (median of {args.repeats}, interleaved); load average {bench.load():.2f}")
+
+
+def requests_for(examples) -> dict[str, list[tuple[str, str]]]:
+    """The (prompt, target) requests of both workloads (module docstring), for ``examples``."""
+    from ckptsel.proxies import PERTURBATIONS
+
+    workload = []
+    for ex in examples:
+        workload += [(ex.prompt, ex.target)] + [(ex.prompt, alt) for alt in bench.alternative_solutions(ex.target)]
+        workload += [(perturb(ex.prompt), ex.target) for perturb in PERTURBATIONS.values()]
+    return {"workload": workload, "plain": [(ex.prompt, ex.target) for ex in examples]}
+
+
+def lm_eval_instances(lm, tokenizer, requests: list[tuple[str, str]], pairs, name: str) -> list:
+    """lm-eval ``loglikelihood`` requests for ``requests``, continuation = target + EOS text.
+
+    Exits unless lm-eval tokenises every request into exactly the ids of ``pairs`` (ckptsel's).
+    """
+    from lm_eval.api.instance import Instance
+
+    same = sum(lm._encode_pair(p, t + tokenizer.eos_token) == pair for (p, t), pair in zip(requests, pairs))
+    if same != len(pairs):
+        raise SystemExit(f"{name}: lm-eval tokenises {len(pairs) - same} of {len(pairs)} requests differently")
+    return [
+        Instance(request_type="loglikelihood", doc={}, arguments=(p, t + tokenizer.eos_token), idx=i)
+        for i, (p, t) in enumerate(requests)
+    ]
 
 
 def distinct_prefixes(sequences: list[list[int]]) -> int:
