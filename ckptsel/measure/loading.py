@@ -9,13 +9,16 @@ adapter's, any other is ``load_adapter``-ed, activated, and the previous adapter
 base weights are never merged or modified, so adapter j scores exactly as if loaded fresh on a
 clean base. Tokenizers are built once per distinct set of tokenizer files.
 
-Safety defaults (DESIGN.md): only local files (nothing is downloaded), safetensors only
+Safety defaults (ckptsel/DESIGN.md): only local files (nothing is downloaded), safetensors only
 unless ``allow_pickle`` (then ``.bin`` files load with ``weights_only=True``), no remote
 code unless ``trust_remote_code``. Defaults for speed: CUDA when present, bf16 and SDPA
 attention there, float32 on CPU.
 
 Any failure becomes one :class:`~ckptsel.errors.CheckpointError` line naming the checkpoint
-and the reason, so a caller can record it and go on with the next checkpoint.
+and the reason, so a caller can record it and go on with the next checkpoint. One is not a
+checkpoint's fault: an adapter's base named by a hub id that is neither a local folder nor
+in the Hugging Face cache raises :class:`~ckptsel.errors.CkptselError` (exit 2), saying to
+pass ``--base-model``. ``load_tokenizer`` is :func:`ckptsel.tokenizers.load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ckptsel.discover import Checkpoint
+from ckptsel.discover import Checkpoint, base_model_missing, resolve_base_model
 from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.tokenizers import load_tokenizer, tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -150,7 +153,7 @@ class CheckpointLoader:
                 self.full_loads += 1
                 model = self._full
             tokenizer = self._tokenizer(ckpt)
-        except CheckpointError:
+        except CkptselError:  # CheckpointError, or a base model that is not there at all
             raise
         except Exception as exc:  # transformers/peft/safetensors raise many types; the user needs one line
             raise CheckpointError(f"{ckpt.path}: cannot load: {_one_line(exc)}") from exc
@@ -186,6 +189,14 @@ class CheckpointLoader:
 
         if not ckpt.base_model:
             raise CheckpointError(f"{ckpt.path}: adapter without a base model; pass --base-model")
+        base_path = resolve_base_model(ckpt.base_model) or ckpt.base_model
+        if base_path == ckpt.base_model and not Path(base_path).is_dir() and not Path(base_path).is_absolute() \
+                and not base_path.startswith("."):
+            # A hub id that is not in the local cache: the same for every adapter on it, so no
+            # checkpoint can be measured until the user names the base; a usage error, not a
+            # broken checkpoint.
+            raise CkptselError(f"{ckpt.path}: base model {ckpt.base_model} (adapter_config.json) is "
+                               f"{base_model_missing(ckpt.base_model)}")
         if not self.allow_pickle and not (ckpt.path / "adapter_model.safetensors").is_file():
             hint = "; pass --allow-pickle to load adapter_model.bin" if (ckpt.path / "adapter_model.bin").is_file() else ""
             raise CheckpointError(f"{ckpt.path}: no adapter_model.safetensors{hint}")
@@ -193,7 +204,7 @@ class CheckpointLoader:
         if self._peft is None or self._base_key != ckpt.base_model:
             self._drop_models()
             try:
-                base = self._from_pretrained(ckpt.base_model)
+                base = self._from_pretrained(base_path)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, CheckpointError) else _one_line(exc)
                 raise CheckpointError(f"{ckpt.path}: base model {reason}") from exc
@@ -221,7 +232,7 @@ class CheckpointLoader:
         A run's checkpoints carry identical tokenizer files (or none: then the base's); parsing
         a large vocabulary again for each costs a fraction of a second per checkpoint.
         """
-        key = _tokenizer_digest(_tokenizer_source(ckpt))
+        key = _tokenizer_digest(tokenizer_source(ckpt)[1])
         if key not in self._tokenizers:
             self._tokenizers[key] = load_tokenizer(ckpt, trust_remote_code=self.trust_remote_code)
         return self._tokenizers[key]
@@ -303,28 +314,6 @@ def _release_memory(device: torch.device, dropped: list[weakref.ref]) -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def load_tokenizer(ckpt: Checkpoint, *, trust_remote_code: bool = False):
-    """The tokenizer a checkpoint was trained with: its own folder's, else its base model's.
-
-    Loaded without the model, so data can be rendered (chat templates) and budgets sized
-    before any weights are read.
-    """
-    from transformers import AutoTokenizer
-
-    source = _tokenizer_source(ckpt)
-    try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt.path}: cannot load the tokenizer from {source}: {_one_line(exc)}") from exc
-
-
-def _tokenizer_source(ckpt: Checkpoint) -> Path | str:
-    """Where a checkpoint's tokenizer is read from: its own folder when it has tokenizer files, else its base."""
-    if not any((ckpt.path / f).is_file() for f in TOKENIZER_FILES) and ckpt.base_model:
-        return ckpt.base_model
-    return ckpt.path
 
 
 # Files that can change what AutoTokenizer builds (config.json names the model type when the

@@ -1,13 +1,12 @@
 """Teacher-forced target NLL: nll_i = mean_t -log p(y_t | x, y_<t), prompt tokens excluded.
 
-Tokenisation (it must match how the model was fine-tuned, or every NLL is off):
-the prompt is tokenised *with* the tokenizer's special tokens (a Llama tokenizer prepends
-BOS), the target *without* them, and the two id lists are concatenated; with
-``append_eos`` the EOS id follows the target. This is how SFT trainers that tokenise a
-(prompt, completion) pair build their inputs, and how ``ckptsel.lab.train.encode`` does. Note
-that tokenising the two parts separately can differ from tokenising ``prompt + target``
-as one string at the boundary for BPE vocabularies; the separate form is the one the loss
-was computed on, so it is the one scored here.
+Tokenisation (it must match how the model was fine-tuned, or every NLL is off) is
+:func:`ckptsel.tokenizers.encode_pairs`, TRL's ``SFTTrainer`` rule: the prompt and the prompt
++ target are each tokenised with the tokenizer's special tokens (a Llama tokenizer prepends
+BOS); the target is what the joint encoding adds after their common prefix (at a BPE merge
+across the boundary that includes the merged token); then the EOS id (``append_eos``) or,
+for a chat rendering, the template's end of turn (``ends``). On the lab's character-level
+tokenizer this equals tokenising the parts separately, as ``ckptsel.lab.train.encode`` does.
 
 How the work is kept small: pairs are sorted by total length and cut into batches under a
 token budget (padding stays small); rows are right-padded, so with causal attention the pad
@@ -38,9 +37,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from ckptsel.errors import DataError
-
-TokenPair = tuple[list[int], list[int]]
+from ckptsel.tokenizers import TokenPair, encode_pairs  # noqa: F401  (re-exported: callers import it from here)
 
 # Automatic batch size: padded tokens per forward pass, and elements of the logits matrix
 # the model returns (target tokens x vocabulary, in the model's dtype). On CPU a few rows of
@@ -81,25 +78,6 @@ class ScoreResult:
         return np.exp(self.nll)
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], *, append_eos: bool = True) -> list[TokenPair]:
-    """Token ids of each (prompt, target) pair, split the way an SFT trainer splits them."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    if append_eos and tokenizer.eos_token_id is None:
-        raise DataError("append_eos is set but the tokenizer has no EOS token")
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if append_eos else []
-    pairs = []
-    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
-        if not p and t:
-            raise DataError(
-                f"pair {i}: empty prompt and the tokenizer adds no BOS, so the first target token has no context"
-            )
-        pairs.append((list(p), list(t) + eos))
-    return pairs
-
-
 def score_targets(
     model,
     tokenizer,
@@ -107,15 +85,17 @@ def score_targets(
     targets: Sequence[str],
     *,
     append_eos: bool = True,
+    ends: Sequence[str | None] | None = None,
     batch_size: int | None = None,
     routers: bool = False,
 ) -> ScoreResult:
     """Score each target given its prompt; see the module docstring for tokenisation.
 
+    ``ends``: per target, the chat template's end of turn (``Example.end_of_turn``) or None.
     ``routers``: on a mixture-of-experts model, also capture each pair's routing weights in
     the same forward pass (``ckptsel.measure.routers``); ignored for dense models.
     """
-    pairs = encode_pairs(tokenizer, prompts, targets, append_eos=append_eos)
+    pairs = encode_pairs(tokenizer, prompts, targets, append_eos=append_eos, ends=ends)
     return score_token_pairs(model, pairs, batch_size=batch_size, routers=routers)
 
 
