@@ -357,3 +357,11 @@ def test_cli_demo_on_a_tiny_grid(tmp_path, monkeypatch):
     assert f"report written to {report}" in result.output
     assert "ckptsel verify" in result.output and "--recommend" in result.output  # what to try next
     assert (out / "demo" / "ground_truth.json").exists()
+    # The callback measured each save during training (one line each), into the demo's store.
+    assert result.output.count("ckptsel step ") == 2 and "pre-mem acc" in result.output.split("2/4")[0]
+    run = out / "demo"
+    again = CliRunner().invoke(main, ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe",
+                                      str(run / "recipe.yaml"), "--max-examples", "6", "--cache-dir",
+                                      str(out / "cache"), "--json", "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["cache"] == {"measured": 0, "from_cache": 2}

@@ -1,8 +1,10 @@
 """``ckptsel demo``: train one small run here, then run ckptsel's pipeline on its checkpoints.
 
-Four steps, each what a user would type on their own run: train (the lab), ``ckptsel ls``,
-``ckptsel rank`` (the same library path, on a small fixed subset of the training data) and
-``ckptsel report``. The lab knows the truth -- held-out accuracy and NLL of every
+Four steps, each what a user would type on their own run: train (the lab, with
+:class:`ckptsel.integrations.transformers.CkptselCallback` attached, so each save is measured
+as it is written and its numbers shown), ``ckptsel ls``, ``ckptsel rank`` (the same library
+path, on a small fixed subset of the training data; it finds every measurement in the store
+the callback filled) and ``ckptsel report``. The lab knows the truth -- held-out accuracy and NLL of every
 checkpoint -- so the demo shows the prediction and the truth side by side.
 """
 
@@ -53,7 +55,8 @@ def demo(ctx, out, quiet):
     _step(err, 2, "the checkpoints as ckptsel reads them", f"ckptsel ls {run_dir}")
     ctx.invoke(ls, paths=(str(run_dir),), base_model=None, with_fingerprint=False, as_json=False)
 
-    _step(err, 3, f"ranking from the training data alone ({DEMO_EXAMPLES} examples, k=5 samples each)",
+    _step(err, 3, f"ranking from the training data alone ({DEMO_EXAMPLES} examples, k=5 samples each; "
+          "measured during training, read from the store)",
           f"ckptsel rank {run_dir} --data {run_dir / 'train.jsonl'} --recipe {run_dir / 'recipe.yaml'} "
           f"--max-examples {DEMO_EXAMPLES} {cache}")
     ranked = _rank(run_dir, out / CACHE, quiet)
@@ -82,7 +85,8 @@ def _train(out: Path, err, quiet: bool) -> Path:
     from ckptsel.lab.runner import run_grid
 
     grid = load_grid(resolve_grid(DEMO_GRID))
-    _step(err, 1, f"training a tiny model on synthetic sums into {out} (resumable)", f"ckptsel lab run {DEMO_GRID} --out {out}")
+    _step(err, 1, f"training a tiny model on synthetic sums into {out} (resumable); ckptsel measures each save",
+          f"ckptsel lab run {DEMO_GRID} --out {out}")
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, disable=quiet,
@@ -97,8 +101,19 @@ def _train(out: Path, err, quiet: bool) -> Path:
             tasks[event.phase] = progress.add_task(label, total=event.total)
         progress.update(tasks[event.phase], completed=event.done, total=event.total)
 
+    def watch(name: str, folder: Path) -> list:
+        """The callback a user attaches to their Trainer (README, "During training"): one line per save."""
+        from ckptsel.integrations.transformers import CkptselCallback
+
+        def show(report) -> None:
+            if not quiet:
+                progress.console.print(f"  [dim]{report.line()}[/]", soft_wrap=True)
+
+        return [CkptselCallback(data=folder / "train.jsonl", recipe=folder / "recipe.yaml",
+                                max_examples=DEMO_EXAMPLES, cache_dir=out / CACHE, on_measured=show)]
+
     with progress:
-        (result,) = run_grid(grid, out, jobs=1, on_event=on_event)
+        (result,) = run_grid(grid, out, jobs=1, on_event=on_event, callbacks=watch)
     if result.phase == "failed":
         raise click.ClickException(f"the demo run failed: {result.message}")
     return out / DEMO_RUN

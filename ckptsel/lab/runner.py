@@ -31,7 +31,7 @@ import shutil
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,8 @@ class Event:
 
 
 EventCallback = Callable[[Event], None]
+# callbacks(run name, folder it trains into) -> Trainer callbacks for that run (in-process runs only).
+CallbackFactory = Callable[[str, Path], Sequence]
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _quiet_libraries(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _work(job: _Job, grid: Grid, threads: int, queue) -> Event:
+def _work(job: _Job, grid: Grid, threads: int, queue, callbacks: CallbackFactory | None = None) -> Event:
     """Train (and for runs, measure) one job; the body of a pool worker."""
     from ckptsel.lab.ground_truth import write_ground_truth
     from ckptsel.lab.train import train_run
@@ -114,7 +116,8 @@ def _work(job: _Job, grid: Grid, threads: int, queue) -> Event:
 
     try:
         train_run(
-            job.spec, partial, name=job.name, base_dir=job.base_dir, on_step=emit("train"), save_final_model=job.is_base
+            job.spec, partial, name=job.name, base_dir=job.base_dir, on_step=emit("train"), save_final_model=job.is_base,
+            callbacks=tuple(callbacks(job.name, partial)) if callbacks is not None else (),
         )
         if not job.is_base:
             write_ground_truth(partial, grid.ground_truth, on_checkpoint=emit("truth"))
@@ -146,15 +149,18 @@ def _drain(queue, notify: EventCallback) -> None:
         notify(queue.get_nowait())
 
 
-def _run_jobs(jobs_list: list[_Job], grid: Grid, jobs: int, threads: int, notify: EventCallback) -> list[Event]:
+def _run_jobs(jobs_list: list[_Job], grid: Grid, jobs: int, threads: int, notify: EventCallback,
+              callbacks: CallbackFactory | None = None) -> list[Event]:
     """Run ``jobs_list`` in-process (jobs=1) or in a pool of spawned processes; one final event each."""
     results: list[Event] = []
     if jobs <= 1 or len(jobs_list) <= 1:
         forward = _Forward(notify)
         for job in jobs_list:
-            results.append(_work(job, grid, threads, forward))
+            results.append(_work(job, grid, threads, forward, callbacks))
             notify(results[-1])
         return results
+    if callbacks is not None:
+        raise ValueError("Trainer callbacks need in-process training (jobs=1)")
     ctx = mp.get_context("spawn")  # torch and fork do not mix
     with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         queue = manager.Queue()
@@ -183,11 +189,14 @@ def run_grid(
     threads: int | None = None,
     only: list[str] | None = None,
     on_event: EventCallback | None = None,
+    callbacks: CallbackFactory | None = None,
 ) -> list[Event]:
     """Train the needed bases, then train and measure every unfinished run; one final event per run.
 
     Bases report events named ``bases/NAME``; they are not in the returned list unless they
-    fail (then the runs that need them fail too).
+    fail (then the runs that need them fail too). ``callbacks`` gives each run's Trainer more
+    callbacks (``ckptsel demo`` attaches :class:`ckptsel.integrations.transformers.CkptselCallback`);
+    runs trained in a pool of processes (``jobs`` > 1) cannot take them.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -230,5 +239,5 @@ def run_grid(
             continue
         base_dir = base_model_dir(out, spec.init) if spec.init != "scratch" else None
         run_jobs.append(_Job(name, spec, out / name, out / ".partial" / name, base_dir, is_base=False))
-    results.extend(_run_jobs(run_jobs, grid, jobs, threads, notify))
+    results.extend(_run_jobs(run_jobs, grid, jobs, threads, notify, callbacks))
     return results

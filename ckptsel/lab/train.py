@@ -185,12 +185,14 @@ def train_run(
     base_dir: Path | None = None,
     on_step: StepCallback | None = None,
     save_final_model: bool = False,
+    callbacks: tuple = (),
 ) -> Path:
     """Train ``spec`` into ``run_dir`` (checkpoint-N/ folders plus the data and recipe).
 
     ``base_dir`` is the pretrained base model folder when ``spec.init`` names a base. With ``save_final_model`` the
     final weights are also saved as a plain model folder, ``run_dir/final`` (how a base is
-    made). Returns ``run_dir``.
+    made). ``callbacks``: more Trainer callbacks; one with an ``attach(trainer)`` method (a
+    :class:`ckptsel.integrations.transformers.CkptselCallback`) attaches itself. Returns ``run_dir``.
     """
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -237,6 +239,11 @@ def train_run(
         callbacks=[_Progress()],
     )
     trainer.remove_callback(PrinterCallback)  # the caller draws progress; no log dicts on stdout
+    for callback in callbacks:
+        if hasattr(callback, "attach"):  # logs through trainer.log, so it needs the trainer
+            callback.attach(trainer)
+        else:
+            trainer.add_callback(callback)
     trainer.train()
     if save_final_model:
         final = model.merge_and_unload() if spec.mode == "lora" else model
