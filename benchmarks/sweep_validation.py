@@ -19,7 +19,7 @@ against the sweep's oracle (the best checkpoint by true held-out accuracy), and 
 lab's runs are each other's data-size sweep: runs with the same data file content are measured
 on the same examples, so their comparison is paired.
 
-    python benchmarks/sweep_validation.py [--kang DIR] [--lab DIR --cache-dir DIR] [--json out.json]
+    python benchmarks/sweep_validation.py [--kang DIR] [--lab DIR --cache-dir DIR [--ray]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -97,13 +97,15 @@ def part_kang(folder: Path) -> dict:
     return out
 
 
-def part_lab(folder: Path, cache_dir: Path | None, max_examples: int) -> dict:
+def part_lab(folder: Path, cache_dir: Path | None, max_examples: int, ray: bool = False) -> dict:
     from ckptsel.discover import discover_runs
     from ckptsel.lab.ground_truth import read_ground_truth
     from ckptsel.metrics import r2_identity
     from ckptsel.pipeline import RankRequest, rank_runs
     from ckptsel.recipes import load_recipe
+    from ckptsel.settings import EngineSettings
 
+    engine = EngineSettings(ray="local" if ray else None)
     runs = [r for r in discover_runs(folder) if (r.path / "ground_truth.json").is_file()]
     if not runs:
         raise SystemExit(f"{folder}: no lab runs (run folders with ground_truth.json)")
@@ -120,7 +122,7 @@ def part_lab(folder: Path, cache_dir: Path | None, max_examples: int) -> dict:
         start = time.perf_counter()
         result = rank_runs(RankRequest(paths=(folder,), recipe=recipe, data_per_run="train.jsonl",
                                        threshold=threshold, max_examples=max_examples, cache_dir=cache_dir,
-                                       runs=tuple(runs)))
+                                       runs=tuple(runs), engine=engine))
         seconds = time.perf_counter() - start
         ranking = result.ranking
         rows = [c for c in ranking.checkpoints if c.error is None]
@@ -156,6 +158,7 @@ def main() -> None:
     ap.add_argument("--lab", type=Path, help="A lab output folder (ckptsel lab run main --out DIR).")
     ap.add_argument("--cache-dir", type=Path)
     ap.add_argument("--max-examples", type=int, default=100)
+    ap.add_argument("--ray", action="store_true", help="Measure on a local Ray (one task per core).")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report = {}
@@ -174,7 +177,7 @@ def main() -> None:
             print(f"    {r['run']:<28} pick step {r['pick_step']:>5}  PM {r['pick_pm']:.3f}  test {r['pick_test']:.3f}"
                   f"  (run best {r['best_test']:.3f})")
     if args.lab is not None:
-        lab = report["lab"] = part_lab(args.lab, args.cache_dir, args.max_examples)
+        lab = report["lab"] = part_lab(args.lab, args.cache_dir, args.max_examples, args.ray)
         print(f"lab sweep {args.lab}: {lab['runs']} runs, {lab['checkpoints']} checkpoints, "
               f"{args.max_examples} examples per run")
         for mode, m in lab["modes"].items():

@@ -1,6 +1,6 @@
 """Measure every checkpoint on the training examples, into the result store.
 
-This is the one loop over checkpoints (DESIGN.md, "How a run flows")::
+This is the one loop over checkpoints (ckptsel/DESIGN.md, "How a run flows")::
 
     for each checkpoint (loaded once; adapters hot-swapped on one base):
         for each measurement kind: what the store lacks  ->  measure in chunks  ->  store
@@ -76,13 +76,27 @@ class Collected:
 # --------------------------------------------------------------------------- measurement kinds
 
 
-def _measure_scores(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
-    """Teacher-forced target NLL and predictive entropy (DESIGN.md: target NLL)."""
+@dataclass
+class MeasureContext:
+    """What every measurement kind may use beside the model: the settings, the grader, the
+    sampling budgets, the vLLM sampler (``--backend vllm``) and the alternative-solution harvest."""
+
+    engine: EngineSettings
+    grader: object
+    proxies: ProxySettings
+    budgets: dict[str, int]
+    vllm: object | None = None
+    harvest: Harvest | None = None
+
+
+def _measure_scores(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
+                    ctx: MeasureContext) -> dict[str, Record]:
+    """Teacher-forced target NLL and predictive entropy (ckptsel/DESIGN.md: target NLL)."""
     return _score_records(model, tokenizer, examples, recipe, ctx, routers=False)
 
 
 def _measure_scores_and_routes(
-    model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict
+    model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: MeasureContext
 ) -> dict[str, Record]:
     """Target NLL as :func:`_measure_scores`, plus MoE routing read off the same forward pass.
 
@@ -97,7 +111,8 @@ def _measure_scores_and_routes(
     return _score_records(model, tokenizer, examples, recipe, ctx, routers=True)
 
 
-def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: dict, *, routers: bool) -> dict[str, Record]:
+def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: MeasureContext, *,
+                   routers: bool) -> dict[str, Record]:
     import numpy as np
 
     from ckptsel.measure.routers import declares_experts
@@ -111,7 +126,7 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: dict, *, rou
         [ex.target for ex in examples],
         append_eos=recipe.data.append_eos,
         ends=[ex.end_of_turn for ex in examples],  # realmodel: a chat template's end of turn, as TRL trains it
-        batch_size=ctx["engine"].batch_size,
+        batch_size=ctx.engine.batch_size,
         routers=routers,
     )
     weights, cosines = result.router_weights, None
@@ -131,21 +146,22 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: dict, *, rou
     return out
 
 
-def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: dict) -> dict[str, Record]:
-    """k graded samples per question (DESIGN.md: sampled accuracy and copy rate)."""
+def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
+                     ctx: MeasureContext) -> dict[str, Record]:
+    """k graded samples per question (ckptsel/DESIGN.md: sampled accuracy and copy rate)."""
     from ckptsel.measure.sampling import copy_rate, sample_completions
 
-    grader = ctx["grader"]
+    grader = ctx.grader
     prompts = [ex.prompt for ex in examples]
     request = {
         "sampling": recipe.sampling,
-        "max_new_tokens": [ctx["budgets"][ex.uid] for ex in examples],
+        "max_new_tokens": [ctx.budgets[ex.uid] for ex in examples],
         "keys": [ex.uid for ex in examples],
     }
-    if ctx.get("vllm") is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
-        completions = ctx["vllm"].sample(model, tokenizer, prompts, **request)
+    if ctx.vllm is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
+        completions = ctx.vllm.sample(model, tokenizer, prompts, **request)
     else:
-        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx["engine"].batch_size, **request)
+        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx.engine.batch_size, **request)
     out = {}
     for ex, samples in zip(examples, completions):
         correct = sum(bool(grader(text, ex.reference)) for text in samples)
@@ -160,7 +176,7 @@ MeasureFn = Callable[..., dict[str, Record]]
 
 @dataclass(frozen=True)
 class Kind:
-    """A measurement kind: function(model, tokenizer, examples, recipe, ctx) -> {uid: Record}.
+    """A measurement kind: function(model, tokenizer, examples, recipe, ctx: MeasureContext) -> {uid: Record}.
 
     ``chunk``: examples per stored batch (small enough that a crash loses little, large
     enough to batch well). ``examples``: the training examples, or the ``--heldout`` ones.
@@ -284,6 +300,8 @@ def collect(
     proxy_settings: ProxySettings = ProxySettings(),
     on_progress: Callable[[Progress], None] | None = None,
     sizes: dict[str, int] | None = None,
+    loader=None,
+    executor=None,
 ) -> Collected:
     """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
 
@@ -294,6 +312,14 @@ def collect(
     whose results are all stored imports neither torch nor transformers. ``heldout``
     examples are scored by the ``heldout`` kind (nothing to do when empty). One checkpoint
     failing to load or measure is recorded in ``Collected.failures``; the others go on.
+
+    ``loader`` replaces reading checkpoints from disk: an object whose ``load(checkpoint)``
+    returns ``(model, tokenizer)`` like :class:`ckptsel.measure.loading.CheckpointLoader`'s
+    (the Trainer callback hands over the model it is training; see
+    :mod:`ckptsel.integrations.transformers`). It is called only for what the store lacks.
+    ``executor`` (a :class:`ckptsel.distributed.RayExecutor`) measures the checkpoints as Ray
+    tasks instead, in parallel; this process alone writes the store, and the results are the
+    same.
     """
     from ckptsel import graders
 
@@ -309,8 +335,8 @@ def collect(
         from ckptsel.measure.vllm_backend import VllmSampler
 
         sampler = VllmSampler(engine)  # raises when vllm is missing
-    ctx = {"engine": engine, "grader": grader, "proxies": proxy_settings, "vllm": sampler}
-    ctx["budgets"] = dict(sizes) if sizes is not None else budgets(tokenizer, examples, recipe)
+    ctx = MeasureContext(engine, grader, proxy_settings,
+                         dict(sizes) if sizes is not None else budgets(tokenizer, examples, recipe), vllm=sampler)
     key = settings_key(recipe, engine)
     fps = fingerprints(checkpoints, store)
     result = Collected(checkpoints, fps, key, examples, heldout=list(heldout))
@@ -327,68 +353,125 @@ def collect(
         harvest_key = Harvest.key(key, fps[pending[0]], proxy_settings)
         stored = store.get_value(harvest_key)
         result.harvest = Harvest.from_json(stored) if stored is not None else Harvest()
-        ctx["harvest"] = result.harvest
-    uids = [ex.uid for ex in examples]
+        ctx.harvest = result.harvest
+    state = _RunState(checkpoints, examples, recipe, store, result, ctx, pools, key, harvest_key, alt_grader,
+                      proxy_settings, on_progress)
+    if executor is None and engine.ray is not None and loader is None:
+        from ckptsel.distributed import RayExecutor
 
-    def run(session: _Session, i: int, kind: str, pool: list[Example]) -> None:
-        """Measure and store what the store lacks of ``kind`` on ``pool`` for checkpoint ``i``."""
-        series = result.series[kind]
-        with_array = KINDS[kind].routes and checkpoints[i].num_experts is not None
-        missing = set(store.missing(fps[i], key, series, [ex.uid for ex in pool], with_array=with_array))
-        todo = [ex for ex in pool if ex.uid in missing]
-        if not todo:
-            return
-        model, tok = session.model()
-        size = KINDS[kind].chunk
-        done = len(pool) - len(todo)
-        _emit(on_progress, checkpoints[i], i, kind, done, len(pool))
-        for start in range(0, len(todo), size):
-            chunk = todo[start : start + size]
-            store.put_many(fps[i], key, series, KINDS[kind].measure(model, tok, chunk, recipe, ctx))
-            done += len(chunk)
-            _emit(on_progress, checkpoints[i], i, kind, done, len(pool))
+        executor = RayExecutor(engine.ray, engine.ray_cpus)
+    if executor is not None:
+        from ckptsel.distributed import collect_distributed
 
-    def alt_pool() -> list[Example]:
-        solutions = result.harvest.solutions(uids)
-        return [ex for ex in examples if ex.uid in solutions]
+        collect_distributed(state, pending, plain, executor)
+        return result
 
-    def advance_harvest(i: int) -> bool:
-        """Harvest checkpoint ``i``'s samples if it is (or may become) a source; True once the set is fixed."""
-        harvest = result.harvest
-        was_fixed, looked_up = harvest.fixed, 0
-        if not harvest.fixed or fps[i] in harvest.sources:
-            records = store.get_many(fps[i], key, "sample", uids)
-            looked_up = harvest.harvest(fps[i], records, examples, alt_grader, proxy_settings.alt_min_accuracy)
-        if not harvest.decide(uids, proxy_settings):
-            return False
-        if not was_fixed or looked_up:
-            store.put_value(harvest_key, harvest.to_json())
-        result.series["alt"] = harvest.series
-        return True
-
-    with _LazyLoader(engine) as loader, sampler or nullcontext():
+    with (_LazyLoader(engine) if loader is None else nullcontext(loader)) as loader, sampler or nullcontext():
         for i in pending:
             session = _Session(loader, checkpoints[i], i, result, on_progress)
             with _recording_failure(result, i):
                 if sampler is not None:  # before the model loads: frees an engine this checkpoint cannot use
                     sampler.use(checkpoints[i])
                 for kind in plain:
-                    run(session, i, kind, pools[KINDS[kind].examples])
-                if result.harvest is not None and advance_harvest(i):
-                    run(session, i, "alt", alt_pool())
+                    state.run(session, i, kind)
+                if result.harvest is not None and state.advance_harvest(i):
+                    state.run(session, i, "alt")
             if i in result.failures:
                 continue
             store.register_checkpoint(fps[i], checkpoints[i].path, checkpoints[i].step)
             if not session.loaded:
-                _emit(on_progress, checkpoints[i], i, "cached", len(uids), len(uids))
+                state.emit(i, "cached", len(examples), len(examples))
         # Checkpoints measured before the set was fixed: their alternative scores, one more load each.
         if result.harvest is not None and result.harvest.fixed:
             for i in pending:
                 if i not in result.failures:
                     with _recording_failure(result, i):
-                        run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt", alt_pool())
-        result.base_loads = loader.base_loads
+                        state.run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt")
+        result.base_loads = getattr(loader, "base_loads", 0)
     return result
+
+
+@dataclass
+class _RunState:
+    """One run's measurement in progress: what the store lacks, and the harvest of alternative solutions.
+
+    Shared by the in-process loop of :func:`collect` and the distributed one
+    (:func:`ckptsel.distributed.collect_distributed`): both plan from the store, measure the same
+    chunks with the same functions, and store the same records under the same keys.
+    """
+
+    checkpoints: list[Checkpoint]
+    examples: list[Example]
+    recipe: Recipe
+    store: Store
+    result: Collected
+    ctx: MeasureContext
+    pools: dict[str, list[Example]]
+    key: str
+    harvest_key: str | None
+    alt_grader: object
+    proxy_settings: ProxySettings
+    on_progress: Callable[[Progress], None] | None
+
+    @property
+    def uids(self) -> list[str]:
+        return [ex.uid for ex in self.examples]
+
+    def pool(self, kind: str) -> list[Example]:
+        if kind == "alt":
+            solutions = self.result.harvest.solutions(self.uids)
+            return [ex for ex in self.examples if ex.uid in solutions]
+        return self.pools[KINDS[kind].examples]
+
+    def todo(self, i: int, kind: str) -> tuple[list[Example], int]:
+        """The examples of ``kind``'s pool that checkpoint ``i`` lacks in the store, and the pool's size."""
+        pool = self.pool(kind)
+        fp, series = self.result.fingerprints[i], self.result.series[kind]
+        with_array = KINDS[kind].routes and self.checkpoints[i].num_experts is not None
+        missing = set(self.store.missing(fp, self.key, series, [ex.uid for ex in pool], with_array=with_array))
+        return [ex for ex in pool if ex.uid in missing], len(pool)
+
+    def run(self, session: _Session, i: int, kind: str) -> None:
+        """Measure and store what the store lacks of ``kind`` for checkpoint ``i``, a chunk per transaction."""
+        todo, total = self.todo(i, kind)
+        if not todo:
+            return
+        model, tok = session.model()
+        done = total - len(todo)
+        self.emit(i, kind, done, total)
+        for records in measure_chunks(model, tok, kind, todo, self.recipe, self.ctx):
+            self.put(i, kind, records)
+            done += len(records)
+            self.emit(i, kind, done, total)
+
+    def put(self, i: int, kind: str, records: dict[str, Record]) -> None:
+        self.store.put_many(self.result.fingerprints[i], self.key, self.result.series[kind], records)
+
+    def emit(self, i: int, phase: str, done: int, total: int) -> None:
+        _emit(self.on_progress, self.checkpoints[i], i, phase, done, total)
+
+    def advance_harvest(self, i: int) -> bool:
+        """Harvest checkpoint ``i``'s samples if it is (or may become) a source; True once the set is fixed."""
+        harvest, fp, uids = self.result.harvest, self.result.fingerprints[i], self.uids
+        was_fixed, looked_up = harvest.fixed, 0
+        if not harvest.fixed or fp in harvest.sources:
+            records = self.store.get_many(fp, self.key, "sample", uids)
+            looked_up = harvest.harvest(fp, records, self.examples, self.alt_grader,
+                                        self.proxy_settings.alt_min_accuracy)
+        if not harvest.decide(uids, self.proxy_settings):
+            return False
+        if not was_fixed or looked_up:
+            self.store.put_value(self.harvest_key, harvest.to_json())
+        self.result.series["alt"] = harvest.series
+        return True
+
+
+def measure_chunks(model, tokenizer, kind: str, todo: Sequence[Example], recipe: Recipe,
+                   ctx: MeasureContext) -> Iterator[dict[str, Record]]:
+    """``kind``'s records for ``todo``, one chunk of :attr:`Kind.chunk` examples at a time."""
+    size = KINDS[kind].chunk
+    for start in range(0, len(todo), size):
+        yield KINDS[kind].measure(model, tokenizer, todo[start : start + size], recipe, ctx)
 
 
 class _LazyLoader:

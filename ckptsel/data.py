@@ -27,6 +27,9 @@ Rendering, in order of precedence:
 The prompt never starts with the BOS token's text: when a chat template writes it and the
 tokenizer adds BOS itself, it is removed, so encoding ``prompt`` with special tokens gives one
 BOS. EOS is not text either; the measurement engine appends its id (``DataSettings.append_eos``).
+A chat-rendered example instead carries ``end_of_turn``, what the template writes after the
+target (ChatML: ``<|im_end|>\n``): TRL trains on it and appends no EOS, so the engine scores
+it in place of the EOS. How the pair becomes token ids is :func:`ckptsel.tokenizers.encode_pairs`.
 
 ``Example.index`` is the row's position in the file (0-based, counting rows that were skipped),
 ``Example.uid`` a hash of (prompt, target). Duplicate rows are kept as separate examples
@@ -46,8 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptsel.errors import CheckpointError, DataError
+from ckptsel.errors import DataError
 from ckptsel.settings import DataSettings, Recipe
+from ckptsel.tokenizers import encode_pairs, load_tokenizer  # noqa: F401  (load_tokenizer: one rule, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,10 @@ class Example:
     reference: str
     prompt: str
     target: str
+    # Chat renderings: what the chat template writes after the target (ChatML's "<|im_end|>\n").
+    # The trainer trains on it, so it is scored after the target instead of an appended EOS.
+    # None for text templates, where ``DataSettings.append_eos`` decides.
+    end_of_turn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -391,7 +399,8 @@ def _render_chat_qa(row: Row, fields: Fields, system_prompt: str | None, tokeniz
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})
     prompt = _apply_chat_template(messages, tokenizer, row)
-    return Example(row.index, uid_of(prompt, answer), question, answer, prompt, answer)
+    end = _end_of_turn(messages, prompt, answer, tokenizer, row)
+    return Example(row.index, _chat_uid(prompt, answer, end), question, answer, prompt, answer, end)
 
 
 def _render_messages(row: Row, name: str, tokenizer) -> Example:
@@ -407,20 +416,52 @@ def _render_messages(row: Row, name: str, tokenizer) -> Example:
     context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
     target = messages[last]["content"]
     question = next((m["content"] for m in reversed(context) if m["role"] == "user"), "")
+    end = None
     if tokenizer is None:
         prompt = "".join(f"{m['role']}: {m['content']}\n" for m in context) + "assistant:"
         target = f" {target}"
     else:
         prompt = _apply_chat_template(context, tokenizer, row)
-    return Example(row.index, uid_of(prompt, target), question, messages[last]["content"], prompt, target)
+        end = _end_of_turn(context, prompt, target, tokenizer, row, role=messages[last]["role"])
+    return Example(row.index, _chat_uid(prompt, target, end), question, messages[last]["content"], prompt, target, end)
 
 
-def _apply_chat_template(messages: list[dict], tokenizer, row: Row) -> str:
+def _apply_chat_template(messages: list[dict], tokenizer, row: Row, add_generation_prompt: bool = True) -> str:
     try:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises its own types (e.g. "roles must alternate")
         raise DataError(f"{row.where}: the chat template failed ({str(exc).splitlines()[0]})") from None
     return _strip_bos_text(prompt, tokenizer)
+
+
+def _end_of_turn(context: list[dict], prompt: str, target: str, tokenizer, row: Row, role: str = "assistant") -> str | None:
+    """What the chat template writes after the target, as TRL trains a conversational prompt/completion.
+
+    TRL's ``SFTTrainer`` renders the whole conversation (no generation prompt) and trains on
+    every token after the rendered prompt: the target and the template's end of turn (ChatML:
+    ``<|im_end|>`` and the newline after it), with no EOS of its own. None, with a warning,
+    when the full rendering does not continue the prompt with the target (a template that
+    renders the last turn differently, or trims it); the EOS rule applies then.
+    """
+    full = _apply_chat_template([*context, {"role": role, "content": target}], tokenizer, row, add_generation_prompt=False)
+    if full.startswith(prompt + target):
+        return full[len(prompt) + len(target):]
+    if id(tokenizer) not in _WARNED_SPLIT:  # once per tokenizer: it holds for every row
+        _WARNED_SPLIT.add(id(tokenizer))
+        log.warning(
+            "%s: the chat template does not render the conversation as the prompt followed by the target; "
+            "scoring the target with an appended EOS, which may differ from the trained-on tokens",
+            row.where,
+        )
+    return None
+
+
+_WARNED_SPLIT: set[int] = set()
+
+
+def _chat_uid(prompt: str, target: str, end: str | None) -> str:
+    """A chat example's key covers the end of turn it is scored with (results scored without it stay apart)."""
+    return uid_of(prompt, target if end is None else target + end)
 
 
 def _strip_bos_text(prompt: str, tokenizer) -> str:
@@ -434,55 +475,18 @@ def _strip_bos_text(prompt: str, tokenizer) -> str:
 # --------------------------------------------------------------------------- inspection
 
 
-def load_tokenizer(path):
-    """The tokenizer saved in a model, checkpoint or run folder, read offline.
-
-    For a LoRA adapter folder without tokenizer files, the base model's (when it is a local
-    folder); for a Trainer run folder, the latest ``checkpoint-N`` that has one.
-    """
-    path = Path(path)
-    for candidate in _tokenizer_candidates(path):
-        if any((candidate / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            from transformers import AutoTokenizer
-
-            try:
-                return AutoTokenizer.from_pretrained(str(candidate), local_files_only=True)
-            except Exception as exc:  # transformers raises OSError, ValueError, JSON errors...
-                raise CheckpointError(f"{candidate}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
-    raise CheckpointError(f"{path}: no tokenizer files found (tokenizer.json or tokenizer_config.json)")
-
-
-def _tokenizer_candidates(path: Path) -> Iterator[Path]:
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder")
-    yield path
-    adapter_config = path / "adapter_config.json"
-    if adapter_config.is_file():
-        try:
-            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-        except (OSError, json.JSONDecodeError):
-            base = None
-        if base and Path(base).is_dir():
-            yield Path(base)
-    steps = sorted(
-        (p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
-        key=lambda p: int(p.name.split("-", 1)[1]),
-        reverse=True,
-    )
-    yield from steps
-
-
 def token_lengths(examples: list[Example], tokenizer, append_eos: bool) -> dict[str, list[int]]:
     """Prompt, target and total token counts per example, as the measurement engine sees them.
 
-    The prompt is encoded with special tokens (BOS), the target without, plus one for EOS
-    when the recipe appends it.
+    Split as :func:`ckptsel.tokenizers.encode_pairs` splits them: the prompt with its special
+    tokens (BOS), the target with the EOS or the chat template's end of turn.
     """
-    # verbose=False: lengths beyond model_max_length are what we are here to report, not to warn about.
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True, verbose=False)["input_ids"]
-    targets = tokenizer([e.target for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
-    prompt = [len(ids) for ids in prompts]
-    target = [len(ids) + int(append_eos) for ids in targets]
+    pairs = encode_pairs(
+        tokenizer, [e.prompt for e in examples], [e.target for e in examples],
+        append_eos=append_eos, ends=[e.end_of_turn for e in examples],
+    )
+    prompt = [len(p) for p, _ in pairs]
+    target = [len(t) for _, t in pairs]
     return {"prompt": prompt, "target": target, "total": [p + t for p, t in zip(prompt, target)]}
 
 

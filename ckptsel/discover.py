@@ -361,6 +361,14 @@ def _describe_adapter(ckpt: Checkpoint, base_model: str | None) -> None:
     ckpt.base_model = base_model or cfg.get("base_model_name_or_path") or None
     if ckpt.base_model is None:
         raise CheckpointError("adapter_config.json has no base_model_name_or_path; pass --base-model")
+    # A hub id (as trainers write it) is read from its snapshot in the local Hugging Face cache.
+    named = ckpt.base_model
+    local = resolve_base_model(named, None if base_model else cfg.get("revision"))
+    if local is not None and local != named:
+        ckpt.base_model = local
+        ckpt.notes.append(f"base model {named} read from the Hugging Face cache")
+    elif local is None and not (Path(named).is_absolute() or named.startswith(".")):
+        ckpt.notes.append(f"base model {named}: {base_model_missing(named)}")
     base = Path(ckpt.base_model)
     if (base / "config.json").is_file():
         base_config = _read_json(base / "config.json")
@@ -375,6 +383,40 @@ def _describe_adapter(ckpt: Checkpoint, base_model: str | None) -> None:
         raise CheckpointError("adapter_config.json but no adapter_model.safetensors")
     _read_weights(ckpt, *found)
     ckpt.kind = "adapter"
+
+
+_HUB_ID = re.compile(r"[\w.-]+(?:/[\w.-]+)?")
+
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def resolve_base_model(name: str, revision: str | None = None) -> str | None:
+    """A base model as a local folder: ``name`` when it is one, else a hub id's snapshot in the cache, else None.
+
+    The cache layout is ``models--ORG--NAME/snapshots/COMMIT/`` with ``refs/REVISION`` naming
+    the commit (``main`` unless the adapter records a revision); nothing is downloaded.
+    """
+    if Path(name).expanduser().is_dir():
+        return name
+    if not _HUB_ID.fullmatch(name) or name.startswith("."):
+        return None
+    repo = hf_hub_cache() / f"models--{name.replace('/', '--')}"
+    ref = revision or "main"
+    commit = (repo / "refs" / ref).read_text().strip() if (repo / "refs" / ref).is_file() else ref
+    snapshot = repo / "snapshots" / commit
+    return str(snapshot) if (snapshot / "config.json").is_file() else None
+
+
+def base_model_missing(name: str) -> str:
+    """Why a base model cannot be used, and what to pass instead (one line)."""
+    return (f"not a local folder and not in the Hugging Face cache ({hf_hub_cache()}); nothing is downloaded: "
+            "pass --base-model PATH (the base model's folder)")
 
 
 def describe(folder: Path, base_model: str | None = None) -> Checkpoint:
@@ -404,7 +446,9 @@ def _training_state(ckpt: Checkpoint, name_step: int | None, run_state: dict | N
             state = _read_json(own)
             own_step = _state_step(state)
         except (CheckpointError, OSError) as exc:
-            ckpt.notes.append(f"trainer_state.json ignored: {exc}")
+            reason = str(exc).removeprefix("trainer_state.json: ")
+            ckpt.notes.append(f"trainer_state.json ignored: {reason}")
+            log.warning("%s: corrupt, ignored (%s)", own, reason)
     match = _STEP_IN_NAME.fullmatch(ckpt.path.name)
     ckpt.step = name_step if name_step is not None else own_step if own_step is not None else (
         int(match[1]) if match else None)
@@ -423,7 +467,8 @@ _ROOT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "mod
 def _read_state(path: Path) -> dict | None:
     try:
         return _read_json(path) if path.is_file() else None
-    except (CheckpointError, OSError):
+    except (CheckpointError, OSError) as exc:
+        log.warning("%s: corrupt, ignored (%s)", path, str(exc).removeprefix(f"{path.name}: "))
         return None
 
 

@@ -2,7 +2,8 @@
 
 A policy is a YAML file validated into :class:`Policy` (errors name the file, the line and
 the field), or built from ``ckptsel gate`` options. Every rule is optional except the
-over-memorized flag, which is on by default::
+over-memorized flag, which is on by default; a file that is empty, has an empty ``rules:``
+or turns every rule off is refused (a gate that checks nothing passes everything)::
 
     candidate: last                 # last | recommended (or --candidate PATH)
     rules:
@@ -82,11 +83,26 @@ def load_policy(path: str | Path) -> Policy:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise PolicyError(f"{where}: invalid YAML ({getattr(exc, 'problem', None) or 'parse error'})") from None
-    if payload is None:
-        payload = {}
+    if payload is None or payload == {}:  # a gate that checks nothing would pass everything
+        raise PolicyError(f"{path}: empty policy file; set at least one rule under rules: "
+                          "(e.g. min_premem_acc: 0.3; see recipes/ci/policy.yaml)")
     if not isinstance(payload, dict):
         raise PolicyError(f"{path}: a policy is a mapping of settings, got {type(payload).__name__}")
-    return validate(payload, str(path), text)
+    if "rules" in payload and not payload["rules"]:
+        line = next((n for n, text_line in enumerate(text.splitlines(), 1) if text_line.startswith("rules")), None)
+        raise PolicyError(f"{path}{f':{line}' if line else ''}: rules: is empty; set at least one rule "
+                          "(or leave the key out for the default, fail_if_overmemorized: true)")
+    policy = validate(payload, str(path), text)
+    if not has_rule(policy.rules):
+        raise PolicyError(f"{path}: the policy checks nothing (every rule is off), so the gate would pass any "
+                          "checkpoint; set at least one rule under rules:")
+    return policy
+
+
+def has_rule(rules: GateRules) -> bool:
+    """Whether the rules check anything at all."""
+    return rules.fail_if_overmemorized or any(
+        getattr(rules, name) is not None for name in GateRules.model_fields if name != "fail_if_overmemorized")
 
 
 def validate(payload: dict, source: str, text: str | None = None) -> Policy:

@@ -24,7 +24,10 @@ processes may share a cache, and the standard library has it. Design:
   corrupts). :meth:`Store.put_many` writes one batch in one transaction, so ``kill -9`` loses
   at most the batch in flight. Writes take the write lock up front (``BEGIN IMMEDIATE``) and
   wait up to ``timeout`` seconds for another writer, so two processes sharing a cache
-  queue instead of failing.
+  queue instead of failing. The wait is ``$CKPTSEL_STORE_TIMEOUT`` seconds (default 60); a
+  lock held longer than that is a :class:`StoreError` naming the store file (exit 2), as is
+  any other SQLite failure (disk full, read-only folder, a damaged file): one line, never a
+  ``sqlite3`` traceback.
 * **Versioned.** ``schema_version`` holds the layout version; a store written by a newer
   ckptsel is refused with one line rather than misread.
 
@@ -36,6 +39,7 @@ SQL NULL and NaN are the same thing here: a NaN float reads back as None.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -51,6 +55,8 @@ from ckptsel.errors import CkptselError
 SCHEMA_VERSION = 1
 STORE_FILENAME = "results.sqlite3"
 _CHUNK = 500  # uids per "IN (...)" query, well below SQLite's bound-variable limit
+DEFAULT_TIMEOUT = 60.0  # seconds a write waits for another process's transaction
+TIMEOUT_ENV = "CKPTSEL_STORE_TIMEOUT"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -90,7 +96,47 @@ _NUMERIC = ("nll", "n_tokens", "entropy", "acc", "copy_rate")
 
 
 class StoreError(CkptselError):
-    """The result store cannot be opened or used (path, version, permissions)."""
+    """The result store cannot be opened or used (path, version, permissions, a lock held too long)."""
+
+
+def store_timeout() -> float:
+    """Seconds to wait for another process's lock: ``$CKPTSEL_STORE_TIMEOUT``, else 60."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise StoreError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds (>= 0)")
+    return value
+
+
+def _sqlite_message(path: Path, timeout: float, exc: sqlite3.Error) -> str:
+    """One line for a SQLite failure on the store at ``path``."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return (f"result store {path} is locked by another process (waited {timeout:g} s; "
+                f"set {TIMEOUT_ENV} to wait longer, or use another --cache-dir)")
+    if "disk is full" in text or "disk full" in text:
+        return f"result store {path}: disk full (free space, or use another --cache-dir)"
+    if "readonly" in text or "read-only" in text:
+        return f"result store {path}: cannot write (read-only; use another --cache-dir)"
+    return f"result store {path}: {text}"
+
+
+def _sqlite_errors(method):
+    """Turn a SQLite failure inside a :class:`Store` method into a one-line :class:`StoreError`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(_sqlite_message(self.path, self.timeout, exc)) from None
+
+    return wrapper
 
 
 def default_cache_dir() -> Path:
@@ -192,8 +238,9 @@ class Store:
     One ``Store`` per process (or thread); any number of processes may open the same file.
     """
 
-    def __init__(self, path: str | Path, timeout: float = 60.0):
+    def __init__(self, path: str | Path, timeout: float | None = None):
         self.path = Path(path)
+        self.timeout = timeout = store_timeout() if timeout is None else timeout
         self._series_ids: dict[tuple[str, str, str], int] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,14 +255,15 @@ class Store:
             self._init_schema()
         except sqlite3.Error as exc:
             self._db.close()
-            raise StoreError(f"result store {self.path}: {exc}") from None
+            raise StoreError(_sqlite_message(self.path, timeout, exc)) from None
         except BaseException:
             self._db.close()
             raise
 
     @classmethod
-    def open(cls, cache_dir: str | Path | None = None, timeout: float = 60.0) -> Store:
-        """Open (creating if needed) ``results.sqlite3`` in ``cache_dir`` or the default cache dir."""
+    def open(cls, cache_dir: str | Path | None = None, timeout: float | None = None) -> Store:
+        """Open (creating if needed) ``results.sqlite3`` in ``cache_dir`` or the default cache dir;
+        ``timeout`` (seconds a write waits for another process) defaults to :func:`store_timeout`."""
         directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         return cls(directory / STORE_FILENAME, timeout=timeout)
 
@@ -287,6 +335,7 @@ class Store:
         self._series_ids[key] = row[0]
         return row[0]
 
+    @_sqlite_errors
     def put_many(
         self,
         fingerprint: str,
@@ -312,6 +361,7 @@ class Store:
             self._series_ids.pop((fingerprint, settings, kind), None)
             raise
 
+    @_sqlite_errors
     def get_many(self, fingerprint: str, settings: str, kind: str, uids: Iterable[str]) -> dict[str, Record]:
         """The stored records among ``uids`` (absent uids are simply not in the dict)."""
         series = self._series(fingerprint, settings, kind, create=False)
@@ -325,6 +375,7 @@ class Store:
                 found[row[0]] = _decode(row)
         return found
 
+    @_sqlite_errors
     def missing(
         self, fingerprint: str, settings: str, kind: str, uids: Iterable[str], *, with_array: bool = False
     ) -> list[str]:
@@ -345,6 +396,7 @@ class Store:
             done.update(row[0] for row in self._db.execute(query, (series, *chunk)))
         return [uid for uid in uids if uid not in done]
 
+    @_sqlite_errors
     def matrix(self, fingerprints: list[str], settings: str, kind: str, uids: list[str], field: str):
         """One numeric field as a ``(checkpoints, examples)`` float array, NaN where not stored.
 
@@ -368,6 +420,7 @@ class Store:
                         out[row, position[uid]] = value
         return out
 
+    @_sqlite_errors
     def count(self, fingerprint: str, settings: str, kind: str) -> int:
         """How many examples this series holds."""
         series = self._series(fingerprint, settings, kind, create=False)
@@ -377,6 +430,7 @@ class Store:
 
     # -- checkpoint registry ----------------------------------------------------------
 
+    @_sqlite_errors
     def register_checkpoint(self, fingerprint: str, path: str | Path, step: int | None = None) -> None:
         """Record that this fingerprint was seen at ``path`` (the latest path wins)."""
         with self._write() as db:
@@ -385,12 +439,14 @@ class Store:
                 (fingerprint, str(path), step, time.time()),
             )
 
+    @_sqlite_errors
     def checkpoint(self, fingerprint: str) -> CheckpointEntry | None:
         row = self._db.execute(
             "SELECT fingerprint, path, step, seen FROM checkpoints WHERE fingerprint = ?", (fingerprint,)
         ).fetchone()
         return None if row is None else CheckpointEntry(*row)
 
+    @_sqlite_errors
     def checkpoints(self) -> list[CheckpointEntry]:
         """Every registered checkpoint, most recently seen first."""
         rows = self._db.execute("SELECT fingerprint, path, step, seen FROM checkpoints ORDER BY seen DESC")
@@ -398,6 +454,7 @@ class Store:
 
     # -- key-value (calibrated thresholds, merge comparisons) -------------------------
 
+    @_sqlite_errors
     def put_value(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value under ``key`` (replacing any previous one)."""
         with self._write() as db:
@@ -406,12 +463,14 @@ class Store:
                 (key, json.dumps(value), time.time()),
             )
 
+    @_sqlite_errors
     def get_value(self, key: str, default: Any = None) -> Any:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
     # -- fingerprint cache ------------------------------------------------------------
 
+    @_sqlite_errors
     def get_fingerprint(self, path: str | Path, size: int, mtime_ns: int) -> str | None:
         """The cached fingerprint for ``path`` if its size and mtime are unchanged; else None."""
         row = self._db.execute(
@@ -420,6 +479,7 @@ class Store:
         ).fetchone()
         return None if row is None else row[0]
 
+    @_sqlite_errors
     def put_fingerprint(self, path: str | Path, size: int, mtime_ns: int, fingerprint: str) -> None:
         with self._write() as db:
             db.execute(

@@ -48,9 +48,9 @@ PROXIES = ("heldout_nll", "alt_nll", "perturb_nll")  # auto's order of preferenc
 class RunArrays:
     """One run's measurements: ``(checkpoints, examples)`` arrays, checkpoints in training order.
 
-    ``examples``: one id per example column. Runs with the same ids (in any order) are compared
-    paired; without ids, runs with the same number of examples are assumed to share them only
-    when ``paired_by_position`` is set. ``alt_coverage``: fraction of examples that have an
+    ``examples``: one id per example column. Runs that share most of their ids (at least half of
+    the smaller set; in any order) are compared paired over the shared ones; without ids, runs with
+    the same number of examples are assumed to share them only when ``paired_by_position`` is set. ``alt_coverage``: fraction of examples that have an
     alternative solution (the alternative-solution NLL is used as the proxy above
     ``OvermemSettings.min_alt_coverage``); NaN means "count the examples with a value".
     """
@@ -367,7 +367,9 @@ def shared_columns(a: RunArrays, b: RunArrays) -> tuple[np.ndarray, np.ndarray] 
     if a.examples is not None and b.examples is not None:
         where = {uid: j for j, uid in enumerate(b.examples)}
         left = [i for i, uid in enumerate(a.examples) if uid in where]
-        if not left:
+        # Paired only over most of both example sets: a handful of shared examples out of a subset
+        # drawn from each run's own file would give a paired standard error of a few pairs.
+        if not left or 2 * len(left) < min(len(a.examples), len(b.examples)):
             return None
         return np.array(left), np.array([where[a.examples[i]] for i in left])
     if a.paired_by_position and b.paired_by_position and np.shape(a.acc)[1] == np.shape(b.acc)[1]:

@@ -418,8 +418,10 @@ def test_cli_token_lengths_and_grader_mismatch(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     path = write_jsonl(tmp_path / "d.jsonl", ROWS[:2])
     result = _invoke(path, "--prompt-template", r"{question}\n", "--grader", "math", "--tokenizer", tmp_path / "tok", "--json")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    # The report is printed, then the mismatch is an error naming the grader (most references unreadable).
+    assert result.exit_code == 2, result.output
+    assert "the 'math' grader finds no answer" in result.stderr
+    report = json.loads(result.stdout)
     # prompts "What is 2+3?\n" / "What is 7*6?\n": 13 chars + BOS; targets 12 and 14 chars + EOS.
     assert report["token_lengths"]["prompt"] == {"mean": 14.0, "p50": 14.0, "p95": 14.0, "max": 14.0}
     assert report["token_lengths"]["target"]["mean"] == 14.0
@@ -429,7 +431,7 @@ def test_cli_token_lengths_and_grader_mismatch(tmp_path, tokenizer):
     assert (report["grader"]["parsed"], report["grader"]["unparsed_indices"]) == (0, [0, 1])
 
     text = _invoke(path, "--grader", "math", "--checkpoint", tmp_path / "tok", "--show", "0", "--no-eos")
-    assert text.exit_code == 0, text.output
+    assert text.exit_code == 2, text.output
     assert "grader math: parses 0/2 references (0.0%)" in text.output
     assert "no answer found in rows 0, 1" in text.output
 

@@ -181,7 +181,11 @@ def test_evaluate_fails_a_rule_whose_number_is_missing(tmp_path):
 def test_load_policy_defaults_and_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert load_policy(empty) == Policy()
+    with pytest.raises(PolicyError, match="empty policy file"):  # a gate that checks nothing passes everything
+        load_policy(empty)
+    only_stages = tmp_path / "stages.yaml"
+    only_stages.write_text("stages:\n  proxy_rise: 0.5\n")
+    assert load_policy(only_stages).rules == Policy().rules  # the default rule: fail when over-memorized
     with pytest.raises(PolicyError, match="cannot read policy"):
         load_policy(tmp_path / "nope.yaml")
 

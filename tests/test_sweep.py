@@ -78,6 +78,8 @@ def test_paired_where_runs_share_examples_unpaired_otherwise():
     left, right = shared_columns(a, b)
     assert [a.examples[i] for i in left] == [b.examples[j] for j in right] == ["x", "z"]
     assert shared_columns(a, _run("c", [[1.0] * 3], [[1.0] * 3])) is None  # no ids: not paired
+    few = _run("d", [[1.0] * 5], [[1.0] * 5], examples=["x", "p", "q", "r", "s"])
+    assert shared_columns(a, few) is None  # one shared example of three: not a paired comparison
     ra, rb = (rank_sweep([r], recipe="gsm8k").runs[0] for r in (a, b))
     gap, se = gap_between(a, ra, b, rb)
     d = np.array([1.0 - 1.0, 1.0 - 0.0])  # x: 1 vs 1, z: 1 vs 0

@@ -11,6 +11,10 @@ Exit codes (the gate depends on them):
        (ls: every checkpoint found is broken)
     2  usage or input error (bad option, unreadable data, broken settings file)
     3  partial failure: some checkpoints could not be measured (the rest were reported)
+    4  internal error: a bug in ckptsel or a library it calls, not bad input (one line;
+       ``ckptsel --debug ...`` or ``CKPTSEL_DEBUG=1`` prints the traceback)
+
+An unexpected exception never exits 1, which the gate reserves for "the candidate failed".
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
+import traceback
 
 import click
 
@@ -38,10 +44,27 @@ COMMANDS: dict[str, str] = {
 }
 
 
+EXIT_INTERNAL = 4
+
+
 class InputError(click.ClickException):
     """A one-line user-facing error with exit code 2."""
 
     exit_code = 2
+
+
+class InternalError(click.ClickException):
+    """An unexpected exception, as one line with exit code 4 (the traceback only with --debug)."""
+
+    exit_code = EXIT_INTERNAL
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """``ckptsel --debug`` or ``CKPTSEL_DEBUG=1``: show tracebacks and ckptsel's debug log."""
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
+    return os.environ.get("CKPTSEL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class _Group(click.Group):
@@ -60,11 +83,21 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CkptselError as exc:
             raise InputError(str(exc)) from None
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as exc:  # a bug, not bad input: its own exit code, never the gate's 1
+            if debug_enabled(ctx):
+                traceback.print_exception(exc, file=sys.stderr)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise InternalError(f"internal error: {type(exc).__name__}: {first} "
+                                "(run with --debug or CKPTSEL_DEBUG=1 for the traceback)") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckptsel")
-def main():
+@click.option("--debug", is_flag=True, envvar="CKPTSEL_DEBUG",
+              help="Print tracebacks and ckptsel's debug log (env CKPTSEL_DEBUG=1).")
+def main(debug):
     """Choose, flag and merge fine-tuning checkpoints from the training data alone.
 
     \b
@@ -78,5 +111,7 @@ def main():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s" if debug else "warning: %(message)s")
+    # --debug: ckptsel's debug log too, e.g. the traceback behind a one-line "measurement failed".
+    logging.getLogger("ckptsel").setLevel(logging.DEBUG if debug else logging.NOTSET)
 

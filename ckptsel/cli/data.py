@@ -21,7 +21,8 @@ from ckptsel.cli.options import json_option, print_json, recipe_options, stdout_
     help="Checkpoint, adapter or run folder whose tokenizer to use (instead of --tokenizer).",
 )
 @click.option("--show", default=3, show_default=True, type=click.IntRange(min=0), help="Rendered examples to print.")
-@click.option("--skip-bad", is_flag=True, help="Leave out malformed rows (and count them) instead of stopping.")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave out malformed rows and references the grader cannot read (and count them) instead of stopping.")
 @json_option
 def data(file, recipe, tokenizer_path, checkpoint_path, show, skip_bad, as_json):
     """Show how FILE's rows render (prompt | target | EOS), their token lengths, and how the grader reads them.
@@ -34,7 +35,9 @@ def data(file, recipe, tokenizer_path, checkpoint_path, show, skip_bad, as_json)
     ckptsel data train.jsonl --recipe math --checkpoint ./run/checkpoint-500 --show 1
     """
     from ckptsel import graders
+    from ckptsel.checks import gradable
     from ckptsel.data import grader_coverage, length_summary, load_data, load_tokenizer, token_lengths
+    from ckptsel.errors import DataError
 
     if tokenizer_path and checkpoint_path:
         raise click.UsageError("give --tokenizer or --checkpoint, not both")
@@ -43,6 +46,13 @@ def data(file, recipe, tokenizer_path, checkpoint_path, show, skip_bad, as_json)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
 
     loaded = load_data(file, recipe, tokenizer=tokenizer, skip_bad=skip_bad)
+    # References the grader cannot read: a warning, an error when most are (--skip-bad drops them).
+    # The error comes after the report, which shows what the grader reads.
+    mismatch = None
+    try:
+        loaded.examples = gradable(loaded.examples, loaded.path, grader, recipe.data.grader, skip_bad=skip_bad)
+    except DataError as exc:
+        mismatch = exc
     examples = loaded.examples
     lengths = None
     if tokenizer is not None:
@@ -76,8 +86,10 @@ def data(file, recipe, tokenizer_path, checkpoint_path, show, skip_bad, as_json)
                 },
             }
         )
-        return
-    _print_report(loaded, recipe, show, eos, lengths, coverage, tokenizer_source)
+    else:
+        _print_report(loaded, recipe, show, eos, lengths, coverage, tokenizer_source)
+    if mismatch is not None:
+        raise mismatch
 
 
 def _print_report(loaded, recipe, show, eos, lengths, coverage, tokenizer_source) -> None:

@@ -17,7 +17,7 @@ from ckptsel.cli.options import (
 )
 from ckptsel.cli.rank import measurement_options
 
-EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2 (ckptsel.cli)
+EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2, a pass with unmeasured checkpoints 3 (ckptsel.cli)
 
 
 @click.command()
@@ -59,12 +59,17 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
     override the policy file.
 
     \b
-    Exit codes: 0 pass · 1 fail (the reasons are printed) · 2 usage or data error.
+    Exit codes: 0 pass · 1 fail (the reasons are printed) · 2 usage or data error, or the
+    candidate (or every checkpoint) could not be measured · 3 passed, but another checkpoint
+    of the run could not be measured (the pass rests on part of its history) · 4 internal
+    error. Precedence: 2, then 1, then 3.
 
     \b
     Example:
       ckptsel gate ./run --data train.jsonl --recipe gsm8k --policy recipes/ci/policy.yaml --json
     """
+    from rich.markup import escape
+
     from ckptsel.cli import rank as rank_cli
     from ckptsel.errors import CkptselError
     from ckptsel.policy import Policy, evaluate, load_policy, validate
@@ -96,7 +101,8 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
         else:
             chosen = _last_measured(ranking)
     if chosen is None or ranking.checkpoints[chosen].error:
-        reason = ranking.checkpoints[chosen].error if chosen is not None else "no checkpoint could be measured"
+        reason = (rank_cli.unmeasured([ranking.checkpoints[chosen]])[0] if chosen is not None
+                  else "no checkpoint could be measured")
         raise CkptselError(f"gate: the candidate could not be measured: {reason}")
 
     checks = evaluate(ranking, chosen, policy.rules)
@@ -121,9 +127,13 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
     alert = stderr_console()
     for warning in ranking.warnings:
         alert.print(f"[yellow]warning:[/] {warning}")
-    for reason in run.failures:
-        alert.print(f"[yellow]not measured:[/] {reason}")
-    raise SystemExit(EXIT_PASS if passed else EXIT_FAIL)
+    failures = rank_cli.unmeasured(ranking.checkpoints)
+    if not passed:  # the gate's own verdict comes first: a failed candidate is 1 even with gaps in its history
+        for reason in failures:
+            alert.print(f"[yellow]not measured:[/] {escape(reason)}", soft_wrap=True)
+        raise SystemExit(EXIT_FAIL)
+    rank_cli.exit_partial(failures, "gate")  # passed, on part of the history: 3
+    raise SystemExit(EXIT_PASS)
 
 
 def _candidate(path: Path, candidate: str | None, base_model: str | None):

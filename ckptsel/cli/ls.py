@@ -95,9 +95,16 @@ def ls(paths, base_model, with_fingerprint, as_json):
       1  nothing usable: every checkpoint found is broken
       2  a PATH does not exist or is not a folder
     """
+    import logging
+
+    from ckptsel.checks import architecture_mismatches
     from ckptsel.discover import discover_runs, fingerprint
 
     runs = discover_runs(paths, base_model=base_model)
+    for run in runs:  # a model of another shape inside a run: named here, refused by the ranking commands
+        for ckpt, line in architecture_mismatches(run):
+            ckpt.notes.append(line.split(": ", 1)[1])
+            logging.getLogger("ckptsel.cli.ls").warning("%s", line)
     found = [c for run in runs for c in run.checkpoints]
     fps = {c.path: fingerprint(c) for c in found if c.kind != "error"} if with_fingerprint else {}
     usable = sum(c.kind != "error" for c in found)

@@ -62,12 +62,16 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     import dataclasses
 
     from ckptsel.cli.progress import CollectProgress
-    from ckptsel.cli.rank import run_ranking
+    from ckptsel.cli.rank import exit_partial, run_ranking, unmeasured
     from ckptsel.discover import discover_runs
+    from ckptsel.merge.output import check_target
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
+    from ckptsel.outputs import check_writable
     from ckptsel.store import Store
 
     err = stderr_console(quiet)
+    check_target(Path(out).absolute(), force)  # output problems before any measuring
+    check_writable(out, "merged checkpoint")
     runs = discover_runs([run], base_model=measurement.base_model)
     if max(sum(c.kind != "error" for c in r.checkpoints) for r in runs) < 2:
         n = sum(len(r.checkpoints) for r in runs)
@@ -76,7 +80,8 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     if measurement.max_examples is None:
         measurement = dataclasses.replace(measurement, max_examples=RECOMMEND_MAX_EXAMPLES)
     request = measurement.request([run], recipe, engine=engine, cache_dir=cache_dir, runs=runs)
-    ranked = run_ranking(request, command="merge --recommend", quiet=quiet).run_view()
+    whole = run_ranking(request, command="merge --recommend", quiet=quiet)
+    ranked = whole.run_view()
     checkpoints = ranked.collected.checkpoints
     if len(runs) > 1:
         err.print(f"merging in run {ranked.runs[0].run.name}, the sweep's recommendation")
@@ -89,8 +94,10 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
         )
     if as_json:
         print_json(result.to_json())
-        return
-    _print_comparison(result)
+    else:
+        _print_comparison(result)
+    # Written, but chosen without those checkpoints: exit 3.
+    exit_partial(unmeasured(whole.ranking.checkpoints), "merge --recommend")
 
 
 def _print_comparison(rec) -> None:
@@ -187,6 +194,9 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
     console = stderr_console(quiet or as_json)
     from ckptsel.merge import merge as run_merge
     from ckptsel.merge import parse_params, parse_weights, plan_merge
+    from ckptsel.outputs import check_writable
+
+    check_writable(out, "merged checkpoint")  # before fingerprinting or merging anything
 
     plan = plan_merge(
         checkpoints,

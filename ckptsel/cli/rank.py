@@ -50,7 +50,8 @@ _MEASUREMENT_OPTIONS = (
         type=click.Choice(["nll", "copy"]),
         help="nll: target NLL below the threshold (default); copy: samples reproduce the training solution.",
     ),
-    click.option("--skip-bad", is_flag=True, help="Skip malformed data rows instead of stopping."),
+    click.option("--skip-bad", is_flag=True, help="Drop bad rows (malformed, a reference the grader cannot read, "
+                 "longer than the model's context) with a warning, instead of stopping."),
     click.option(
         "--heldout",
         "heldout",
@@ -143,10 +144,53 @@ def run_ranking(request, *, command: str, quiet: bool):
         progress = CollectProgress(err, plan.checkpoints).__enter__()
 
     try:
-        return rank_runs(request, on_start=start, on_progress=lambda event: progress and progress.update(event))
+        result = rank_runs(request, on_start=start, on_progress=lambda event: progress and progress.update(event))
     finally:
         if progress is not None:
             progress.__exit__(None, None, None)
+    nothing_measured(result.ranking.checkpoints)  # exit 2, not 3
+    return result
+
+
+EXIT_PARTIAL = 3  # some checkpoints could not be measured; the others are reported (ckptsel.cli)
+
+
+def nothing_measured(rows) -> None:
+    """Exit 2 (a :class:`CkptselError`) when not one checkpoint could be measured; ``rows`` as
+    for :func:`unmeasured`."""
+    from ckptsel.errors import CkptselError
+
+    rows = list(rows)
+    errors = unmeasured(rows)
+    if rows and len(errors) == len(rows):
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise CkptselError(f"no checkpoint could be measured: {errors[0]}{more}")
+
+
+def unmeasured(rows) -> list[str]:
+    """One line per checkpoint that could not be measured, naming it: ``rows`` are ranking rows
+    (:class:`ckptsel.select.CheckpointMetrics`, or ``rank --json``'s dicts) with ``path`` and ``error``."""
+    lines = []
+    for row in rows:
+        path, error = (row.get("path"), row.get("error")) if isinstance(row, dict) else (row.path, row.error)
+        if error:
+            lines.append(error if str(path) in error else f"{path}: {error}")
+    return lines
+
+
+def exit_partial(failures: list[str], command: str) -> None:
+    """Name each checkpoint that could not be measured (:func:`unmeasured`) and exit 3; nothing
+    to do without failures."""
+    from rich.markup import escape
+
+    if not failures:
+        return
+    alert = stderr_console()
+    for reason in failures:
+        alert.print(f"[red]failed:[/] {escape(reason)}", soft_wrap=True)
+    alert.print(f"{command}: {len(failures)} checkpoint(s) could not be measured; the others are reported (exit 3)",
+                soft_wrap=True)
+    raise SystemExit(EXIT_PARTIAL)
 
 
 # --------------------------------------------------------------------------- the command
@@ -177,6 +221,10 @@ def rank(paths, recipe, measurement, export_examples, engine, cache_dir, as_json
       ckptsel rank ./run --data train.jsonl --recipe gsm8k --max-examples 500
       ckptsel rank ./sweep --data-per-run train.jsonl --recipe gsm8k
     """
+    if export_examples:
+        from ckptsel.outputs import check_writable
+
+        check_writable(export_examples, "per-example table")  # before any measuring
     result = run_ranking(measurement.request(paths, recipe, engine=engine, cache_dir=cache_dir), command="rank",
                          quiet=quiet)
     ranking = result.ranking
@@ -189,10 +237,7 @@ def rank(paths, recipe, measurement, export_examples, engine, cache_dir, as_json
     alert = stderr_console()
     for warning in ranking.warnings:
         alert.print(f"[yellow]warning:[/] {warning}")
-    for reason in result.failures:
-        alert.print(f"[red]failed:[/] {reason}")
-    if result.failures:
-        raise SystemExit(3)
+    exit_partial(unmeasured(ranking.checkpoints), "rank")
 
 
 def _threshold(value: str | None):
@@ -224,8 +269,12 @@ def _print_table(console, ranking, recipe) -> None:
     heldout = ranking.n_heldout > 0
     moe = ranking.pathway_rule is not None
     sweep = ranking.is_sweep
-    what = f"{len(ranking.runs)} runs · " if sweep else ""
-    table = Table(title=f"{what}{ranking.n_examples} training examples · {rule}", title_justify="left")
+    if sweep:
+        counts = sorted({r.n_examples for r in ranking.runs})
+        what = f"{len(ranking.runs)} runs · {'/'.join(map(str, counts))} training examples per run"
+    else:
+        what = f"{ranking.n_examples} training examples"
+    table = Table(title=f"{what} · {rule}", title_justify="left")
     columns = ["", *(["run"] if sweep else []), "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)", "memorised", "copy",
                "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []),
                *(["pathway dist", "pathway cplx"] if moe else []), "stage"]
@@ -288,11 +337,13 @@ def _export(path: Path, result) -> None:
     """Per-example table: the data-curation use (collect more data like low-PM examples); one row per
     (run, example) for a sweep."""
     import csv
+    import io
     import json
 
     import numpy as np
 
     from ckptsel.errors import CkptselError
+    from ckptsel.outputs import write_text_atomic
 
     rows = []
     for summary, measured in zip(result.ranking.runs, result.runs):
@@ -316,14 +367,15 @@ def _export(path: Path, result) -> None:
             })
     if not rows:
         raise CkptselError(f"{path}: nothing to export (no checkpoint was measured)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        text = text.getvalue()
     else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_text_atomic(path, text)  # a full disk: one line, no partial file
 
 
 def _none(value):

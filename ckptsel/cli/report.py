@@ -55,16 +55,21 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     """
     import dataclasses
 
-    from ckptsel.cli.rank import run_ranking
+    from ckptsel.cli.rank import exit_partial, nothing_measured, run_ranking, unmeasured
     from ckptsel.errors import CkptselError
+    from ckptsel.outputs import check_writable
     from ckptsel.report import write_report
     from ckptsel.report.inputs import read_json
     from ckptsel.store import Store
 
     err = stderr_console(quiet=quiet)
+    check_writable(out, "report")  # before any ranking
+    if png_dir is not None:
+        check_writable(Path(png_dir) / "plot.png", "plots")
     provenance = []
     if path.is_file():
         ranking = read_json(path, "ranking")
+        nothing_measured(ranking.get("checkpoints") or [])  # exit 2: nothing to report
         provenance.append(f"ranking: {path}")
         run_dir = _run_dir(ranking)
     else:
@@ -92,11 +97,20 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     truth = read_json(ground_truth, "ground truth") if ground_truth is not None else None
     if ground_truth is not None:
         provenance.append(f"lab ground truth: {ground_truth}")
+    truth_by_run = {}
+    if ground_truth is None and len(ranking.get("runs") or []) > 1:  # a sweep: each run's own, when there
+        for run in ranking["runs"]:
+            found = Path(run["path"]) / RUN_TRUTH if run.get("path") else None
+            if found is not None and found.is_file():
+                truth_by_run[run["name"]] = read_json(found, "ground truth")
+        if truth_by_run:
+            provenance.append(f"lab ground truth: {RUN_TRUTH} of {len(truth_by_run)} run(s)")
     provenance += [f"merge: {m}" for m in merges]
 
     with Store.open(cache_dir) as store:
         written = write_report(
-            ranking, out, verification=verification, ground_truth=truth, merges=merges,
+            ranking, out, verification=verification, ground_truth=truth, ground_truth_by_run=truth_by_run,
+            merges=merges,
             store=store if verification is None else None, title=title or f"ckptsel report: {_name(run_dir, path)}",
             provenance=provenance, png_dir=png_dir,
         )
@@ -105,6 +119,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
         print_json({"report": str(written), "png": pngs})
     else:
         err.print(f"report written to [bold]{written}[/]" + (f"; plots as PNG in {png_dir}" if png_dir else ""))
+    exit_partial(unmeasured(ranking.get("checkpoints") or []), "report")
 
 
 def _run_dir(ranking: dict) -> Path | None:

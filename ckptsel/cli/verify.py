@@ -62,6 +62,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
       ckptsel verify ./run --test-file test.jsonl --recipe gsm8k --data train.jsonl --greedy
     """
     from ckptsel.cli.progress import CollectProgress
+    from ckptsel.cli.rank import exit_partial, nothing_measured, unmeasured
     from ckptsel.discover import discover_runs
     from ckptsel.errors import CkptselError
     from ckptsel.recipes import override
@@ -123,12 +124,13 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
             out.width = max(out.width, 160)
         for result in results:
             _print_table(out, result)
-    failures = [m for r in results for m in r.checkpoints if m.error]
-    alert = stderr_console()
-    for m in {m.index: m for m in failures}.values():
-        alert.print(f"[red]failed:[/] {m.error}")
-    if failures:
-        raise SystemExit(3)
+    failures = {m.index: m for r in results for m in r.checkpoints if m.error}
+    if len(failures) == len(checkpoints):  # not one checkpoint measured: exit 2, not 3
+        nothing_measured(failures.values())
+    reasons = unmeasured(failures.values())
+    reasons += [f"prediction: {line}" for line in unmeasured((ranking or {}).get("checkpoints", []))
+                if line not in reasons]
+    exit_partial(reasons, "verify")
 
 
 def _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed, skip_bad,

@@ -37,6 +37,11 @@ from ckptsel.settings import SamplingSettings
 # 128 rows of 300 tokens is about 1 GB.
 CPU_BATCH = 128
 GPU_BATCH = 256
+# And the positions a batch's cache may hold (rows x (longest prompt + budget)): a batch of long
+# prompts gets fewer rows, so one over-long row cannot ask for the memory of 128 (GSM8K-sized
+# batches stay whole: 128 rows x 400 positions).
+CPU_POSITIONS = 2**16
+GPU_POSITIONS = 2**20
 
 
 def draw_tokens(
@@ -150,15 +155,16 @@ def sample_token_ids(
     if len(budgets) != len(prompt_ids) or min(budgets, default=1) < 1:
         raise ValueError("max_new_tokens must be >= 1, one for all rows or one per row")
     device = model.get_input_embeddings().weight.device
-    size = batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
+    gpu = device.type == "cuda"
+    size = batch_size or (GPU_BATCH if gpu else CPU_BATCH)
     size = math.ceil(len(prompt_ids) / math.ceil(len(prompt_ids) / size)) if prompt_ids else size  # even batches
     order = sorted(range(len(prompt_ids)), key=lambda r: (-len(prompt_ids[r]), r))
     results: list[list[int]] = [[] for _ in prompt_ids]
+    positions = None if batch_size else (GPU_POSITIONS if gpu else CPU_POSITIONS)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), size):
-            batch = order[start : start + size]
+        for batch in _cut(order, [len(p) for p in prompt_ids], budgets, size, positions):
             width = max(budgets[r] for r in batch)
             uniforms = None
             if seeds is not None:
@@ -172,6 +178,25 @@ def sample_token_ids(
     finally:
         model.train(was_training)
     return results
+
+
+def _cut(order: list[int], prompt_lengths: list[int], budgets: list[int], size: int,
+         positions: int | None) -> list[list[int]]:
+    """Batches of at most ``size`` rows in ``order`` (longest prompt first); with ``positions``, also
+    at most that many cache positions (rows x (longest prompt + largest budget)). A row is never split."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    prompt = budget = 0  # the current batch's longest prompt and largest budget
+    for r in order:
+        wider = (max(prompt, prompt_lengths[r]) + max(budget, budgets[r])) * (len(current) + 1)
+        if current and (len(current) >= size or (positions is not None and wider > positions)):
+            batches.append(current)
+            current, prompt, budget = [], 0, 0
+        current.append(r)
+        prompt, budget = max(prompt, prompt_lengths[r]), max(budget, budgets[r])
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _uniforms(seed: int, n: int, block: int = 64) -> torch.Tensor:

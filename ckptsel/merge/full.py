@@ -58,6 +58,23 @@ def _ref(path: str) -> dict:
     return {"model": {"path": path}}
 
 
+class _WriteFailureFilter(logging.Filter):
+    """Keeps a write failure (no space, no permission) that mergekit logs instead of raising."""
+
+    def __init__(self):
+        super().__init__()
+        self.exc: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ckptsel.outputs import write_failure
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and write_failure(exc, "") is not None:
+            self.exc = exc
+            return False
+        return True
+
+
 def build_full(plan: MergePlan, folder: Path, *, progress_bars: bool = False) -> dict:
     """Run the merge into ``folder`` (weights, config, tokenizer, generation config and
     ``mergekit_config.yml``, from which ``mergekit-yaml`` reproduces it). Returns a report."""
@@ -76,11 +93,18 @@ def build_full(plan: MergePlan, folder: Path, *, progress_bars: bool = False) ->
         quiet=not progress_bars,
     )
     log.info("mergekit %s of %d checkpoints into %s", plan.method, len(plan.inputs), folder)
+    copy_failure = _WriteFailureFilter()
+    mergekit_log = logging.getLogger("mergekit.merge")
+    mergekit_log.addFilter(copy_failure)  # mergekit logs a failed tokenizer copy (traceback and all) and goes on
     try:
         run_merge(config, str(folder), options=options)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         log.debug("mergekit failed", exc_info=True)
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MergeError(f"mergekit {plan.method}: {first_line}") from exc
+    finally:
+        mergekit_log.removeFilter(copy_failure)
+    if copy_failure.exc is not None:  # a full disk while copying the tokenizer: the merge failed
+        raise copy_failure.exc
     (folder / "mergekit_config.yml").write_text(config_yaml + "\n", encoding="utf-8")
     return {"mergekit_config": config_yaml}

@@ -134,19 +134,22 @@ def staged(target: Path, *, force: bool = False, needed_bytes: int = 0) -> Itera
     Refuses an existing target unless ``force``. On an exception the temporary folder is
     removed and ``target`` is left as it was.
     """
+    from ckptsel.outputs import write_errors
+
     target = Path(os.path.abspath(target))
     check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(target.parent)
-    check_free_space(target.parent, needed_bytes)
-    tmp = leftover_name(target, "partial")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with write_errors(target):  # a full disk or a read-only folder: one line, the partial folder removed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(target.parent)
+        check_free_space(target.parent, needed_bytes)
+        tmp = leftover_name(target, "partial")
+        tmp.mkdir()
+        try:
+            yield tmp
+            _publish(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Choose a merge from the ranking (``ckptsel merge RUN --recommend``): candidates -> measure -> pick -> write.
 
-Why merge at all (DESIGN.md, Ruan et al. 2025, arXiv 2508.04117): past a point in
+Why merge at all (ckptsel/DESIGN.md, Ruan et al. 2025, arXiv 2508.04117): past a point in
 fine-tuning a checkpoint over-memorises, growing sharp on its training phrasing so that
 held-out reference perplexity rises while accuracy holds; averaging checkpoints (their ½/½
 linear average) is one of the paper's remedies: it lowers that perplexity at the same
@@ -264,6 +264,7 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
     """
     from ckptsel.merge import merge
     from ckptsel.merge.output import check_free_space, check_target, clean_leftovers, leftover_name
+    from ckptsel.outputs import write_errors
 
     ranking, collected = run.ranking, run.collected
     stage = on_stage or (lambda line: None)
@@ -285,7 +286,8 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
     work = leftover_name(parent / out.name, "partial")
     work.mkdir()
     try:
-        built = _build(candidates, work, stage)
+        with write_errors(work):  # a disk that fills up while candidates are built: one line
+            built = _build(candidates, work, stage)
         stage(f"measuring {len(built)} merged candidate(s) on {len(collected.examples)} examples")
         combined = _measure(run, built, store, engine=engine, proxy_settings=proxy_settings, tokenizer=tokenizer,
                             on_progress=on_progress)

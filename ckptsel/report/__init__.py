@@ -3,7 +3,7 @@
 INTERFACE:
 
     write_report(ranking, out_path, *, verification=None, ground_truth=None, merges=(), store=None,
-                 title=None, png_dir=None, provenance=()) -> Path
+                 title=None, png_dir=None, provenance=(), ground_truth_by_run=None) -> Path
     render_report(...same inputs...) -> str          the HTML, written nowhere
 
 ``ranking`` is a :class:`ckptsel.select.Ranking`, its ``to_json()`` dict, or a path to
@@ -17,7 +17,6 @@ Modules: :mod:`.inputs` (gather and match), :mod:`.charts` (which plots), :mod:`
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -45,10 +44,15 @@ def build_inputs(
     store=None,
     title: str | None = None,
     provenance: Sequence[str] = (),
+    ground_truth_by_run: Mapping[str, Mapping] | None = None,
 ) -> ReportInputs:
-    """Gather the report's inputs and match them to the ranking's checkpoints."""
+    """Gather the report's inputs and match them to the ranking's checkpoints (``ground_truth_by_run``:
+    a sweep's, run name -> that run's ground truth)."""
     data = ranking_json(ranking)
     rows = data.get("checkpoints", [])
+    if len(data.get("runs") or []) > 1:  # a sweep: checkpoint names repeat across runs
+        for row in rows:
+            row["label"] = f"{row.get('run')}/{Path(str(row.get('path', ''))).name}"
     inputs = ReportInputs(ranking=data, title=title or "ckptsel report", provenance=list(provenance))
     if verification is not None:
         # ckptsel verify --json: {"verifications": [...]} or one verification object
@@ -64,6 +68,8 @@ def build_inputs(
         inputs.measured, inputs.measured_source = measured_from_summaries(rows, summaries)
     if ground_truth is not None:
         inputs.truth = truth_from_ground_truth(rows, ground_truth)
+    for run, truth in (ground_truth_by_run or {}).items():
+        inputs.truth.update(truth_from_ground_truth(rows, truth, run))
     inputs.merges = [m if isinstance(m, Mapping) else merge_comparison(Path(m)) for m in merges]
     if store is not None and not inputs.merges:  # what `ckptsel merge --recommend` compared, if it ran
         inputs.merges = [m for m in [stored_merge_comparison(store, data)] if m is not None]
@@ -78,21 +84,14 @@ def render_report(ranking, **kwargs) -> str:
 
 def write_report(ranking, out_path: str | os.PathLike, *, png_dir: str | os.PathLike | None = None, **kwargs) -> Path:
     """Write the HTML report to ``out_path`` (atomically: temp file, then rename); PNGs too with ``png_dir``."""
+    from ckptsel.outputs import write_errors, write_text_atomic
+
     inputs = build_inputs(ranking, **kwargs)
     charts = _charts.build_charts(inputs)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_html.page(inputs, charts))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = write_text_atomic(out_path, _html.page(inputs, charts))  # a full disk: one line, no partial file
     if png_dir is not None:
         from ckptsel.report.png import write_pngs
 
-        write_pngs(charts, Path(png_dir))
+        with write_errors(png_dir):
+            write_pngs(charts, Path(png_dir))
     return out
