@@ -3,7 +3,8 @@
 The same ranking (``ckptsel rank RUN --ray``, the library call behind it) three ways, each on a fresh
 store: in this process (no Ray); on a local Ray with 1 CPU (one task at a time); with 2 CPUs (two
 tasks at once). Every task runs torch on one thread (``--ray-cpus 1``). Printed: Ray's start-up
-(``ray.init`` plus the first task reaching a worker), each wall time, the speed-up of 2 tasks
+(``ray.init`` plus one worker per CPU up with torch and transformers imported: Ray reuses them
+for the measurement tasks), each wall time, the speed-up of 2 tasks
 over 1, and a check that the three rankings are identical. Run it on an idle machine: the
 load average is printed beside the figures. On a GPU machine pass ``--gpus`` to time one task per
 GPU instead.
@@ -46,9 +47,13 @@ def _start_ray(cpus: int, gpus: int | None) -> float:
 
     @ray.remote(num_cpus=1)
     def ready():
+        import ckptsel.measure.loading  # noqa: F401  (torch and transformers: what every task imports first)
+
+        time.sleep(0.5)  # held, so that each of the `cpus` calls gets its own worker
         return os.getpid()
 
-    ray.get(ready.remote())
+    pids = ray.get([ready.remote() for _ in range(cpus)])
+    assert len(set(pids)) == cpus, pids
     return time.perf_counter() - start
 
 

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,8 @@ class RayExecutor:
     _task: object = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> RayExecutor:
+        if self._task is not None:  # entered already: one executor shared by a sweep's runs
+            return self
         ray = require_ray()
         if not ray.is_initialized():
             address = None if self.address in (None, "local") else self.address
@@ -147,8 +150,10 @@ def collect_distributed(state, pending: list[int], plain: list[str], executor: R
     if state.ctx.vllm is not None:
         raise CkptselError("--ray and --backend vllm cannot be combined yet; use one of them")
     # Ray prints its cluster's messages (a worker died, a task is retried) on stdout: keep them on
-    # stderr with the progress, so --json output stays clean.
-    with contextlib.redirect_stdout(sys.stderr), executor:
+    # stderr with the progress, so --json output stays clean. A sweep's runs measured in threads
+    # (ckptsel.pipeline) share one redirect, made by the main thread: sys.stdout is global.
+    main = threading.current_thread() is threading.main_thread()
+    with contextlib.redirect_stdout(sys.stderr) if main else contextlib.nullcontext(), executor:
         left = [i for i in pending]
         if result.harvest is not None and left and not result.harvest.fixed:
             first = left.pop(0)

@@ -19,10 +19,12 @@ between them paired.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,18 +232,22 @@ def rank_runs(
         if on_start is not None:
             on_start(Plan(len(checkpoints), len(runs), tuple(sorted({len(p[1]) for p in plans if p[1] is not None})),
                           tuple(sorted({len(p[2]) for p in plans if p[2]})), recipe.sampling.k, store.path))
-        offset = 0
-        for run, examples, heldout, _ in plans:
-            progress = _offset(on_progress, offset)
-            offset += len(run.checkpoints)
+
+        def measure(run: Run, examples, heldout, offset: int, store: Store, executor=None) -> MeasuredRun:
             if examples is None:
-                collected = _unreadable(run, recipe, request.engine)
-            else:
-                sizes = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].budgets
-                collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=sizes,
-                                    engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
-                                    on_progress=progress)
-            measured.append(MeasuredRun(run, data_files.get(run.name), collected))
+                return MeasuredRun(run, data_files.get(run.name), _unreadable(run, recipe, request.engine))
+            sizes = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].budgets
+            collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=sizes,
+                                engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
+                                on_progress=_offset(on_progress, offset), executor=executor)
+            return MeasuredRun(run, data_files.get(run.name), collected)
+
+        offsets = [sum(len(p[0].checkpoints) for p in plans[:n]) for n in range(len(plans))]
+        jobs = [(run, examples, heldout, offset) for (run, examples, heldout, _), offset in zip(plans, offsets)]
+        if request.engine.ray is not None and sum(examples is not None for _, examples, _, _ in jobs) > 1:
+            measured = _measure_runs_on_ray(jobs, measure, request)
+        else:
+            measured = [measure(*job, store) for job in jobs]
         threshold, scope = request.threshold, "sweep"
         if threshold == "auto-run":
             threshold, scope = "auto", "run"
@@ -364,6 +370,30 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def _first_usable(run: Run) -> Checkpoint:
     return next(c for c in run.checkpoints if c.kind != "error")
+
+
+def _measure_runs_on_ray(jobs: list[tuple], measure: Callable, request: RankRequest) -> list[MeasuredRun]:
+    """The runs of a sweep measured at once on Ray: one driver thread per run, sharing one cluster.
+
+    Each run keeps its own order (its first checkpoint fixes its alternative-solution set before
+    the others start), but while one run waits on that checkpoint the other runs' tasks fill the
+    cluster's other slots. Each thread writes through its own store connection (the store takes
+    concurrent writers; ckptsel/store.py); records are the same as one run after another.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptsel.distributed import RayExecutor
+    from ckptsel.store import Store
+
+    def one(job: tuple) -> MeasuredRun:
+        with Store.open(request.cache_dir) as store:
+            return measure(*job, store, executor)
+
+    # Ray prints its cluster's messages on stdout: on stderr with the progress (ckptsel.distributed);
+    # redirected here, once, since the threads cannot each swap sys.stdout.
+    with contextlib.redirect_stdout(sys.stderr), RayExecutor(request.engine.ray, request.engine.ray_cpus) as executor:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ckptsel-run") as pool:
+            return list(pool.map(one, jobs))
 
 
 def _offset(on_progress, offset: int):

@@ -71,6 +71,23 @@ def test_a_lora_run_on_ray_groups_adapters_by_base(lab_lora_run, local_ray, tmp_
     assert _without_cache(json.loads(spread.stdout)) == _without_cache(json.loads(single.stdout))
 
 
+def test_a_sweep_on_ray_measures_its_runs_at_once_with_the_single_process_json(learning_run, lab_lora_run,
+                                                                              local_ray, tmp_path):
+    """Two runs in one sweep: measured concurrently (one driver thread each), same JSON as one process."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(learning_run, sweep / "full")
+    shutil.copytree(lab_lora_run, sweep / "lora")
+    args = ["rank", str(sweep), "--data-per-run", "train.jsonl", "--recipe", str(learning_run / "recipe.yaml"),
+            *FAST, "--json"]
+    single = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "one")])
+    spread = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "ray"), "--ray"])
+    assert single.exit_code == spread.exit_code == 0, spread.output
+    one, many = json.loads(single.stdout), json.loads(spread.stdout)
+    assert [r["name"] for r in one["runs"]] == ["full", "lora"]
+    assert many["cache"] == one["cache"]
+    assert _without_cache(many) == _without_cache(one)
+
+
 def test_verify_with_ray_measures_what_lm_eval_measures_in_process(learning_run, local_ray, tmp_path):
     args = ["verify", str(learning_run), "--test-file", str(learning_run / "test.jsonl"), "--recipe",
             str(learning_run / "recipe.yaml"), "--greedy", "--limit", "4", "--device", "cpu", "--json", "-q"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class CollectProgress:
     """Two bars: checkpoints done, and the current checkpoint's phase (load, score, sample...)."""
@@ -21,6 +23,7 @@ class CollectProgress:
         self._overall = self._progress.add_task("checkpoints", total=n_checkpoints)
         self._phase = self._progress.add_task("", total=1, visible=False)
         self._seen: set[int] = set()
+        self._lock = threading.Lock()  # a sweep's runs on Ray report from one thread each
 
     def __enter__(self):
         self._progress.__enter__()
@@ -30,6 +33,10 @@ class CollectProgress:
         self._progress.__exit__(*exc)
 
     def update(self, event) -> None:
+        with self._lock:
+            self._update(event)
+
+    def _update(self, event) -> None:
         name = event.checkpoint.path.name
         label = {"load": "loading", "cached": "cached", "done": "measured"}.get(event.phase, event.phase)
         self._progress.update(
