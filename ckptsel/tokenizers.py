@@ -131,7 +131,7 @@ def encode_pairs(
     joint_ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
     pairs = []
     for i, (p, joint) in enumerate(zip(prompt_ids, joint_ids)):
-        n = _common_prefix(p, joint)
+        n = common_prefix(p, joint)
         target = list(joint[n:])
         if ends[i] is None and append_eos and not (eos_text and targets[i].endswith(eos_text)):
             target.append(tokenizer.eos_token_id)
@@ -142,7 +142,8 @@ def encode_pairs(
     return pairs
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ckptsel.tokenizers import TokenPair, encode_pairs  # noqa: F401  (re-exported: callers import it from here)
+from ckptsel.tokenizers import common_prefix
 
 # Automatic batch size: padded tokens per forward pass, and elements of the logits matrix
 # the model returns (target tokens x vocabulary, in the model's dtype). On CPU a few rows of
@@ -162,7 +163,7 @@ def share_prefixes(
     for i in order:
         cap = max(len(prompts[i]) - 1, 0)
         if members:
-            common = min(shared, cap, _common_prefix(prompts[members[-1]], prompts[i]))
+            common = min(shared, cap, common_prefix(prompts[members[-1]], prompts[i]))
             n = len(members)
             if common >= min_shared and n * common > (n - 1) * shared:
                 shared = common
@@ -173,15 +174,6 @@ def share_prefixes(
     if members:
         groups.extend(_close_group(shared, members))
     return groups
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _close_group(shared: int, members: list[int]) -> list[tuple[int, list[int]]]:
