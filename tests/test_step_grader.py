@@ -38,6 +38,9 @@ def test_line_values():
     assert line_value("max(62,69,64)") == (69, 3)
     assert line_value("7+x") is None
     assert line_value("__import__('os')") is None
+    # A sampled leading zero is not a lab expression (and must not reach eval, where it is a SyntaxError).
+    assert line_value("02+6+3") is None
+    assert line_value("10+0+3") == (13, 3)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

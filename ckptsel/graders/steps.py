@@ -31,7 +31,8 @@ import re
 
 from ckptsel.graders.numeric import GSM8KGrader, extract_gsm8k
 
-_ARITHMETIC = re.compile(r"\d+(?:[+\-*]\d+)*")
+_NUMBER = r"(?:0|[1-9]\d*)"  # as the lab writes numbers: a sampled "02" is not a lab expression
+_ARITHMETIC = re.compile(rf"{_NUMBER}(?:[+\-*]{_NUMBER})*")
 _MAX = re.compile(r"max\((\d+(?:,\d+)*)\)")
 
 
