@@ -354,6 +354,8 @@ def collect(
         stored = store.get_value(harvest_key)
         result.harvest = Harvest.from_json(stored) if stored is not None else Harvest()
         ctx.harvest = result.harvest
+        if result.harvest.fixed:  # fixed by an earlier rank of this run: its series is known now
+            result.series["alt"] = result.harvest.series
     state = _RunState(checkpoints, examples, recipe, store, result, ctx, pools, key, harvest_key, alt_grader,
                       proxy_settings, on_progress)
     if executor is None and engine.ray is not None and loader is None:

@@ -88,6 +88,48 @@ def test_a_sweep_on_ray_measures_its_runs_at_once_with_the_single_process_json(l
     assert _without_cache(many) == _without_cache(one)
 
 
+def test_checkpoints_saved_since_the_last_rank_are_measured_on_ray(learning_run, local_ray, tmp_path):
+    """A run ranked at three checkpoints, then on Ray once it has saved one more, with the
+    alternative-solution set fixed at the first rank (stored in the result store): the new
+    checkpoint is measured and the rest read from the store, as without Ray. (The lab sweep
+    stopped here with a KeyError: the Ray path never took the stored set's series.)"""
+    import sqlite3
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("train.jsonl", "recipe.yaml"):
+        shutil.copy(learning_run / name, run / name)
+    steps = sorted(learning_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for ckpt in steps[:3]:
+        shutil.copytree(ckpt, run / ckpt.name)
+    assert CliRunner().invoke(main, _args(run, tmp_path / "cache")).exit_code == 0
+    # The tiny run's samples give no alternative solution, so the set stays open: fix it as a run
+    # that had found them at its first checkpoint would have.
+    from ckptsel.proxies import Harvest
+    from ckptsel.recipes import load_recipe
+
+    db = sqlite3.connect(tmp_path / "cache" / "results.sqlite3")
+    ((settings,),) = db.execute("SELECT DISTINCT settings FROM series").fetchall()
+    ((anchor,),) = db.execute("SELECT fingerprint FROM checkpoints WHERE path = ?",
+                              (str(run / steps[0].name),)).fetchall()
+    key = Harvest.key(settings, anchor, load_recipe(run / "recipe.yaml").proxies)
+    assert not db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchall()  # never fixed by itself
+    fixed = Harvest(sources=[anchor], found={anchor: {}}, fixed=True)
+    db.execute("INSERT INTO kv (key, value, updated) VALUES (?, ?, 0)", (key, json.dumps(fixed.to_json())))
+    db.commit()
+    db.close()
+    for ckpt in steps[3:]:
+        shutil.copytree(ckpt, run / ckpt.name)
+    single = tmp_path / "single"
+    shutil.copytree(tmp_path / "cache", single)
+    on_ray = CliRunner().invoke(main, _args(run, tmp_path / "cache", "--ray"))
+    alone = CliRunner().invoke(main, _args(run, single))
+    assert on_ray.exit_code == alone.exit_code == 0, on_ray.output
+    out = json.loads(on_ray.stdout)
+    assert out["cache"]["measured"] == len(steps) - 3
+    assert _without_cache(out) == _without_cache(json.loads(alone.stdout))
+
+
 def test_verify_with_ray_measures_what_lm_eval_measures_in_process(learning_run, local_ray, tmp_path):
     args = ["verify", str(learning_run), "--test-file", str(learning_run / "test.jsonl"), "--recipe",
             str(learning_run / "recipe.yaml"), "--greedy", "--limit", "4", "--device", "cpu", "--json", "-q"]
