@@ -9,13 +9,14 @@ the store can live on the driver's local disk; the checkpoints must be readable 
 path on every node (a shared filesystem).
 
 Order (ckptsel/DESIGN.md, "How a run flows"): the alternative-solution set is harvested from a
-run's earliest checkpoints, so the first checkpoint runs alone; when its samples fix the set
-(the usual case), the rest run in parallel with every measurement in one load, and the first
-gets its alternative-solution NLL in a final task. When they do not, every checkpoint's
-samples are measured in parallel, the driver harvests them in training order, and the
-alternative-solution NLL follows in a second parallel pass once the set is fixed. Either way the
-records are those of a single-process run: samples are seeded per example and sample, and each
-kind is measured in the same chunks.
+run's earliest checkpoints. With more than one task slot every checkpoint's samples (and other
+measurements) are measured in parallel at once, the driver harvests them in training order, and
+the alternative-solution NLL follows in a second parallel pass once the set is fixed: one more
+load per checkpoint, against leaving every slot but one idle while the first checkpoint fixes the
+set. With one slot the first checkpoint runs first; when its samples fix the set (the usual
+case) the rest measure everything in one load, and the first gets its alternative-solution NLL
+in a final task. Either way the records are those of a single-process run: samples are seeded
+per example and sample, and each kind is measured in the same chunks.
 
 Faults: a worker that dies mid-task (killed, out of memory, a node lost) is retried by Ray
 (``max_retries``); nothing of its partial work reaches the store, so there are no partial or
@@ -156,19 +157,29 @@ def collect_distributed(state, pending: list[int], plain: list[str], executor: R
     with contextlib.redirect_stdout(sys.stderr) if main else contextlib.nullcontext(), executor:
         left = [i for i in pending]
         if result.harvest is not None and left and not result.harvest.fixed:
-            first = left.pop(0)
-            _run_tasks(state, [first], plain, executor)
-            if first not in result.failures and not state.advance_harvest(first):
-                # The first checkpoint did not fix the set: samples of all, harvest in order, then alt.
-                _run_tasks(state, left, plain, executor)
-                for i in left:
-                    if i not in result.failures and state.advance_harvest(i):
-                        break
+            if executor.slots > 1:
+                # Every checkpoint at once; the set is harvested in training order afterwards.
+                _harvest_after_all(state, left, plain, executor)
                 left = []
+            else:
+                first = left.pop(0)
+                _run_tasks(state, [first], plain, executor)
+                if first not in result.failures and not state.advance_harvest(first):
+                    _harvest_after_all(state, left, plain, executor)  # the first did not fix the set
+                    left = []
         fixed = result.harvest is not None and result.harvest.fixed
         _run_tasks(state, left, [*plain, *(["alt"] if fixed else [])], executor)
         if result.harvest is not None and result.harvest.fixed:
             _run_tasks(state, [i for i in pending if i not in result.failures], ["alt"], executor)
+
+
+def _harvest_after_all(state, indices: list[int], plain: list[str], executor: RayExecutor) -> None:
+    """Measure ``plain`` kinds of every checkpoint in parallel, then harvest their samples in training
+    order until the alternative-solution set is fixed (its NLL follows in a pass of its own)."""
+    _run_tasks(state, indices, plain, executor)
+    for i in indices:
+        if i not in state.result.failures and state.advance_harvest(i):
+            break
 
 
 def _run_tasks(state, indices: list[int], kinds: list[str], executor: RayExecutor) -> None:
