@@ -357,7 +357,7 @@ def collect(
         if result.harvest.fixed:  # fixed by an earlier rank of this run: its series is known now
             result.series["alt"] = result.harvest.series
     state = _RunState(checkpoints, examples, recipe, store, result, ctx, pools, key, harvest_key, alt_grader,
-                      proxy_settings, on_progress)
+                      on_progress)
     if executor is None and engine.ray is not None and loader is None:
         from ckptsel.distributed import RayExecutor
 
@@ -412,7 +412,6 @@ class _RunState:
     key: str
     harvest_key: str | None
     alt_grader: object
-    proxy_settings: ProxySettings
     on_progress: Callable[[Progress], None] | None
 
     @property
@@ -459,8 +458,8 @@ class _RunState:
         if not harvest.fixed or fp in harvest.sources:
             records = self.store.get_many(fp, self.key, "sample", uids)
             looked_up = harvest.harvest(fp, records, self.examples, self.alt_grader,
-                                        self.proxy_settings.alt_min_accuracy)
-        if not harvest.decide(uids, self.proxy_settings):
+                                        self.ctx.proxies.alt_min_accuracy)
+        if not harvest.decide(uids, self.ctx.proxies):
             return False
         if not was_fixed or looked_up:
             self.store.put_value(self.harvest_key, harvest.to_json())

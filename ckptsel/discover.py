@@ -367,7 +367,7 @@ def _describe_adapter(ckpt: Checkpoint, base_model: str | None) -> None:
     if local is not None and local != named:
         ckpt.base_model = local
         ckpt.notes.append(f"base model {named} read from the Hugging Face cache")
-    elif local is None and not (Path(named).is_absolute() or named.startswith(".")):
+    elif local is None and not names_local_path(named):
         ckpt.notes.append(f"base model {named}: {base_model_missing(named)}")
     base = Path(ckpt.base_model)
     if (base / "config.json").is_file():
@@ -404,13 +404,19 @@ def resolve_base_model(name: str, revision: str | None = None) -> str | None:
     """
     if Path(name).expanduser().is_dir():
         return name
-    if not _HUB_ID.fullmatch(name) or name.startswith("."):
+    if not _HUB_ID.fullmatch(name) or names_local_path(name):
         return None
     repo = hf_hub_cache() / f"models--{name.replace('/', '--')}"
     ref = revision or "main"
     commit = (repo / "refs" / ref).read_text().strip() if (repo / "refs" / ref).is_file() else ref
     snapshot = repo / "snapshots" / commit
     return str(snapshot) if (snapshot / "config.json").is_file() else None
+
+
+def names_local_path(name: str) -> bool:
+    """Whether a base model's name is written as a path (absolute, or starting with "."), so it
+    is never looked up as a hub id."""
+    return Path(name).is_absolute() or name.startswith(".")
 
 
 def base_model_missing(name: str) -> str:

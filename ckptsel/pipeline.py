@@ -248,11 +248,8 @@ def rank_runs(
             measured = _measure_runs_on_ray(jobs, measure, request)
         else:
             measured = [measure(*job, store) for job in jobs]
-        threshold, scope = request.threshold, "sweep"
-        if threshold == "auto-run":
-            threshold, scope = "auto", "run"
         ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
-                       pathway_settings=recipe.pathways, threshold=threshold, threshold_scope=scope,
+                       pathway_settings=recipe.pathways, threshold=request.threshold,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
     return RankResult(ranking, measured, recipe, len(usable))
 
@@ -375,9 +372,9 @@ def _first_usable(run: Run) -> Checkpoint:
 def _measure_runs_on_ray(jobs: list[tuple], measure: Callable, request: RankRequest) -> list[MeasuredRun]:
     """The runs of a sweep measured at once on Ray: one driver thread per run, sharing one cluster.
 
-    Each run keeps its own order (its first checkpoint fixes its alternative-solution set before
-    the others start), but while one run waits on that checkpoint the other runs' tasks fill the
-    cluster's other slots. Each thread writes through its own store connection (the store takes
+    Each run keeps its own order (its alternative-solution set harvested in training order, then
+    its NLL; ckptsel.distributed), and while one run waits between those passes the other runs'
+    tasks fill the cluster's slots. Each thread writes through its own store connection (the store takes
     concurrent writers; ckptsel/store.py); records are the same as one run after another.
     """
     from concurrent.futures import ThreadPoolExecutor

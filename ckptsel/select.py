@@ -214,10 +214,13 @@ def rank(collected: Collected | Sequence[Collected], store: Store, memorization:
     """Per-checkpoint metrics and proxies, stages and flags, PM with its interval, and a recommendation.
 
     ``collected``: one :class:`Collected` per run (a single one is a run of its own), in the
-    order they are listed. ``threshold`` overrides ``memorization.threshold`` (a number or
-    "auto"; see :func:`ckptsel.sweep.rank_sweep` for ``threshold_scope`` and the fallback).
+    order they are listed. ``threshold`` overrides ``memorization.threshold`` (a number, "auto",
+    or "auto-run": "auto" with ``threshold_scope`` "run", as the commands spell it; see
+    :func:`ckptsel.sweep.rank_sweep` for ``threshold_scope`` and the fallback).
     Checkpoints of a mixture-of-experts model also get :class:`PathwayMetrics`.
     """
+    if threshold == "auto-run":
+        threshold, threshold_scope = "auto", "run"
     runs = [collected] if isinstance(collected, Collected) else list(collected)
     names = list(run_names) if run_names is not None else [_run_name(c, r) for r, c in enumerate(runs)]
     paths = list(run_paths) if run_paths is not None else [None] * len(runs)

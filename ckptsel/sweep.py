@@ -49,10 +49,11 @@ class RunArrays:
     """One run's measurements: ``(checkpoints, examples)`` arrays, checkpoints in training order.
 
     ``examples``: one id per example column. Runs that share most of their ids (at least half of
-    the smaller set; in any order) are compared paired over the shared ones; without ids, runs with
-    the same number of examples are assumed to share them only when ``paired_by_position`` is set. ``alt_coverage``: fraction of examples that have an
-    alternative solution (the alternative-solution NLL is used as the proxy above
-    ``OvermemSettings.min_alt_coverage``); NaN means "count the examples with a value".
+    the smaller set; in any order) are compared paired over the shared ones; without ids, runs
+    with the same number of examples are assumed to share them only when ``paired_by_position``
+    is set. ``alt_coverage``: fraction of examples that have an alternative solution (the
+    alternative-solution NLL is used as the proxy above ``OvermemSettings.min_alt_coverage``);
+    NaN means "count the examples with a value".
     """
 
     name: str

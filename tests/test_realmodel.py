@@ -115,8 +115,10 @@ def test_every_command_runs_on_the_trl_run(smollm2_run, smollm2_dir, hf_cache, t
     verified = _invoke("verify", run / "checkpoint-3", "--test-file", run / "test.jsonl", "--chat-template",
                        "--base-model", base, "--greedy", "--max-new-tokens", 48, "--device", "cpu", *cache, "--json", "-q")
     assert verified.exit_code == 0, verified.output
-    measured_acc = json.loads(verified.stdout)
-    assert "checkpoint-3" in json.dumps(measured_acc)
+    (verification,) = json.loads(verified.stdout)["verifications"]
+    (measured_ckpt,) = verification["checkpoints"]
+    assert measured_ckpt["path"].endswith("checkpoint-3") and measured_ckpt["error"] is None
+    assert measured_ckpt["n"] == 2 and 0 <= measured_ckpt["accuracy"] <= 1  # both GSM8K test rows graded
 
     report = tmp_path / "report.html"
     page = _invoke("report", run, "--data", run / "train.jsonl", *budget, *cache, "-o", report, "-q", env=hub)

@@ -287,16 +287,13 @@ class CkptselCallback(TrainerCallback):
         cache = self.cache_dir
         with Store.open(cache) as store, _measurement_mode(model):
             ensure_outside(store.path.parent, [c.path for c in checkpoints])
-            examples, heldout = self._training_examples(loader.tokenizer_for(checkpoints[index]))
-            collected = collect(checkpoints, examples, self.recipe, store, tokenizer=loader.tokenizer_for(
-                checkpoints[index]), engine=engine, heldout=heldout, proxy_settings=self.recipe.proxies,
-                loader=loader)
+            run_tokenizer = loader.tokenizer_for(checkpoints[index])
+            examples, heldout = self._training_examples(run_tokenizer)
+            collected = collect(checkpoints, examples, self.recipe, store, tokenizer=run_tokenizer, engine=engine,
+                                heldout=heldout, proxy_settings=self.recipe.proxies, loader=loader)
             loader.close()
-            threshold, scope = self.threshold, "sweep"
-            if threshold == "auto-run":
-                threshold, scope = "auto", "run"
             ranking = rank([collected], store, self.recipe.memorization, self.recipe.stages,
-                           pathway_settings=self.recipe.pathways, threshold=threshold, threshold_scope=scope,
+                           pathway_settings=self.recipe.pathways, threshold=self.threshold,
                            run_names=[run.name], run_paths=[str(run.path)])
         row = ranking.checkpoints[index]
         if row.error:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ckptsel.discover import Checkpoint, base_model_missing, resolve_base_model
+from ckptsel.discover import Checkpoint, base_model_missing, names_local_path, resolve_base_model
 from ckptsel.errors import CheckpointError, CkptselError
 from ckptsel.tokenizers import load_tokenizer, tokenizer_source
 
@@ -189,9 +189,8 @@ class CheckpointLoader:
 
         if not ckpt.base_model:
             raise CheckpointError(f"{ckpt.path}: adapter without a base model; pass --base-model")
-        base_path = resolve_base_model(ckpt.base_model) or ckpt.base_model
-        if base_path == ckpt.base_model and not Path(base_path).is_dir() and not Path(base_path).is_absolute() \
-                and not base_path.startswith("."):
+        local = resolve_base_model(ckpt.base_model)
+        if local is None and not names_local_path(ckpt.base_model):
             # A hub id that is not in the local cache: the same for every adapter on it, so no
             # checkpoint can be measured until the user names the base; a usage error, not a
             # broken checkpoint.
@@ -204,7 +203,7 @@ class CheckpointLoader:
         if self._peft is None or self._base_key != ckpt.base_model:
             self._drop_models()
             try:
-                base = self._from_pretrained(base_path)
+                base = self._from_pretrained(local or ckpt.base_model)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, CheckpointError) else _one_line(exc)
                 raise CheckpointError(f"{ckpt.path}: base model {reason}") from exc
