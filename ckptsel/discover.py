@@ -470,6 +470,22 @@ _ROOT_MARKERS = ("config.json", "adapter_config.json", "model.safetensors", "mod
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+NO_CHECKPOINT_DIRS = ", and no checkpoint-N/ folders"
+
+
+def no_loadable_checkpoint(paths, checkpoints: list[Checkpoint]) -> str | None:
+    """The one line every command gives when ``paths`` hold no loadable checkpoint, else None."""
+    if any(c.kind != "error" for c in checkpoints):
+        return None
+    reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
+    return f"no loadable checkpoint under {', '.join(map(str, paths))} ({reasons})"
+
+
+def nothing_found(checkpoints: list[Checkpoint]) -> bool:
+    """True when no argument held anything that looks like a checkpoint (not even a broken one)."""
+    return all(c.kind == "error" and (c.error or "").endswith(NO_CHECKPOINT_DIRS) for c in checkpoints)
+
+
 def _read_state(path: Path) -> dict | None:
     try:
         return _read_json(path) if path.is_file() else None
@@ -490,7 +506,7 @@ def _expand(root: Path, base_model: str | None) -> tuple[bool, list[Checkpoint]]
         ckpt = describe(root, base_model)
         _training_state(ckpt, int(match[1]) if match else None, run_state)
         if ckpt.error == NO_WEIGHTS:
-            ckpt.error += ", and no checkpoint-N/ folders"
+            ckpt.error += NO_CHECKPOINT_DIRS
         return False, [ckpt]
     run_state = _read_state(root / "trainer_state.json")
     found = []

@@ -180,7 +180,7 @@ def rank_runs(
     """
     from ckptsel import checks, graders
     from ckptsel.collect import collect, select_examples
-    from ckptsel.discover import discover_runs
+    from ckptsel.discover import discover_runs, no_loadable_checkpoint
     from ckptsel.select import rank
     from ckptsel.store import Store, ensure_outside
 
@@ -190,10 +190,8 @@ def rank_runs(
     runs = list(request.runs) if request.runs is not None else discover_runs(request.paths, request.base_model)
     checks.exclude_other_architectures(runs)  # robustness: a stray model is not mixed into a run's history
     checkpoints = [c for run in runs for c in run.checkpoints]
-    usable = [c for c in checkpoints if c.kind != "error"]
-    if not usable:
-        reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
-        raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, request.paths))} ({reasons})")
+    if (message := no_loadable_checkpoint(request.paths, checkpoints)) is not None:
+        raise CkptselError(message)
     data_files = _data_files(runs, request)
     ensure_outside(request.cache_dir, [c.path for c in checkpoints])
     grader = graders.get(recipe.data.grader)
@@ -251,7 +249,7 @@ def rank_runs(
         ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
                        pathway_settings=recipe.pathways, threshold=request.threshold,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
-    return RankResult(ranking, measured, recipe, len(usable))
+    return RankResult(ranking, measured, recipe, sum(c.kind != "error" for c in checkpoints))
 
 
 # --------------------------------------------------------------------------- rendering, kept in the store

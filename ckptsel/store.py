@@ -22,10 +22,12 @@ processes may share a cache, and the standard library has it. Design:
 * **Crash safety.** WAL journal, ``synchronous=NORMAL``: a committed transaction survives a
   killed process (WAL+NORMAL can lose the last commits only on power loss, and never
   corrupts). :meth:`Store.put_many` writes one batch in one transaction, so ``kill -9`` loses
-  at most the batch in flight. Writes take the write lock up front (``BEGIN IMMEDIATE``) and
-  wait up to ``timeout`` seconds for another writer, so two processes sharing a cache
-  queue instead of failing. The wait is ``$CKPTSEL_STORE_TIMEOUT`` seconds (default 60); a
-  lock held longer than that is a :class:`StoreError` naming the store file (exit 2), as is
+  at most the batch in flight. Writes take the write lock up front (``BEGIN IMMEDIATE``), and
+  every operation -- the first open of a brand-new store (journal-mode switch, schema) included --
+  waits up to ``timeout`` seconds for another process, through SQLite's busy handler and a retry
+  of its own for the cases that handler does not cover, so processes sharing a cache queue
+  instead of failing. The wait is ``$CKPTSEL_STORE_TIMEOUT`` seconds (default 60); a lock held
+  longer than that is a :class:`StoreError` naming the store file and the time really waited (exit 2), as is
   any other SQLite failure (disk full, read-only folder, a damaged file): one line, never a
   ``sqlite3`` traceback.
 * **Versioned.** ``schema_version`` holds the layout version; a store written by a newer
@@ -39,9 +41,11 @@ SQL NULL and NaN are the same thing here: a NaN float reads back as None.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -113,11 +117,11 @@ def store_timeout() -> float:
     return value
 
 
-def _sqlite_message(path: Path, timeout: float, exc: sqlite3.Error) -> str:
-    """One line for a SQLite failure on the store at ``path``."""
+def _sqlite_message(path: Path, waited: float, exc: sqlite3.Error) -> str:
+    """One line for a SQLite failure on the store at ``path`` after ``waited`` seconds of retrying."""
     text = str(exc)
-    if "locked" in text or "busy" in text:
-        return (f"result store {path} is locked by another process (waited {timeout:g} s; "
+    if _is_busy(exc):
+        return (f"result store {path} is locked by another process (waited {waited:.1f} s; "
                 f"set {TIMEOUT_ENV} to wait longer, or use another --cache-dir)")
     if "disk is full" in text or "disk full" in text:
         return f"result store {path}: disk full (free space, or use another --cache-dir)"
@@ -126,15 +130,25 @@ def _sqlite_message(path: Path, timeout: float, exc: sqlite3.Error) -> str:
     return f"result store {path}: {text}"
 
 
+def _is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED in any of their forms (busy recovery, busy snapshot, ...)."""
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
 def _sqlite_errors(method):
-    """Turn a SQLite failure inside a :class:`Store` method into a one-line :class:`StoreError`."""
+    """Run a :class:`Store` method under the store's wait: a busy or locked store is retried until
+    ``timeout`` seconds have passed, then (like any other SQLite failure) a one-line :class:`StoreError`.
+
+    SQLite's own busy handler does not cover every case: a connection that finds the WAL index
+    being rebuilt, a read transaction whose snapshot went stale, or the journal-mode switch of a
+    brand-new file can return SQLITE_BUSY at once. The whole method is retried, which is safe
+    because every write is one transaction that is rolled back when it fails.
+    """
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise StoreError(_sqlite_message(self.path, self.timeout, exc)) from None
+        return self._retrying(lambda: method(self, *args, **kwargs))
 
     return wrapper
 
@@ -249,16 +263,49 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"result store {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._init_schema()
-        except sqlite3.Error as exc:
-            self._db.close()
-            raise StoreError(_sqlite_message(self.path, timeout, exc)) from None
+            self._retrying(self._prepare)
         except BaseException:
             self._db.close()
             raise
+
+    def _prepare(self) -> None:
+        """Settings and schema of a freshly opened connection (retried as a whole when busy)."""
+        self._set_busy_timeout(self.timeout)
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._init_schema()
+
+    def _set_busy_timeout(self, seconds: float) -> None:
+        self._db.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+
+    def _retrying(self, attempt):
+        """``attempt()``, retried while the store is busy, for up to ``timeout`` seconds in all."""
+        started = time.monotonic()
+        pause = 0.005
+        retried = False
+        try:
+            while True:
+                try:
+                    return attempt()
+                except sqlite3.Error as exc:
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    waited = time.monotonic() - started
+                    if not _is_busy(exc) or waited >= self.timeout:
+                        raise StoreError(_sqlite_message(self.path, waited, exc)) from None
+                # Sleep a little (with jitter, so processes that collided do not collide again),
+                # then let SQLite's own handler wait at most for what is left of the budget.
+                left = self.timeout - (time.monotonic() - started)
+                time.sleep(min(pause * (0.5 + random.random()), max(left, 0.0)))
+                pause = min(pause * 2, 0.1)
+                self._set_busy_timeout(self.timeout - (time.monotonic() - started))
+                retried = True
+        finally:
+            if retried:
+                with contextlib.suppress(sqlite3.Error):
+                    self._set_busy_timeout(self.timeout)
 
     @classmethod
     def open(cls, cache_dir: str | Path | None = None, timeout: float | None = None) -> Store:

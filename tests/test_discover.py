@@ -459,8 +459,19 @@ def test_ls_missing_path_is_one_line_exit_2(tmp_path):
     assert result.output.strip().splitlines() == [f"Error: {tmp_path / 'nope'}: no such file or directory"]
 
 
-def test_ls_exits_1_when_nothing_is_usable(tmp_path):
-    (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(main, ["ls", str(tmp_path / "empty"), "--json"])
+def test_ls_exits_1_when_every_checkpoint_found_is_broken(tmp_path):
+    (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)  # a checkpoint folder without weights
+    result = CliRunner().invoke(main, ["ls", str(tmp_path / "run"), "--json"])
     assert result.exit_code == 1
     assert json.loads(result.stdout)[0]["kind"] == "error"
+
+
+def test_ls_of_a_folder_without_checkpoints_is_ranks_one_line_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1", "answer": "#### 2"}\n')
+    listed = CliRunner().invoke(main, ["ls", str(tmp_path / "empty")])
+    ranked = CliRunner().invoke(main, ["rank", str(tmp_path / "empty"), "--data", str(tmp_path / "train.jsonl")])
+    assert listed.exit_code == ranked.exit_code == 2
+    line = listed.output.strip().splitlines()
+    assert line == ranked.output.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"Error: no loadable checkpoint under {tmp_path / 'empty'}")

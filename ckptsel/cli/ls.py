@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ckptsel.cli.options import json_option, print_json, stdout_console
+from ckptsel.errors import CkptselError
 
 _KIND_STYLE = {"full": "green", "adapter": "cyan", "error": "bold red"}
 
@@ -93,12 +94,12 @@ def ls(paths, base_model, with_fingerprint, as_json):
     Exit codes:
       0  listed; a broken checkpoint is a row with kind 'error' and the reason
       1  nothing usable: every checkpoint found is broken
-      2  a PATH does not exist or is not a folder
+      2  a PATH does not exist or is not a folder, or holds no checkpoint at all
     """
     import logging
 
     from ckptsel.checks import architecture_mismatches
-    from ckptsel.discover import discover_runs, fingerprint
+    from ckptsel.discover import discover_runs, fingerprint, no_loadable_checkpoint, nothing_found
 
     runs = discover_runs(paths, base_model=base_model)
     for run in runs:  # a model of another shape inside a run: named here, refused by the ranking commands
@@ -106,6 +107,8 @@ def ls(paths, base_model, with_fingerprint, as_json):
             ckpt.notes.append(line.split(": ", 1)[1])
             logging.getLogger("ckptsel.cli.ls").warning("%s", line)
     found = [c for run in runs for c in run.checkpoints]
+    if nothing_found(found):  # an empty or unrelated folder: a usage error, as rank says it
+        raise CkptselError(no_loadable_checkpoint(paths, found))
     fps = {c.path: fingerprint(c) for c in found if c.kind != "error"} if with_fingerprint else {}
     usable = sum(c.kind != "error" for c in found)
     if as_json:

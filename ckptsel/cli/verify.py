@@ -63,7 +63,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
     """
     from ckptsel.cli.progress import CollectProgress
     from ckptsel.cli.rank import exit_partial, nothing_measured, unmeasured
-    from ckptsel.discover import discover_runs
+    from ckptsel.discover import discover_runs, no_loadable_checkpoint
     from ckptsel.errors import CkptselError
     from ckptsel.recipes import override
     from ckptsel.store import Store, ensure_outside
@@ -78,10 +78,8 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
 
     runs = discover_runs(paths, base_model=base_model)
     checkpoints = [c for run in runs for c in run.checkpoints]
-    usable = [c for c in checkpoints if c.kind != "error"]
-    if not usable:
-        reasons = "; ".join(f"{c.path.name}: {c.error}" for c in checkpoints[:3])
-        raise CkptselError(f"no loadable checkpoint under {', '.join(map(str, paths))} ({reasons})")
+    if (message := no_loadable_checkpoint(paths, checkpoints)) is not None:
+        raise CkptselError(message)
     ensure_outside(cache_dir, [c.path for c in checkpoints])
     ranking = _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed,
                            skip_bad, base_model, engine, cache_dir, quiet)
@@ -94,7 +92,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
 
             decoding = {"k": k, "temperature": 0.0 if greedy else temperature, "top_p": top_p}
             test_recipe = override(recipe, sampling=decoding)
-            tokenizer = load_tokenizer(usable[0], trust_remote_code=engine.trust_remote_code)
+            tokenizer = load_tokenizer(next(c for c in checkpoints if c.kind != "error"), trust_remote_code=engine.trust_remote_code)
             loaded = load_data(test_file, test_recipe, tokenizer=tokenizer, skip_bad=skip_bad)
             examples = unique_examples(loaded.examples, limit)
             budget = max_new_tokens or default_budget(tokenizer, examples, test_recipe)

