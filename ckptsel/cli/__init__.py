@@ -106,6 +106,11 @@ def main(debug):
     ckptsel rank ./run --data train.jsonl --recipe gsm8k   rank the checkpoints, recommend one
     ckptsel merge ./run/checkpoint-800 ./run/checkpoint-1000 -o merged   average two checkpoints
     """
+    # Only the command's own output on stdout: other threads' prints (Ray's error listener) and
+    # whatever is written after the command returns (Ray's shutdown) go to stderr.
+    from ckptsel.cli.stdout import guard_stdout
+
+    click.get_current_context().call_on_close(guard_stdout().seal)
     # Our own progress bars replace the libraries' (tqdm on stderr would garble --json pipelines).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
