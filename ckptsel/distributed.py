@@ -28,11 +28,8 @@ Without ray installed, ``--ray`` is a one-line error saying what to install.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -100,12 +97,26 @@ class RayExecutor:
         return self._task.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(items, recipe, ctx, self.cpus)
 
     def wait(self, refs: list):
-        """(reference, result) pairs as the tasks finish."""
+        """(reference, result) pairs as the tasks finish.
+
+        A task whose worker or node died is retried by Ray; when Ray itself cannot go on (the head
+        node or this machine's raylet is gone, the retries are spent) the run stops with one line:
+        every result that came back before is in the store, so a rerun measures only the rest."""
         ray = require_ray()
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield done[0], ray.get(done[0])
+            try:
+                done, pending = ray.wait(pending, num_returns=1)
+                answer = ray.get(done[0])
+            except ray.exceptions.RayTaskError:
+                raise  # an exception inside ckptsel's own task code: a bug, reported as one
+            except ray.exceptions.RayError as exc:
+                log.debug("Ray failed", exc_info=True)
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise CkptselError(f"--ray: the Ray cluster failed mid-run ({type(exc).__name__}: {first}); what was "
+                                   "measured before is kept in the result store: rerun the same command to measure "
+                                   "only the rest") from None
+            yield done[0], answer
 
 
 # --------------------------------------------------------------------------- the worker side
@@ -150,11 +161,9 @@ def collect_distributed(state, pending: list[int], plain: list[str], executor: R
     result = state.result
     if state.ctx.vllm is not None:
         raise CkptselError("--ray and --backend vllm cannot be combined yet; use one of them")
-    # Ray prints its cluster's messages (a worker died, a task is retried) on stdout: keep them on
-    # stderr with the progress, so --json output stays clean. A sweep's runs measured in threads
-    # (ckptsel.pipeline) share one redirect, made by the main thread: sys.stdout is global.
-    main = threading.current_thread() is threading.main_thread()
-    with contextlib.redirect_stdout(sys.stderr) if main else contextlib.nullcontext(), executor:
+    # Ray prints its cluster's messages (a worker died, a task is retried) on stdout from a thread of
+    # its own: the command line keeps them on stderr (ckptsel.cli.stdout).
+    with executor:
         left = [i for i in pending]
         if result.harvest is not None and left and not result.harvest.fixed:
             if executor.slots > 1:
@@ -278,7 +287,7 @@ def verify_distributed(checkpoints, fps, rows, by_uid, uids, recipe, store, key,
             on_progress(Progress(checkpoints[i], i, phase, done, total))
 
     executor = RayExecutor(engine.ray, engine.ray_cpus)
-    with contextlib.redirect_stdout(sys.stderr), executor:
+    with executor:
         ray = require_ray()
         task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(evaluate_items)
         refs = {}

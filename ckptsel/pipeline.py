@@ -19,12 +19,10 @@ between them paired.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,9 +382,7 @@ def _measure_runs_on_ray(jobs: list[tuple], measure: Callable, request: RankRequ
         with Store.open(request.cache_dir) as store:
             return measure(*job, store, executor)
 
-    # Ray prints its cluster's messages on stdout: on stderr with the progress (ckptsel.distributed);
-    # redirected here, once, since the threads cannot each swap sys.stdout.
-    with contextlib.redirect_stdout(sys.stderr), RayExecutor(request.engine.ray, request.engine.ray_cpus) as executor:
+    with RayExecutor(request.engine.ray, request.engine.ray_cpus) as executor:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ckptsel-run") as pool:
             return list(pool.map(one, jobs))
 

@@ -206,6 +206,24 @@ def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarra
     }
 
 
+def run_arrays(name: str, col: Collected, store: Store) -> tuple[sweep.RunArrays, dict[str, np.ndarray]]:
+    """One run's stored measurements as the arrays :func:`ckptsel.sweep.rank_sweep` reads (its measured
+    checkpoints, in training order), and the matrices they came from."""
+    measured = [i for i, fp in enumerate(col.fingerprints) if fp is not None and i not in col.failures]
+    m = measured_matrices(col, store)
+    coverage = 0.0
+    if col.harvest is not None and col.harvest.fixed:
+        coverage = col.harvest.coverage(ex.uid for ex in col.examples)
+    sources = [] if col.harvest is None else [k for k, i in enumerate(measured)
+                                              if col.fingerprints[i] in col.harvest.sources]
+    arrays = sweep.RunArrays(
+        name=name, steps=[col.checkpoints[i].step for i in measured], acc=m["acc"], nll=m["nll"], copy=m["copy"],
+        entropy=m["entropy"], perturb=m["perturb"], alt=m["alt"], heldout=m["heldout"],
+        examples=[ex.uid for ex in col.examples], alt_coverage=coverage, alt_sources=sources,
+    )
+    return arrays, m
+
+
 def rank(collected: Collected | Sequence[Collected], store: Store, memorization: MemorizationSettings,
          overmem: OvermemSettings = OvermemSettings(), *, level: float = 0.95, n_boot: int = 1000,
          pathway_settings: PathwaySettings = PathwaySettings(), threshold: float | str | None = None,
@@ -240,23 +258,17 @@ def rank(collected: Collected | Sequence[Collected], store: Store, memorization:
         summaries.append(RunSummary(name, path, list(range(first, len(rows))), None, len(col.examples)))
         if not measured:
             continue
-        m = measured_matrices(col, store)
-        coverage = math.nan
-        if col.harvest is not None:
-            coverage = col.harvest.coverage(ex.uid for ex in col.examples) if col.harvest.fixed else 0.0
+        arr, m = run_arrays(name, col, store)
         measured_rows.append([first + i for i in measured])
         measured_runs.append((col, measured))
         matrices.append(m)
-        arrays.append(sweep.RunArrays(
-            name=name, steps=[col.checkpoints[i].step for i in measured], acc=m["acc"], nll=m["nll"], copy=m["copy"],
-            entropy=m["entropy"], perturb=m["perturb"], alt=m["alt"], heldout=m["heldout"],
-            examples=[ex.uid for ex in col.examples], alt_coverage=coverage if col.harvest is not None else 0.0,
-        ))
+        arrays.append(arr)
 
     first_run = runs[0]
     default = memorization.threshold if memorization.threshold != "auto" else None
     ranking = Ranking(rows, Threshold(memorization.rule, None, default), len(first_run.examples), None,
-                      stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy="proxy", tie=overmem.proxy_tie),
+                      stages.recommend_rule(overmem.prefer).format(se=overmem.recommend_se, proxy="proxy",
+                                                                    tie=overmem.proxy_tie),
                       n_heldout=len(first_run.heldout), runs=summaries)
     if len(runs) > 1:
         ranking.n_examples = len({ex.uid for col in runs for ex in col.examples})

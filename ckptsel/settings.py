@@ -160,6 +160,10 @@ class OvermemSettings(_Frozen):
     proxy_tie: float = Field(
         0.05, ge=0.0, description="Recommendation: proxy values within this share of the lowest count as equal."
     )
+    prefer: Literal["accuracy", "robustness"] = Field(
+        "accuracy", description="Recommendation: 'accuracy' passes a flagged checkpoint over only for an unflagged "
+        "one as accurate (Ruan et al.: accuracy, then perplexity); 'robustness' recommends the best unflagged one."
+    )
 
 
 class Recipe(_Frozen):

@@ -24,14 +24,20 @@ nothing to do with over-memorization (on the lab, early samples reach the right 
 through wrong steps; as the model learns the steps it rightly pays more for them, and an
 alternative-solution NLL measured against such samples rises from the first checkpoints on).
 
-Recommendation (Ruan et al.: choose by accuracy *and* perplexity): the highest
-pre-memorization accuracy (predicted test accuracy, Kang et al. 2024) among unflagged
-checkpoints; among those as accurate as that best one within the noise of a paired comparison
-(``recommend_se`` standard errors of the per-example gap: the one-standard-error rule), the
-lowest proxy, where values within ``proxy_tie`` of the lowest count as equal (then predicted
-accuracy decides). A paired gap, not each checkpoint's own interval: both sides are measured
-on the same examples, and a 95% interval of one checkpoint's mean on 100 examples is
-±0.06 wide, which would trade away accuracy the comparison can in fact resolve.
+Recommendation (Ruan et al.: choose by accuracy *and* perplexity -- accuracy first). Over-memorized
+checkpoints keep comparable test accuracy; what they lose is perplexity, robustness and
+diversity. So, by default (``prefer="accuracy"``): the checkpoints as accurate as the one with
+the highest pre-memorization accuracy (predicted test accuracy, Kang et al. 2024) within the
+noise of a paired comparison (``recommend_se`` standard errors of the per-example gap: the
+one-standard-error rule); among those the unflagged ones if there are any -- a flagged
+checkpoint is passed over only for one that is as accurate -- and among them the lowest proxy,
+where values within ``proxy_tie`` of the lowest count as equal (then predicted accuracy decides).
+When every one of them is flagged, the recommendation is flagged too, and the ranking says so
+with the numbers and the best clean alternative. ``prefer="robustness"`` (for users who ship for
+robustness and diversity) takes the same rule among unflagged checkpoints only. A paired gap,
+not each checkpoint's own interval: both sides are measured on the same examples, and a 95%
+interval of one checkpoint's mean on 100 examples is ±0.06 wide, which would trade away
+accuracy the comparison can in fact resolve.
 
 Missing values are NaN: a checkpoint with a NaN input is never flagged on it, and is
 skipped by the recommendation when its predicted accuracy is NaN.
@@ -55,10 +61,21 @@ STAGE_RULE = (
     "underfit: pre-memorization acc < {underfit_fraction:g}× run best, or 0"
 )
 RECOMMEND_RULE = (
-    "highest pre-memorization accuracy (predicted test accuracy) among checkpoints not flagged over-memorized; "
-    "among those within {se:g} SE of it (SE of the paired per-example gap), the lowest {proxy} "
-    "(within {tie:.0%} of it: the highest predicted accuracy)"
+    "accuracy first: the checkpoints within {se:g} SE of the highest pre-memorization accuracy (predicted test "
+    "accuracy; SE of the paired per-example gap), the unflagged ones among them if any, and of those the "
+    "lowest {proxy} (within {tie:.0%} of it: the highest predicted accuracy)"
 )
+RECOMMEND_RULE_ROBUST = (
+    "robustness first: the highest pre-memorization accuracy (predicted test accuracy) among checkpoints not "
+    "flagged over-memorized; among those within {se:g} SE of it (SE of the paired per-example gap), the lowest "
+    "{proxy} (within {tie:.0%} of it: the highest predicted accuracy)"
+)
+PREFERENCES = ("accuracy", "robustness")
+
+
+def recommend_rule(prefer: str = "accuracy") -> str:
+    """The recommendation rule's text for ``prefer`` (format it with se, proxy and tie)."""
+    return RECOMMEND_RULE_ROBUST if prefer == "robustness" else RECOMMEND_RULE
 
 
 @dataclass(frozen=True)
@@ -152,14 +169,20 @@ def assess(
     proxy: np.ndarray,
     proxy_name: str,
     settings: OvermemSettings = OvermemSettings(),
+    compare_from: int = 0,
 ) -> Assessment:
-    """Stages and flags of a run (the rule in the module docstring); ``predicted_acc`` decides stage (a)."""
+    """Stages and flags of a run (the rule in the module docstring); ``predicted_acc`` decides stage (a).
+
+    ``compare_from``: the first checkpoint whose proxy value counts, for the baseline and the flag
+    (the alternative-solution NLL is read after the checkpoints its solutions were sampled from).
+    """
     acc = np.asarray(train_acc, dtype=float)
     mem = np.asarray(memorized_frac, dtype=float)
     proxy = np.asarray(proxy, dtype=float)
     low = underfit(predicted_acc, settings)
     _check_shapes(acc, low, mem, proxy)
-    ratio = proxy_ratio(proxy, low)
+    before = np.arange(proxy.size) < compare_from
+    ratio = np.where(before, np.nan, proxy_ratio(proxy, low | before))
     flagged = overmemorized(acc, mem, ratio, settings)
     best = float(np.nanmax(acc)) if flagged.any() else math.nan
     flags = [
@@ -173,7 +196,8 @@ def assess(
 
 
 def recommend(
-    premem: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0, se: float = 1.0
+    premem: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0, se: float = 1.0,
+    prefer: str = "accuracy",
 ) -> int | None:
     """Index of the recommended checkpoint (the rule in the module docstring); None if nothing is measured.
 
@@ -181,13 +205,18 @@ def recommend(
     "As accurate as the best" is the one-standard-error rule (Breiman et al. 1984): a
     checkpoint whose paired gap to the best one's predicted accuracy is within ``se``
     standard errors of that gap (:func:`ckptsel.metrics.paired_gap`: the same examples on
-    both sides). Among those, the lowest proxy; values within ``tie`` (relative) of the
-    lowest count as equal, and among them the highest predicted accuracy wins: a few
-    percent of mean NLL is within the noise of a proxy measured on tens of examples. When
-    every measured checkpoint is flagged the rule falls back to all of them (the caller
-    warns). Among equal values the earliest checkpoint wins; when no candidate has a proxy
-    value, the best predicted accuracy is kept.
+    both sides). ``prefer="accuracy"``: the best is the best of all measured checkpoints, and
+    flagged ones among the close ones are passed over when an unflagged one is close too;
+    ``prefer="robustness"``: flagged checkpoints are left out first (when every measured
+    checkpoint is flagged the rule falls back to all of them; the caller warns). Among the
+    close ones, the lowest proxy; values within ``tie`` (relative) of the lowest count as
+    equal, and among them the highest predicted accuracy wins: a few percent of mean NLL is
+    within the noise of a proxy measured on tens of examples. Among equal values the
+    earliest checkpoint wins; when no candidate has a proxy value, the best predicted
+    accuracy among the candidates is kept.
     """
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {PREFERENCES}, not {prefer!r}")
     values = np.asarray(premem, dtype=float)
     pm = metrics.per_checkpoint_mean(values)
     proxy = np.asarray(proxy, dtype=float)
@@ -196,14 +225,17 @@ def recommend(
     measured = ~np.isnan(pm)
     if not measured.any():
         return None
-    pool = measured & ~flagged
+    pool = measured & ~flagged if prefer == "robustness" else measured
     if not pool.any():
         pool = measured
     best = int(np.argmax(np.where(pool, pm, -np.inf)))  # Kang et al.: highest predicted test accuracy
     gap, gap_se = metrics.paired_gap(values, best)
-    close = pool & (gap >= -se * gap_se) & ~np.isnan(proxy)  # as accurate as the best, within its noise
-    if not close.any():
-        return best
+    close = pool & (gap >= -se * gap_se)  # as accurate as the best, within its noise
+    if (close & ~flagged).any():
+        close &= ~flagged  # a flagged checkpoint is passed over only for an unflagged one as accurate
+    if not (close & ~np.isnan(proxy)).any():
+        return int(np.argmax(np.where(close, pm, -np.inf)))
+    close &= ~np.isnan(proxy)
     lowest = np.min(proxy[close])  # Ruan et al.: then the lower held-out-like perplexity
     tied = close & (proxy <= lowest * (1.0 + tie))
     return int(np.argmax(np.where(tied, pm, -np.inf)))

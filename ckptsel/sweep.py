@@ -23,7 +23,8 @@ The rule (ckptsel/DESIGN.md, "Runs and sweeps"):
    its bootstrap interval, the stage of each checkpoint and the over-memorized flag
    (:mod:`ckptsel.stages`), and the run's recommendation (:func:`ckptsel.stages.recommend`).
 3. **Across runs**: the runs' recommendations compete under the same rule -- the highest
-   pre-memorization accuracy; among those within ``recommend_se`` standard errors of it, the
+   pre-memorization accuracy; among those within ``recommend_se`` standard errors of it (the
+   unflagged ones if any: a flagged pick is passed over only for one as accurate), the
    lowest rise of the proxy over its own run's minimum (a ratio: each run harvests its own
    alternative solutions, so raw proxy values are not comparable between runs). The standard
    error is that of the paired per-example gap when the two runs were measured on the same
@@ -53,7 +54,9 @@ class RunArrays:
     with the same number of examples are assumed to share them only when ``paired_by_position``
     is set. ``alt_coverage``: fraction of examples that have an alternative solution (the
     alternative-solution NLL is used as the proxy above ``OvermemSettings.min_alt_coverage``);
-    NaN means "count the examples with a value".
+    NaN means "count the examples with a value". ``alt_sources``: the rows whose samples are the
+    alternative solutions; the alternative-solution NLL is compared only after the last of them
+    (a checkpoint scores its own samples best, so its value is low by construction).
     """
 
     name: str
@@ -68,6 +71,7 @@ class RunArrays:
     examples: Sequence[str] | None = None
     paired_by_position: bool = False
     alt_coverage: float = math.nan
+    alt_sources: Sequence[int] = ()  # checkpoints (row indices) the alternative solutions were harvested from
 
     def matrix(self, name: str) -> np.ndarray:
         """The named array as float, or all NaN of the right shape when it was not given."""
@@ -193,7 +197,8 @@ def rank_sweep(
     pick = _sweep_pick(runs, ranked, overmem) if len(runs) > 1 else (0 if ranked[0].recommended is not None else None)
     rows = [_row(r, j) for r in ranked for j in range(len(r.steps))]
     rec = None if pick is None else (ranked[pick].name, ranked[pick].steps[ranked[pick].recommended])
-    rule = stages.RECOMMEND_RULE.format(se=overmem.recommend_se, proxy=_proxy_label(ranked), tie=overmem.proxy_tie)
+    rule = stages.recommend_rule(overmem.prefer).format(se=overmem.recommend_se, proxy=_proxy_label(ranked),
+                                                        tie=overmem.proxy_tie)
     if len(runs) > 1:
         rule += "; " + SWEEP_RULE.format(se=overmem.recommend_se)
     return SweepResult(rows, ranked, rec, pick, report, rule, warnings)
@@ -280,8 +285,10 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
     if note:
         warnings.append(note)
     proxy_values = columns[proxy] if proxy else np.full(len(pm), np.nan)
+    # The alternative solutions are the source checkpoints' own samples: the proxy is read after them.
+    after = max(run.alt_sources) + 1 if proxy == "alt_nll" and len(run.alt_sources) else 0
     assessment = stages.assess(columns["train_acc"], pm, columns["memorized_frac"], proxy_values, proxy or "proxy",
-                               overmem)
+                               overmem, compare_from=after)
     columns["proxy_ratio"] = assessment.ratio
     flagged = np.array([f is not None for f in assessment.flags], dtype=bool)
     support = metrics.premem_support(m["acc"], mask)
@@ -294,9 +301,23 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
     # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
     tie_break = proxy_values if proxy else columns["memorized_frac"]
-    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se)
+    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se, overmem.prefer)
+    if pick is not None and flagged[pick] and not flagged.all():
+        warnings.append(_flagged_pick_warning(run, pm, assessment, flagged, pick, proxy or "proxy"))
     return RunRanking(run.name, list(run.steps), columns, (lo, hi), assessment.stages, assessment.flags, proxy, pick,
                       threshold, per_example, mask, warnings)
+
+
+def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, flagged: np.ndarray, pick: int,
+                          proxy: str) -> str:
+    """Accuracy first recommended an over-memorized checkpoint: say so, with the best clean one's cost."""
+    clean = np.where(~flagged & ~np.isnan(pm), pm, -np.inf)
+    alt = int(np.argmax(clean))
+    rise = (float(assessment.ratio[pick]) - 1.0) * 100
+    where = f"run {run.name}: " if run.name else ""
+    return (f"{where}the most accurate checkpoint (step {run.steps[pick]}) is flagged over-memorized: {proxy} "
+            f"+{rise:.0f}% over its minimum; the best checkpoint that is not is step {run.steps[alt]}, "
+            f"{pm[alt] - pm[pick]:+.3f} predicted accuracy (--prefer robustness recommends it)")
 
 
 def choose_proxy(
@@ -327,12 +348,17 @@ def _sweep_pick(runs: Sequence[RunArrays], ranked: Sequence[RunRanking], overmem
     if not cands:
         return None
     pm = {r: float(ranked[r].columns["premem_acc"][ranked[r].recommended]) for r in cands}
+    flagged = {r: ranked[r].flags[ranked[r].recommended] is not None for r in cands}
+    if overmem.prefer == "robustness" and not all(flagged.values()):
+        cands = [r for r in cands if not flagged[r]]
     best = max(cands, key=lambda r: (pm[r], -r))
     close = []
     for r in cands:
         gap, se = gap_between(runs[r], ranked[r], runs[best], ranked[best])
         if gap >= -overmem.recommend_se * se:
             close.append(r)
+    if not all(flagged[r] for r in close):
+        close = [r for r in close if not flagged[r]]  # a flagged pick only where no clean one is as accurate
     ratio = {r: float(ranked[r].columns["proxy_ratio"][ranked[r].recommended]) for r in close}
     with_proxy = [r for r in close if not math.isnan(ratio[r])]
     if not with_proxy:

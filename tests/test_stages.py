@@ -88,10 +88,30 @@ def test_recommend_best_unflagged_then_lowest_proxy_within_one_standard_error():
     pm = per_example("0000000000", "5555555500", "5555555555", "6666666666", "7777777777")
     flagged = np.array([False, False, False, True, True])
     proxy = np.array([1.00, 0.50, 0.55, 0.70, 0.80])
-    assert S.recommend(pm, proxy, flagged) == 2  # 1 lies outside one standard error: accuracy decides
-    assert S.recommend(pm, proxy, flagged, se=2.0) == 1  # within two, and 1 has the lower proxy
+    robust = {"prefer": "robustness"}
+    assert S.recommend(pm, proxy, flagged, **robust) == 2  # 1 lies outside one standard error: accuracy decides
+    assert S.recommend(pm, proxy, flagged, se=2.0, **robust) == 1  # within two, and 1 has the lower proxy
     # Unflagged, the best (4) wins; every other checkpoint is clearly below it.
+    assert S.recommend(pm, proxy, np.zeros(5, bool), **robust) == 4
     assert S.recommend(pm, proxy, np.zeros(5, bool)) == 4
+
+
+def test_recommend_accuracy_first_passes_a_flagged_checkpoint_over_only_for_one_as_accurate():
+    # The default. Flagged 4 is the most accurate (0.7) and every clean checkpoint is clearly
+    # below it (3 is 0.1 down on every example: sd 0): 4 is recommended, flagged.
+    pm = per_example("0000000000", "5555555500", "5555555555", "6666666666", "7777777777")
+    proxy = np.array([1.00, 0.50, 0.55, 0.70, 0.80])
+    assert S.recommend(pm, proxy, np.array([False, False, False, True, True])) == 4
+    # 3 is now as accurate as 4 within two standard errors (gaps -0.1 on 2 of 10 examples: mean
+    # -0.02, se 0.013) and clean: 4 is passed over for it, though 2 and 1 have lower proxies,
+    # being clearly less accurate.
+    pm = per_example("0000000000", "5555555500", "5555555555", "7777777766", "7777777777")
+    assert S.recommend(pm, proxy, np.array([False, False, False, False, True]), se=2.0) == 3
+    assert S.recommend(pm, proxy, np.array([False, False, False, False, True]), se=1.0) == 4  # not within one
+    # Both close ones flagged: the lower proxy of the two.
+    assert S.recommend(pm, proxy, np.array([False, False, False, True, True]), se=2.0) == 3
+    with pytest.raises(ValueError):
+        S.recommend(pm, proxy, np.zeros(5, bool), prefer="speed")
 
 
 def test_recommend_pairs_the_examples():
@@ -127,3 +147,16 @@ def test_recommend_edge_cases():
     assert S.recommend(np.full((2, 3), NAN), np.ones(2), np.zeros(2, bool)) is None
     with pytest.raises(ValueError):
         S.recommend(pm, np.ones(3), np.zeros(2, bool))
+
+
+def test_the_proxy_is_read_only_after_the_checkpoints_its_solutions_came_from():
+    """Checkpoint 1 sampled the alternative solutions and scores them best (0.40); 2 and 3 pay
+    1.3x that, which is no rise over their own level."""
+    acc = np.array([0.5, 0.90, 0.92, 0.93])
+    mem = np.array([0.0, 0.60, 0.80, 0.90])
+    proxy = np.array([0.9, 0.40, 0.52, 0.53])
+    biased = S.assess(acc, acc, mem, proxy, "alt_nll")
+    assert biased.stages[2:] == ["over-memorized"] * 2  # against the source's own samples
+    fair = S.assess(acc, acc, mem, proxy, "alt_nll", compare_from=2)
+    assert fair.stages[2:] == ["generalizing"] * 2
+    assert np.isnan(fair.ratio[:2]).all() and fair.ratio[3] == pytest.approx(0.53 / 0.52)

@@ -70,6 +70,12 @@ _MEASUREMENT_OPTIONS = (
         help="Perplexity proxy of the flag (default: the recipe's stages.proxy, auto: held-out, "
         "else alternative-solution, else perturbed-prompt NLL).",
     ),
+    click.option(
+        "--prefer",
+        type=click.Choice(["accuracy", "robustness"]),
+        help="accuracy (default, the recipe's stages.prefer): a checkpoint flagged over-memorized is passed over "
+        "only for one as accurate; robustness: the best checkpoint that is not flagged.",
+    ),
 )
 
 
@@ -93,16 +99,18 @@ class Measurement:
     heldout: Path | None = None
     alt_grader: str | None = None
     proxy: str | None = None
+    prefer: str | None = None
 
     def request(self, paths, recipe, *, engine, cache_dir, runs=None, stages: dict | None = None):
         """The :class:`ckptsel.pipeline.RankRequest` these options ask for; ``stages`` overrides the
-        recipe's stage thresholds (a gate policy's), and ``--proxy`` overrides both."""
+        recipe's stage thresholds (a gate policy's), and ``--proxy`` / ``--prefer`` override both."""
         from ckptsel.pipeline import RankRequest
         from ckptsel.recipes import override
 
         sampling = {"k": self.k, "temperature": self.temperature, "top_p": self.top_p,
                     "max_new_tokens": self.max_new_tokens, "seed": self.seed}
-        stages = {**(stages or {}), **({"proxy": self.proxy} if self.proxy is not None else {})}
+        stages = {**(stages or {}), **({"proxy": self.proxy} if self.proxy is not None else {}),
+                  **({"prefer": self.prefer} if self.prefer is not None else {})}
         recipe = override(recipe, sampling=sampling, memorization={"rule": self.memorization_rule},
                           proxies={"alt_grader": self.alt_grader}, stages=stages)
         return RankRequest(

@@ -1,0 +1,352 @@
+"""Does ckptsel's pick hold up on runs nobody tuned on? Every figure for two labs, by one script.
+
+``--main``: the lab's main grid (recipes/lab/main.yaml), where the rules and thresholds were chosen.
+``--heldout``: the held-out lab (recipes/lab/heldout.yaml: another task, other model shapes, seeds
+and schedule), never tuned on. Each lab is ranked once from its training data alone (the library
+path of ``ckptsel rank LAB --data-per-run train.jsonl``, measurements kept in ``--cache-dir``); the
+rules below are then applied to the stored arrays, and compared with the lab's ground truth per
+checkpoint (held-out accuracy ``test_accuracy`` and held-out reference NLL ``test_nll``).
+
+Truly over-memorized (the lab's definition, :func:`ckptsel.lab.summary.overmemorized`): held-out
+NLL >= 1.25x its running minimum while held-out accuracy is within 0.05 of the run's best.
+
+Rules, per run:
+  before       the rule up to 2026-12-05: best unflagged checkpoint first, the alternative-solution
+               NLL compared from its own source checkpoint on;
+  default      accuracy first (a flagged checkpoint passed over only for one as accurate within the
+               paired SE), the alternative-solution NLL read after its sources;
+  robustness   ``--prefer robustness``: the best checkpoint that is not flagged;
+  highest PM / last / lowest train loss   the baselines (train loss: the Trainer's logged loss).
+Printed per lab and rule: accuracy given up against the run's best checkpoint (mean / worst),
+against the best checkpoint that is not truly over-memorized, over-memorized picks (and those with
+a clean checkpoint within 0.03 of them); the flag's precision and recall; the median per-run
+Spearman of the flag's proxy with the true held-out NLL; pooled R² of pre-memorization accuracy
+against held-out accuracy for fixed and calibrated nu; and where the Trainer callback's
+``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2). With ``--kang`` the
+same rules on Kang et al.'s Llama3-8B GSM8K arrays (no over-memorization truth there: accuracy and
+R² only); with ``--demo`` the demo run's pick and its truth.
+
+    python benchmarks/pick_validation.py --main /tmp/lab/main --heldout /tmp/lab/heldout \\
+        --cache-dir /tmp/lab/cache --max-examples 100 [--kang ../shared/data/kang2024] [--demo DIR] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLEAN_MARGIN = 0.03  # an over-memorized pick is justified only when no clean checkpoint is this close
+
+
+@dataclass
+class LabRun:
+    """One run's stored arrays and its truth, aligned by row (its measured checkpoint-N folders)."""
+
+    arrays: object  # ckptsel.sweep.RunArrays
+    test_acc: np.ndarray
+    test_nll: np.ndarray
+    train_loss: np.ndarray
+
+    @property
+    def truly(self) -> np.ndarray:
+        from ckptsel.lab.summary import overmemorized
+
+        return overmemorized(self.test_acc, self.test_nll)
+
+
+def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[LabRun], object, float]:
+    """Rank every run of a lab folder once (measuring what the store lacks); its runs, recipe and seconds."""
+    from ckptsel.discover import discover_runs
+    from ckptsel.lab.ground_truth import read_ground_truth
+    from ckptsel.pipeline import RankRequest, rank_runs
+    from ckptsel.recipes import load_recipe
+    from ckptsel.select import run_arrays
+    from ckptsel.store import Store
+
+    runs = [r for r in discover_runs(folder) if (r.path / "ground_truth.json").is_file()]
+    if not runs:
+        raise SystemExit(f"{folder}: no lab runs (run folders with ground_truth.json)")
+    for run in runs:  # the lab's ground truth is per checkpoint-N folder
+        run.checkpoints[:] = [c for c in run.checkpoints if c.path.name.startswith("checkpoint-")]
+    recipe = load_recipe(runs[0].path / "recipe.yaml")
+    start = time.perf_counter()
+    result = rank_runs(RankRequest(paths=(folder,), recipe=recipe, data_per_run="train.jsonl",
+                                   max_examples=max_examples, cache_dir=cache_dir, runs=tuple(runs)))
+    seconds = time.perf_counter() - start
+    out = []
+    with Store.open(cache_dir) as store:
+        for measured in result.runs:
+            arrays, m = run_arrays(measured.run.name, measured.collected, store)
+            truth = {int(s): v for s, v in read_ground_truth(measured.run.path)["checkpoints"].items()}
+            by_step = {c.step: c for c in measured.run.checkpoints}
+            loss = [by_step[s].train_loss for s in arrays.steps]
+            nll = np.nanmean(m["nll"], axis=1)
+            out.append(LabRun(
+                arrays, np.array([truth[s]["test_accuracy"] for s in arrays.steps]),
+                np.array([truth[s]["test_nll"] for s in arrays.steps]),
+                np.array([nll[j] if v is None else v for j, v in enumerate(loss)], dtype=float)))
+    return out, recipe, seconds
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None):
+    """ckptsel's ranking of one run under ``rule`` (before / default / robustness)."""
+    from ckptsel.sweep import rank_run
+
+    stages = recipe.stages
+    arrays = run.arrays
+    if rule == "before":
+        stages = stages.model_copy(update={"prefer": "robustness"})
+        arrays = dataclasses.replace(arrays, alt_sources=())
+    elif rule == "robustness":
+        stages = stages.model_copy(update={"prefer": "robustness"})
+    nu = recipe.memorization.threshold if threshold is None else threshold
+    return rank_run(arrays, recipe.memorization, stages, nu, n_boot=200)
+
+
+def pick(run: LabRun, recipe, rule: str) -> int:
+    if rule in ("before", "default", "robustness"):
+        return ranked(run, recipe, rule).recommended
+    if rule == "highest PM":
+        return int(np.nanargmax(ranked(run, recipe, "default").columns["premem_acc"]))
+    if rule == "last":
+        return len(run.test_acc) - 1
+    if rule == "lowest train loss":
+        return int(np.nanargmin(run.train_loss))
+    raise ValueError(rule)
+
+
+RULES = ("before", "default", "robustness", "highest PM", "last", "lowest train loss")
+
+
+def pick_table(runs: list[LabRun], recipe) -> dict:
+    out = {}
+    for rule in RULES:
+        regret, regret_clean, om, om_unjustified = [], [], 0, 0
+        for run in runs:
+            p = pick(run, recipe, rule)
+            truly = run.truly
+            regret.append(float(run.test_acc.max() - run.test_acc[p]))
+            clean = run.test_acc[~truly]
+            regret_clean.append(float(clean.max() - run.test_acc[p]) if clean.size else math.nan)
+            if truly[p]:
+                om += 1
+                om_unjustified += bool(clean.size and clean.max() >= run.test_acc[p] - CLEAN_MARGIN)
+        out[rule] = {"regret_mean": float(np.mean(regret)), "regret_worst": float(np.max(regret)),
+                     "regret_clean_mean": float(np.nanmean(regret_clean)),
+                     "regret_clean_worst": float(np.nanmax(regret_clean)),
+                     "overmem_picks": om, "overmem_picks_with_clean_within_0.03": om_unjustified,
+                     "runs": len(runs)}
+    return out
+
+
+def flag_table(runs: list[LabRun], recipe) -> dict:
+    out = {}
+    for rule in ("before", "default"):
+        tp = fp = fn = 0
+        rho = []
+        for run in runs:
+            r = ranked(run, recipe, rule)
+            flagged = np.array([f is not None for f in r.flags])
+            truly = run.truly
+            tp += int((flagged & truly).sum())
+            fp += int((flagged & ~truly).sum())
+            fn += int((~flagged & truly).sum())
+            if r.proxy is not None:
+                values = r.columns[r.proxy]
+                start = max(run.arrays.alt_sources) + 1 if rule == "default" and r.proxy == "alt_nll" and len(
+                    run.arrays.alt_sources) else 0
+                if (s := spearman(values[start:], run.test_nll[start:])) is not None:
+                    rho.append(s)
+        out[rule] = {"precision": tp / (tp + fp) if tp + fp else math.nan, "recall": tp / (tp + fn) if tp + fn else
+                     math.nan, "flagged": tp + fp, "truly": tp + fn,
+                     "proxy_spearman_median": statistics.median(rho) if rho else math.nan, "runs_with_rho": len(rho)}
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    keep = ~(np.isnan(a) | np.isnan(b))
+    if keep.sum() < 3:
+        return None
+    ra, rb = (np.argsort(np.argsort(x[keep])) for x in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def r2_table(runs: list[LabRun], recipe) -> dict:
+    """Pooled identity R² of PM vs held-out accuracy: the recipe's nu, a few fixed ones, and the calibrations."""
+    from ckptsel.metrics import r2_identity
+    from ckptsel.sweep import rank_sweep
+
+    test = np.concatenate([r.test_acc for r in runs])
+    out = {}
+    for label, threshold in (("recipe", None), ("0.05", 0.05), ("0.07", 0.07), ("0.15", 0.15), ("auto", "auto"),
+                             ("auto-run", "auto-run")):
+        result = rank_sweep([r.arrays for r in runs], recipe=recipe, threshold=threshold, n_boot=50)
+        pm = np.concatenate([rr.columns["premem_acc"] for rr in result.runs])
+        out[label] = {"r2": r2_identity(pm, test), "nu": result.threshold.used}
+    return out
+
+
+def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
+    """The callback's stop, save by save: the newest checkpoint's flag in a ranking of the saves so far."""
+    stops = early = 0
+    lost = []
+    for run in runs:
+        truly = run.truly
+        first_truly = int(np.argmax(truly)) if truly.any() else None
+        in_a_row = 0
+        for j in range(len(run.test_acc)):
+            prefix = dataclasses.replace(
+                run.arrays, steps=run.arrays.steps[: j + 1],
+                **{name: getattr(run.arrays, name)[: j + 1] for name in ("acc", "nll", "copy", "entropy", "perturb",
+                                                                         "alt", "heldout")},
+                alt_sources=[s for s in run.arrays.alt_sources if s <= j])
+            r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1]),
+                       recipe, "default")
+            in_a_row = in_a_row + 1 if r.flags[j] is not None else 0
+            if in_a_row >= patience:
+                stops += 1
+                early += first_truly is None or j < first_truly
+                lost.append(float(run.test_acc.max() - run.test_acc[r.recommended]))
+                break
+    return {"stops": stops, "early": early, "runs": len(runs),
+            "lost_mean": float(np.mean(lost)) if lost else 0.0, "lost_worst": float(np.max(lost)) if lost else 0.0}
+
+
+def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
+    runs, recipe, seconds = load_lab(folder, cache_dir, max_examples)
+    return {"runs": len(runs), "checkpoints": sum(len(r.test_acc) for r in runs), "rank_seconds": seconds,
+            "truly_overmemorizing_runs": sum(bool(r.truly.any()) for r in runs),
+            "picks": pick_table(runs, recipe), "flags": flag_table(runs, recipe), "r2": r2_table(runs, recipe),
+            "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
+            "per_run": [per_run(r, recipe) for r in runs]}
+
+
+def per_run(run: LabRun, recipe) -> dict:
+    r = ranked(run, recipe, "default")
+    steps = list(run.arrays.steps)
+    return {"run": run.arrays.name, "best": f"{steps[int(np.argmax(run.test_acc))]}@{run.test_acc.max():.3f}",
+            **{rule: f"{steps[p]}@{run.test_acc[p]:.3f}" for rule in ("before", "default", "robustness")
+               if (p := pick(run, recipe, rule)) is not None},
+            "flagged": [s for s, f in zip(steps, r.flags) if f is not None],
+            "truly": [s for s, t in zip(steps, run.truly) if t], "proxy": r.proxy}
+
+
+# --------------------------------------------------------------------------- Kang et al.'s arrays and the demo
+
+
+def kang_figures(folder: Path) -> dict:
+    from ckptsel.metrics import r2_identity
+    from ckptsel.recipes import load_recipe
+    from ckptsel.sweep import RunArrays, rank_sweep
+
+    recipe = load_recipe("gsm8k")
+    runs, truth = [], []
+    for path in sorted(folder.glob("gsm8k_*.npz")):
+        d = np.load(path)
+        runs.append(RunArrays(name=path.stem, steps=[int(s) for s in d["steps"]], acc=d["train_acc"],
+                              nll=d["train_nll"], examples=[str(i) for i in d["train_idx"]]))
+        truth.append(np.asarray(d["test_acc"], dtype=float))
+    out = {"runs": len(runs)}
+    for label, threshold in (("paper nu 0.100", None), ("auto", "auto")):
+        result = rank_sweep(runs, recipe=recipe, threshold=threshold, n_boot=50)
+        pm = np.concatenate([rr.columns["premem_acc"] for rr in result.runs])
+        regret = [float(t.max() - t[rr.recommended]) for rr, t in zip(result.runs, truth)]
+        out[label] = {"r2": r2_identity(pm, np.concatenate(truth)), "nu": result.threshold.used,
+                      "run_pick_regret_mean": float(np.mean(regret)), "run_pick_regret_worst": float(np.max(regret))}
+    last = [float(t.max() - t[-1]) for t in truth]
+    out["last_regret_mean"], out["last_regret_worst"] = float(np.mean(last)), float(np.max(last))
+    return out
+
+
+def demo_figures(demo: Path, cache_dir: Path) -> dict:
+    """The demo run ranked as ``ckptsel demo`` ranks it (its own recipe, 40 examples), against its truth."""
+    from ckptsel.lab.ground_truth import read_ground_truth
+
+    runs, recipe, _ = load_lab(demo, cache_dir, 40)
+    (run,) = runs
+    steps = list(run.arrays.steps)
+    p = pick(run, recipe, "default")
+    truth = read_ground_truth(demo)
+    return {"pick": steps[p], "pick_test": float(run.test_acc[p]),
+            "best": steps[int(np.argmax(run.test_acc))], "best_test": float(run.test_acc.max()),
+            "before": steps[pick(run, recipe, "before")], "flagged": per_run(run, recipe)["flagged"],
+            "n_test": truth["n_test"]}
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _f(v, spec=".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def print_lab(name: str, fig: dict) -> None:
+    print(f"\n## {name}: {fig['runs']} runs, {fig['checkpoints']} checkpoints, "
+          f"{fig['truly_overmemorizing_runs']} truly over-memorizing runs (ranked in {fig['rank_seconds']:.0f} s)")
+    print("| rule | regret vs best (mean / worst) | vs best clean (mean / worst) | over-memorized picks "
+          "(clean within 0.03) |")
+    print("|---|---|---|---|")
+    for rule, t in fig["picks"].items():
+        print(f"| {rule} | {_f(t['regret_mean'])} / {_f(t['regret_worst'])} | {_f(t['regret_clean_mean'])} / "
+              f"{_f(t['regret_clean_worst'])} | {t['overmem_picks']} of {t['runs']} "
+              f"({t['overmem_picks_with_clean_within_0.03']}) |")
+    for rule, t in fig["flags"].items():
+        print(f"flags ({rule}): precision {_f(t['precision'], '.2f')}, recall {_f(t['recall'], '.2f')} "
+              f"({t['flagged']} flagged, {t['truly']} truly); proxy Spearman with held-out NLL, median over "
+              f"{t['runs_with_rho']} runs: {_f(t['proxy_spearman_median'], '.2f')}")
+    print("pooled R² of PM vs held-out accuracy: " + ", ".join(
+        f"{k} (nu {_f(v['nu'])}) {_f(v['r2'])}" for k, v in fig["r2"].items()))
+    for k, v in fig["callback"].items():
+        print(f"callback stop, {k}: {v['stops']} of {v['runs']} runs stopped, {v['early']} before the first truly "
+              f"over-memorized checkpoint; held-out accuracy lost {_f(v['lost_mean'])} mean, {_f(v['lost_worst'])} worst")
+    for r in fig["per_run"]:
+        print(f"  {r['run']}: best {r['best']}; before {r.get('before')}, default {r.get('default')}, robustness "
+              f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--main", type=Path, help="the main lab's output folder (tuned on)")
+    parser.add_argument("--heldout", type=Path, help="the held-out lab's output folder (never tuned on)")
+    parser.add_argument("--kang", type=Path, help="Kang et al.'s released arrays (gsm8k_*.npz)")
+    parser.add_argument("--demo", type=Path, help="the demo's run folder (ckptsel-demo/demo)")
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--max-examples", type=int, default=100)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    figures = {}
+    for name, folder in (("main lab (tuned on)", args.main), ("held-out lab (never tuned on)", args.heldout)):
+        if folder is not None:
+            figures[name] = lab_figures(folder, args.cache_dir, args.max_examples)
+            print_lab(name, figures[name])
+    if args.kang is not None:
+        figures["kang"] = k = kang_figures(args.kang)
+        print(f"\n## Kang et al. GSM8K ({k['runs']} runs)")
+        for label in ("paper nu 0.100", "auto"):
+            v = k[label]
+            print(f"{label}: R² {_f(v['r2'])} (nu {_f(v['nu'])}); run picks' regret {_f(v['run_pick_regret_mean'])} "
+                  f"mean, {_f(v['run_pick_regret_worst'])} worst")
+        print(f"last checkpoint: regret {_f(k['last_regret_mean'])} mean, {_f(k['last_regret_worst'])} worst")
+    if args.demo is not None:
+        figures["demo"] = d = demo_figures(args.demo, args.cache_dir)
+        print(f"\n## demo: pick step {d['pick']} (held-out {_f(d['pick_test'], '.2f')}), best step {d['best']} "
+              f"({_f(d['best_test'], '.2f')}); before: step {d['before']}; flagged {d['flagged']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
