@@ -99,11 +99,12 @@ def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[Lab
 # --------------------------------------------------------------------------- the rules
 
 
-def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None):
-    """ckptsel's ranking of one run under ``rule`` (before / default / robustness)."""
+def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None, **stage_settings):
+    """ckptsel's ranking of one run under ``rule`` (before / default / robustness); ``stage_settings``
+    override the recipe's ``stages:`` (the tuning table)."""
     from ckptsel.sweep import rank_run
 
-    stages = recipe.stages
+    stages = recipe.stages.model_copy(update=stage_settings)
     arrays = run.arrays
     if rule == "before":
         stages = stages.model_copy(update={"prefer": "robustness"})
@@ -147,6 +148,19 @@ def pick_table(runs: list[LabRun], recipe) -> dict:
                      "regret_clean_worst": float(np.nanmax(regret_clean)),
                      "overmem_picks": om, "overmem_picks_with_clean_within_0.03": om_unjustified,
                      "runs": len(runs)}
+    return out
+
+
+SE_GRID = (0.0, 0.5, 1.0, 2.0)
+
+
+def se_table(runs: list[LabRun], recipe) -> dict:
+    """The default rule's accuracy given up for each ``recommend_se`` (chosen on the main lab only)."""
+    out = {}
+    for se in SE_GRID:
+        regret = [float(r.test_acc.max() - r.test_acc[ranked(r, recipe, "default", recommend_se=se).recommended])
+                  for r in runs]
+        out[f"{se:g}"] = {"regret_mean": float(np.mean(regret)), "regret_worst": float(np.max(regret))}
     return out
 
 
@@ -229,7 +243,8 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
     runs, recipe, seconds = load_lab(folder, cache_dir, max_examples)
     return {"runs": len(runs), "checkpoints": sum(len(r.test_acc) for r in runs), "rank_seconds": seconds,
             "truly_overmemorizing_runs": sum(bool(r.truly.any()) for r in runs),
-            "picks": pick_table(runs, recipe), "flags": flag_table(runs, recipe), "r2": r2_table(runs, recipe),
+            "picks": pick_table(runs, recipe), "recommend_se": se_table(runs, recipe),
+            "flags": flag_table(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
             "per_run": [per_run(r, recipe) for r in runs]}
 
@@ -303,6 +318,8 @@ def print_lab(name: str, fig: dict) -> None:
         print(f"| {rule} | {_f(t['regret_mean'])} / {_f(t['regret_worst'])} | {_f(t['regret_clean_mean'])} / "
               f"{_f(t['regret_clean_worst'])} | {t['overmem_picks']} of {t['runs']} "
               f"({t['overmem_picks_with_clean_within_0.03']}) |")
+    print("default rule by recommend_se (regret mean / worst): " + ", ".join(
+        f"{k}: {_f(v['regret_mean'])} / {_f(v['regret_worst'])}" for k, v in fig["recommend_se"].items()))
     for rule, t in fig["flags"].items():
         print(f"flags ({rule}): precision {_f(t['precision'], '.2f')}, recall {_f(t['recall'], '.2f')} "
               f"({t['flagged']} flagged, {t['truly']} truly); proxy Spearman with held-out NLL, median over "

@@ -220,6 +220,17 @@ def test_recipe_stages_set_the_flag_thresholds_and_proxy_option_overrides(tiny_r
     assert "train acc ≥ run best − 0.07" in rule and "perturb_nll ≥ 1.4× its minimum" in rule
 
 
+def test_prefer_comes_from_the_recipe_and_the_option_overrides_it(tiny_run, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((tiny_run / "recipe.yaml").read_text() + "stages: {prefer: robustness}\n")
+    args = rank_args(tiny_run, tmp_path / "cache", "--json")
+    args[args.index("--recipe") + 1] = str(recipe)
+    by_recipe = json.loads(invoke(args).stdout)["rule"]
+    by_option = json.loads(invoke([*args, "--prefer", "accuracy"]).stdout)["rule"]
+    assert by_recipe.startswith("robustness first: the highest pre-memorization accuracy")
+    assert by_option.startswith("accuracy first: the checkpoints within 1 SE")
+
+
 def test_template_field_missing_from_the_data_is_exit_2(tiny_run, tmp_path):
     result = CliRunner().invoke(main, rank_args(tiny_run, tmp_path, "--prompt-template", "{problem}\\n"))
     assert result.exit_code == 2
