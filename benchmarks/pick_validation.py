@@ -11,10 +11,11 @@ Truly over-memorized (the lab's definition, :func:`ckptsel.lab.summary.overmemor
 NLL >= 1.25x its running minimum while held-out accuracy is within 0.05 of the run's best.
 
 Rules, per run:
-  before       the rule up to 2026-12-05: best unflagged checkpoint first, the alternative-solution
-               NLL compared from its own source checkpoint on;
+  before       the rule up to 2026-12-05: best unflagged checkpoint first, each checkpoint's
+               alternative-solution NLL over every alternative, its own samples included;
   default      accuracy first (a flagged checkpoint passed over only for one as accurate within the
-               paired SE), the alternative-solution NLL read after its sources;
+               paired SE), each checkpoint's alternative-solution NLL without the alternatives it
+               sampled itself;
   robustness   ``--prefer robustness``: the best checkpoint that is not flagged;
   highest PM / last / lowest train loss   the baselines (train loss: the Trainer's logged loss).
 Printed per lab and rule: accuracy given up against the run's best checkpoint (mean / worst),
@@ -108,7 +109,7 @@ def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None, **sta
     arrays = run.arrays
     if rule == "before":
         stages = stages.model_copy(update={"prefer": "robustness"})
-        arrays = dataclasses.replace(arrays, alt_sources=())
+        arrays = dataclasses.replace(arrays, alt_sources=(), alt_source_of=())
     elif rule == "robustness":
         stages = stages.model_copy(update={"prefer": "robustness"})
     nu = recipe.memorization.threshold if threshold is None else threshold
@@ -164,6 +165,27 @@ def se_table(runs: list[LabRun], recipe) -> dict:
     return out
 
 
+FLAG_GRID = {"proxy_rise": (0.1, 0.15, 0.2, 0.25), "acc_margin": (0.1, 0.2), "memorized_min": (0.3, 0.5)}
+
+
+def flag_grid(runs: list[LabRun], recipe) -> list[dict]:
+    """The flag's precision and recall over its thresholds (chosen on the main lab only)."""
+    import itertools
+
+    out = []
+    for values in itertools.product(*FLAG_GRID.values()):
+        settings = dict(zip(FLAG_GRID, values))
+        tp = fp = fn = 0
+        for run in runs:
+            flagged = np.array([f is not None for f in ranked(run, recipe, "default", **settings).flags])
+            tp += int((flagged & run.truly).sum())
+            fp += int((flagged & ~run.truly).sum())
+            fn += int((~flagged & run.truly).sum())
+        out.append({**settings, "precision": tp / (tp + fp) if tp + fp else math.nan,
+                    "recall": tp / (tp + fn) if tp + fn else math.nan})
+    return out
+
+
 def flag_table(runs: list[LabRun], recipe) -> dict:
     out = {}
     for rule in ("before", "default"):
@@ -178,9 +200,7 @@ def flag_table(runs: list[LabRun], recipe) -> dict:
             fn += int((~flagged & truly).sum())
             if r.proxy is not None:
                 values = r.columns[r.proxy]
-                start = max(run.arrays.alt_sources) + 1 if rule == "default" and r.proxy == "alt_nll" and len(
-                    run.arrays.alt_sources) else 0
-                if (s := spearman(values[start:], run.test_nll[start:])) is not None:
+                if (s := spearman(values, run.test_nll)) is not None:
                     rho.append(s)
         out[rule] = {"precision": tp / (tp + fp) if tp + fp else math.nan, "recall": tp / (tp + fn) if tp + fn else
                      math.nan, "flagged": tp + fp, "truly": tp + fn,
@@ -203,11 +223,24 @@ def r2_table(runs: list[LabRun], recipe) -> dict:
     from ckptsel.metrics import r2_identity
     from ckptsel.sweep import rank_sweep
 
+    from ckptsel.metrics import CalibrationError, calibrate_threshold
+
     test = np.concatenate([r.test_acc for r in runs])
     out = {}
-    for label, threshold in (("recipe", None), ("0.05", 0.05), ("0.07", 0.07), ("0.15", 0.15), ("auto", "auto"),
-                             ("auto-run", "auto-run")):
-        result = rank_sweep([r.arrays for r in runs], recipe=recipe, threshold=threshold, n_boot=50)
+    variants = [("recipe", None), ("0.05", 0.05), ("0.07", 0.07), ("0.15", 0.15), ("auto", "auto"),
+                ("auto-run", "auto-run")]
+    # The calibration's own knob: the copy rate that labels a (checkpoint, example) pair "copying".
+    nll = np.concatenate([r.arrays.matrix("nll").ravel() for r in runs])
+    copy = np.concatenate([r.arrays.matrix("copy").ravel() for r in runs])
+    for fraction in (0.2, 0.8, 1.0):
+        try:
+            variants.append((f"auto, copying at >= {fraction:g}", calibrate_threshold(nll, copy, fraction).threshold))
+        except CalibrationError:
+            pass
+    for label, threshold in variants:
+        scope = "run" if threshold == "auto-run" else "sweep"
+        result = rank_sweep([r.arrays for r in runs], recipe=recipe, threshold="auto" if scope == "run" else threshold,
+                            threshold_scope=scope, n_boot=50)
         pm = np.concatenate([rr.columns["premem_acc"] for rr in result.runs])
         out[label] = {"r2": r2_identity(pm, test), "nu": result.threshold.used}
     return out
@@ -221,12 +254,18 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
         truly = run.truly
         first_truly = int(np.argmax(truly)) if truly.any() else None
         in_a_row = 0
+        source_of = np.asarray(run.arrays.alt_source_of if len(run.arrays.alt_source_of) else
+                               [-1] * np.shape(run.arrays.acc)[1])
         for j in range(len(run.test_acc)):
+            # At save j only the alternatives sampled up to j exist.
+            later = source_of > j
+            alt = None if run.arrays.alt is None else np.where(later[None, :], np.nan, run.arrays.alt[: j + 1])
             prefix = dataclasses.replace(
                 run.arrays, steps=run.arrays.steps[: j + 1],
                 **{name: getattr(run.arrays, name)[: j + 1] for name in ("acc", "nll", "copy", "entropy", "perturb",
-                                                                         "alt", "heldout")},
-                alt_sources=[s for s in run.arrays.alt_sources if s <= j])
+                                                                         "heldout")},
+                alt=alt, alt_sources=[s for s in run.arrays.alt_sources if s <= j],
+                alt_source_of=np.where(later, -1, source_of) if len(run.arrays.alt_source_of) else ())
             r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1]),
                        recipe, "default")
             in_a_row = in_a_row + 1 if r.flags[j] is not None else 0
@@ -244,7 +283,7 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
     return {"runs": len(runs), "checkpoints": sum(len(r.test_acc) for r in runs), "rank_seconds": seconds,
             "truly_overmemorizing_runs": sum(bool(r.truly.any()) for r in runs),
             "picks": pick_table(runs, recipe), "recommend_se": se_table(runs, recipe),
-            "flags": flag_table(runs, recipe), "r2": r2_table(runs, recipe),
+            "flags": flag_table(runs, recipe), "flag_grid": flag_grid(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
             "per_run": [per_run(r, recipe) for r in runs]}
 
@@ -324,6 +363,9 @@ def print_lab(name: str, fig: dict) -> None:
         print(f"flags ({rule}): precision {_f(t['precision'], '.2f')}, recall {_f(t['recall'], '.2f')} "
               f"({t['flagged']} flagged, {t['truly']} truly); proxy Spearman with held-out NLL, median over "
               f"{t['runs_with_rho']} runs: {_f(t['proxy_spearman_median'], '.2f')}")
+    print("flag thresholds (proxy_rise, acc_margin, memorized_min -> precision / recall): " + "; ".join(
+        f"{g['proxy_rise']:g}, {g['acc_margin']:g}, {g['memorized_min']:g} -> {_f(g['precision'], '.2f')} / "
+        f"{_f(g['recall'], '.2f')}" for g in fig["flag_grid"]))
     print("pooled R² of PM vs held-out accuracy: " + ", ".join(
         f"{k} (nu {_f(v['nu'])}) {_f(v['r2'])}" for k, v in fig["r2"].items()))
     for k, v in fig["callback"].items():

@@ -168,8 +168,9 @@ class Harvest:
     still open after every checkpoint of this run is not used (the proxy is not reported
     yet); the next run, with more checkpoints, goes on harvesting where this one stopped.
 
-    Two things to know when reading the proxy. A source checkpoint scores its own samples, so
-    its value is somewhat low (on the lab 10-20%, well under the flag's 1.25x rise). And a
+    Two things to know when reading the proxy. A source checkpoint scores its own samples best
+    (on the lab 10-50% lower than its neighbours do), so the ranking leaves each checkpoint's own
+    alternatives out of its value (:meth:`source_of`; ``ckptsel.sweep.RunArrays.alt_source_of``). And a
     sample graded correct by its final answer can still have wrong steps; a weak early model
     writes many such (on the lab most of them), and the NLL of a broken trace rises as the
     model learns the steps, not because it over-memorises. ``alt_min_accuracy`` keeps out the
@@ -219,6 +220,15 @@ class Harvest:
                 return None
             if (text := self.found[source][uid]) is not None:
                 return text
+        return None
+
+    def source_of(self, uid: str) -> str | None:
+        """The fingerprint of the checkpoint whose sample is the example's alternative solution (None: none)."""
+        for source in self.sources:
+            if uid not in self.found[source]:
+                return None
+            if self.found[source][uid] is not None:
+                return source
         return None
 
     def solutions(self, uids: Iterable[str]) -> dict[str, str]:

@@ -155,7 +155,8 @@ class OvermemSettings(_Frozen):
     )
     recommend_se: float = Field(
         1.0, ge=0.0, description="Recommendation: checkpoints within this many standard errors of the best "
-        "predicted accuracy (paired gap) count as equally accurate; the lowest proxy among them wins."
+        "predicted accuracy (paired gap) count as equally accurate; the lowest proxy among them wins "
+        "(benchmarks/pick_validation.py: 2 did better on the lab's main grid and worse on the held-out one)."
     )
     proxy_tie: float = Field(
         0.05, ge=0.0, description="Recommendation: proxy values within this share of the lowest count as equal."

@@ -169,20 +169,14 @@ def assess(
     proxy: np.ndarray,
     proxy_name: str,
     settings: OvermemSettings = OvermemSettings(),
-    compare_from: int = 0,
 ) -> Assessment:
-    """Stages and flags of a run (the rule in the module docstring); ``predicted_acc`` decides stage (a).
-
-    ``compare_from``: the first checkpoint whose proxy value counts, for the baseline and the flag
-    (the alternative-solution NLL is read after the checkpoints its solutions were sampled from).
-    """
+    """Stages and flags of a run (the rule in the module docstring); ``predicted_acc`` decides stage (a)."""
     acc = np.asarray(train_acc, dtype=float)
     mem = np.asarray(memorized_frac, dtype=float)
     proxy = np.asarray(proxy, dtype=float)
     low = underfit(predicted_acc, settings)
     _check_shapes(acc, low, mem, proxy)
-    before = np.arange(proxy.size) < compare_from
-    ratio = np.where(before, np.nan, proxy_ratio(proxy, low | before))
+    ratio = proxy_ratio(proxy, low)
     flagged = overmemorized(acc, mem, ratio, settings)
     best = float(np.nanmax(acc)) if flagged.any() else math.nan
     flags = [

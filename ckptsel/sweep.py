@@ -55,8 +55,10 @@ class RunArrays:
     is set. ``alt_coverage``: fraction of examples that have an alternative solution (the
     alternative-solution NLL is used as the proxy above ``OvermemSettings.min_alt_coverage``);
     NaN means "count the examples with a value". ``alt_sources``: the rows whose samples are the
-    alternative solutions; the alternative-solution NLL is compared only after the last of them
-    (a checkpoint scores its own samples best, so its value is low by construction).
+    alternative solutions; ``alt_source_of``: per example, the row whose sample is its alternative
+    (-1: none). A checkpoint's alternative-solution NLL leaves out the alternatives it sampled itself:
+    a checkpoint scores its own samples best, so with them its value is low by construction and every
+    later checkpoint seems to rise.
     """
 
     name: str
@@ -72,6 +74,7 @@ class RunArrays:
     paired_by_position: bool = False
     alt_coverage: float = math.nan
     alt_sources: Sequence[int] = ()  # checkpoints (row indices) the alternative solutions were harvested from
+    alt_source_of: Sequence[int] = ()  # per example column: the row whose sample is its alternative (-1: none)
 
     def matrix(self, name: str) -> np.ndarray:
         """The named array as float, or all NaN of the right shape when it was not given."""
@@ -256,6 +259,9 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
              *, n_boot: int = 1000, level: float = 0.95) -> RunRanking:
     """One run: PM per example (history inside the run), interval, stages, flags and its pick."""
     m = {name: run.matrix(name) for name in ("acc", "nll", "copy", "entropy", "perturb", "alt", "heldout")}
+    if len(run.alt_source_of):  # a checkpoint scores its own samples best: its own alternatives are left out
+        own = np.asarray(run.alt_source_of)[None, :] == np.arange(len(run.steps))[:, None]
+        m["alt"] = np.where(own, np.nan, m["alt"])
     if memorization.rule == "copy":
         mask = metrics.memorized_by_copy(m["copy"], memorization.copy_fraction) | np.isnan(m["copy"])
         measured_mask = ~np.isnan(m["copy"])
@@ -285,10 +291,8 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
     if note:
         warnings.append(note)
     proxy_values = columns[proxy] if proxy else np.full(len(pm), np.nan)
-    # The alternative solutions are the source checkpoints' own samples: the proxy is read after them.
-    after = max(run.alt_sources) + 1 if proxy == "alt_nll" and len(run.alt_sources) else 0
     assessment = stages.assess(columns["train_acc"], pm, columns["memorized_frac"], proxy_values, proxy or "proxy",
-                               overmem, compare_from=after)
+                               overmem)
     columns["proxy_ratio"] = assessment.ratio
     flagged = np.array([f is not None for f in assessment.flags], dtype=bool)
     support = metrics.premem_support(m["acc"], mask)

@@ -148,15 +148,3 @@ def test_recommend_edge_cases():
     with pytest.raises(ValueError):
         S.recommend(pm, np.ones(3), np.zeros(2, bool))
 
-
-def test_the_proxy_is_read_only_after_the_checkpoints_its_solutions_came_from():
-    """Checkpoint 1 sampled the alternative solutions and scores them best (0.40); 2 and 3 pay
-    1.3x that, which is no rise over their own level."""
-    acc = np.array([0.5, 0.90, 0.92, 0.93])
-    mem = np.array([0.0, 0.60, 0.80, 0.90])
-    proxy = np.array([0.9, 0.40, 0.52, 0.53])
-    biased = S.assess(acc, acc, mem, proxy, "alt_nll")
-    assert biased.stages[2:] == ["over-memorized"] * 2  # against the source's own samples
-    fair = S.assess(acc, acc, mem, proxy, "alt_nll", compare_from=2)
-    assert fair.stages[2:] == ["generalizing"] * 2
-    assert np.isnan(fair.ratio[:2]).all() and fair.ratio[3] == pytest.approx(0.53 / 0.52)

@@ -290,3 +290,22 @@ def test_accuracy_first_recommends_a_flagged_best_with_its_numbers_and_robustnes
                        "(--prefer robustness recommends it)")
     robust = rank_run(run, memorization, OvermemSettings(prefer="robustness"), 0.1)
     assert robust.recommended == 2 and not any("flagged over-memorized" in w for w in robust.warnings)
+
+
+def test_a_checkpoint_is_not_scored_on_the_alternatives_it_sampled_itself():
+    """Examples 0-1 got their alternatives from checkpoint 1, examples 2-3 from checkpoint 2: each
+    scores its own samples at 0.2 and the others' at 0.5. Left out, the proxy is flat at 0.5; with
+    them it would fall to 0.35 at the sources and 'rise' 1.43x at checkpoint 3."""
+    from ckptsel.sweep import RunArrays, rank_run
+
+    acc = np.array([[0.2] * 4, [0.8] * 4, [0.9] * 4, [0.9] * 4])
+    nll = np.array([[1.0] * 4, [0.5] * 4, [0.05] * 4, [0.02] * 4])
+    alt = np.array([[0.9] * 4, [0.2, 0.2, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2], [0.5] * 4])
+    arrays = dict(name="r", steps=[1, 2, 3, 4], acc=acc, nll=nll, alt=alt, alt_coverage=1.0, alt_sources=[1, 2])
+    fair = rank_run(RunArrays(**arrays, alt_source_of=[1, 1, 2, 2]), MemorizationSettings(), OvermemSettings(), 0.1)
+    assert fair.proxy == "alt_nll"
+    assert fair.columns["alt_nll"].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.5])
+    assert "over-memorized" not in fair.stages
+    biased = rank_run(RunArrays(**arrays), MemorizationSettings(), OvermemSettings(), 0.1)
+    assert biased.columns["alt_nll"].tolist() == pytest.approx([0.9, 0.35, 0.35, 0.5])
+    assert biased.stages[3] == "over-memorized"
