@@ -67,6 +67,8 @@ class CheckpointMetrics:
     train_acc: float = math.nan
     premem_acc: float = math.nan
     premem_ci: tuple[float, float] = (math.nan, math.nan)
+    premem_nu_low: float = math.nan  # PM at 2 nu (more examples memorised): ckptsel.sweep.nu_band
+    premem_nu_high: float = math.nan  # PM at nu / 2
     memorized_frac: float = math.nan
     copy_rate: float = math.nan
     target_nll: float = math.nan

@@ -274,6 +274,7 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
     columns = {
         "train_acc": metrics.train_accuracy(m["acc"]),
         "premem_acc": pm,
+        **nu_band(m["acc"], m["nll"], threshold if memorization.rule == "nll" else None),
         "memorized_frac": metrics.memorized_fraction(mask & measured_mask, measured_mask),
         "copy_rate": metrics.copy_rate(m["copy"]),
         "target_nll": metrics.per_checkpoint_mean(m["nll"]),
@@ -310,6 +311,31 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         warnings.append(_flagged_pick_warning(run, pm, assessment, flagged, pick, proxy or "proxy"))
     return RunRanking(run.name, list(run.steps), columns, (lo, hi), assessment.stages, assessment.flags, proxy, pick,
                       threshold, per_example, mask, warnings)
+
+
+NU_BAND = 2.0  # the band of pre-memorization accuracy: nu times and divided by this
+
+
+def nu_band(acc: np.ndarray, nll: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
+    """Pre-memorization accuracy at ``NU_BAND`` x nu (``premem_nu_low``) and nu / ``NU_BAND``
+    (``premem_nu_high``): how much the number depends on the memorisation threshold.
+
+    PM can only fall as nu grows (more examples count as memorised), so the two bound it over
+    that range. Why a band: nu is a per-token NLL level, and it depends on the task as well as
+    the tokenizer -- on a task whose targets are mostly predictable tokens (copied numbers), a
+    nu that suits GSM8K marks examples the model generalises on as memorised. On the lab's
+    held-out grid no fixed or calibrated nu made PM track held-out accuracy
+    (benchmarks/README.md, "The pick on a grid nobody tuned on"); a wide band says the level of
+    PM is uncertain there, while its ranking of checkpoints may still hold.
+    """
+    if threshold is None or not threshold > 0:
+        nan = np.full(np.shape(acc)[0], np.nan)
+        return {"premem_nu_low": nan, "premem_nu_high": nan.copy()}
+    out = {}
+    for key, nu in (("premem_nu_low", threshold * NU_BAND), ("premem_nu_high", threshold / NU_BAND)):
+        mask = metrics.memorized(nll, nu) | np.isnan(nll)
+        out[key] = metrics.per_checkpoint_mean(metrics.premem_accuracy_per_example_from_mask(acc, mask))
+    return out
 
 
 def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, flagged: np.ndarray, pick: int,

@@ -76,6 +76,9 @@ def test_rank_json_matches_the_formula_on_stored_measurements(learning_run, tmp_
     assert [r["train_acc"] for r in rows] == pytest.approx(acc.mean(axis=1).tolist())
     assert [r["memorized_frac"] for r in rows] == pytest.approx((nll < nu).mean(axis=1).tolist())
     assert expected[-1] < acc[-1].mean()  # memorised examples lose their credit: PM is not train accuracy
+    # The nu band: the same formula at 2 nu and nu / 2.
+    assert [r["premem_nu_low"] for r in rows] == pytest.approx(metrics.premem_accuracy(acc, nll, 2 * nu).tolist())
+    assert [r["premem_nu_high"] for r in rows] == pytest.approx(metrics.premem_accuracy(acc, nll, nu / 2).tolist())
     for r in rows:
         lo, hi = r["premem_ci"]
         assert lo <= r["premem_acc"] <= hi

@@ -309,3 +309,24 @@ def test_a_checkpoint_is_not_scored_on_the_alternatives_it_sampled_itself():
     biased = rank_run(RunArrays(**arrays), MemorizationSettings(), OvermemSettings(), 0.1)
     assert biased.columns["alt_nll"].tolist() == pytest.approx([0.9, 0.35, 0.35, 0.5])
     assert biased.stages[3] == "over-memorized"
+
+
+def test_the_nu_band_bounds_pre_memorization_accuracy_over_half_to_twice_nu():
+    """Example 0 is memorised below 0.15 from checkpoint 1 on, example 1 below 0.04: at nu = 0.1 only
+    example 0 counts, at 0.2 both, at 0.05 neither."""
+    from ckptsel.sweep import RunArrays, nu_band, rank_run
+
+    acc = np.array([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # right before memorising, wrong after
+    nll = np.array([[1.0, 1.0], [0.07, 0.15], [0.07, 0.15]])
+    band = nu_band(acc, nll, 0.1)
+    assert band["premem_nu_low"].tolist() == [1.0, 0.0, 0.0]  # nu 0.2: both memorised, min with acc 0
+    assert band["premem_nu_high"].tolist() == [1.0, 0.0, 0.0]  # nu 0.05: neither, acc 0 at J
+    acc = np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]])  # never right before memorising
+    band = nu_band(acc, nll, 0.1)
+    ranked = rank_run(RunArrays(name="r", steps=[1, 2, 3], acc=acc, nll=nll), MemorizationSettings(),
+                      OvermemSettings(), 0.1)
+    assert band["premem_nu_low"][2] == 0.0  # both examples memorised at 0.2 before they were right
+    assert ranked.columns["premem_acc"][2] == 0.5  # at 0.1 example 1 still counts (1.0), example 0 does not
+    assert band["premem_nu_high"][2] == 1.0  # at 0.05 neither is memorised
+    assert band["premem_nu_low"][2] <= ranked.columns["premem_acc"][2] <= band["premem_nu_high"][2]
+    assert np.isnan(nu_band(acc, nll, None)["premem_nu_low"]).all()  # the copy rule: no nu, no band

@@ -283,7 +283,9 @@ def _print_table(console, ranking, recipe) -> None:
     else:
         what = f"{ranking.n_examples} training examples"
     table = Table(title=f"{what} · {rule}", title_justify="left")
-    columns = ["", *(["run"] if sweep else []), "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)", "memorised", "copy",
+    band = t.rule == "nll"
+    columns = ["", *(["run"] if sweep else []), "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)",
+               *(["at 2ν … ν/2"] if band else []), "memorised", "copy",
                "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []),
                *(["pathway dist", "pathway cplx"] if moe else []), "stage"]
     for name in columns:
@@ -299,7 +301,8 @@ def _print_table(console, ranking, recipe) -> None:
         stage = {"over-memorized": "[red]over-memorized[/]", "underfit": "[dim]underfit[/]"}.get(c.stage, c.stage or "")
         table.add_row(mark, *run_cell, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"),
                       _fmt(c.train_acc),
-                      ci, _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll), _fmt(c.alt_nll),
+                      ci, *([f"{_fmt(c.premem_nu_low, '.2f')}–{_fmt(c.premem_nu_high, '.2f')}"] if band else []),
+                      _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll), _fmt(c.alt_nll),
                       _fmt(c.perturb_gap, "+.3f"), _fmt(c.entropy), *([_fmt(c.heldout_nll)] if heldout else []),
                       *(_pathway_cells(c.pathways) if moe else []), stage)
     if not console.is_terminal:  # piped or redirected: no screen width to respect, keep the table unsqueezed

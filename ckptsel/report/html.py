@@ -25,6 +25,7 @@ COLUMNS = (
     ("stage", "stage", "s"),
     ("train_acc", "train acc", ".3f"),
     ("premem_acc", "pre-mem acc (95% CI)", "ci"),
+    ("premem_nu_low", "pre-mem acc at 2ν … ν/2", "nu-band"),
     ("memorized_frac", "memorised", ".3f"),
     ("copy_rate", "copy rate", ".3f"),
     ("target_nll", "target NLL", ".3f"),
@@ -232,6 +233,10 @@ def table(inputs: ReportInputs) -> str:
             for key, _, spec in columns:
                 if spec == "ci":
                     cells.append(f'<td class="num">{_ci(row.get(key), row.get("premem_ci"))}</td>')
+                elif spec == "nu-band":
+                    band = f'{_f(row.get("premem_nu_low"), ".2f")}–{_f(row.get("premem_nu_high"), ".2f")}'
+                    cells.append(f'<td class="num" title="how much pre-memorization accuracy depends on the '
+                                 f'memorisation threshold">{escape(band)}</td>')
                 elif key == "pathway_distance" and (row.get("pathways") or {}).get("distance_exact") is False:
                     estimate = f'{_f(row.get(key), spec)} ± {_f(row["pathways"].get("distance_stderr"), spec)}'
                     cells.append(f'<td class="num" title="estimated on sampled pairs">{escape(estimate)}</td>')
