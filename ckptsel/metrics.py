@@ -50,12 +50,10 @@ def memorized_by_copy(copy_rate: np.ndarray, fraction: float = 0.5) -> np.ndarra
     return np.asarray(copy_rate, dtype=float) >= fraction
 
 
-def first_memorized_index(nll: np.ndarray, threshold: float) -> np.ndarray:
-    """Per example, the first checkpoint index at which it is memorised; -1 when never.
-
-    Used by ``--export-examples`` (the step at which each example was memorised).
-    """
-    mask = memorized(nll, threshold)
+def first_memorized(mask: np.ndarray) -> np.ndarray:
+    """Per example (column of a ``(C, N)`` memorised mask, either rule), the first checkpoint index at
+    which it is memorised; -1 when never. ``--export-examples`` reports it as a step."""
+    mask = np.asarray(mask, dtype=bool)
     return np.where(mask.any(axis=0), mask.argmax(axis=0), -1)
 
 

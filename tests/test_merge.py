@@ -173,7 +173,7 @@ def test_ties_merge_runs_with_base(models, tmp_path):
 
 
 def test_lora_scale_and_concatenation_are_exact():
-    from ckptsel.merge.lora import LoraFactors, concat_ranks, delta_weight, lora_scale
+    from ckptsel.merge.lora import LoraFactors, concat_ranks, lora_scale
 
     assert lora_scale(16, 4) == 4.0 and lora_scale(16, 4, rslora=True) == 8.0
     g = torch.Generator().manual_seed(0)
@@ -279,7 +279,7 @@ def _model_stock_direct(w0, ws):
 
 
 def test_model_stock_of_lora_deltas_equals_direct_computation():
-    from ckptsel.merge.lora import LoraFactors, concat_ranks, delta_weight, lora_gram, mean_cosine, stock_ratio
+    from ckptsel.merge.lora import LoraFactors, concat_ranks, lora_gram, mean_cosine, stock_ratio
 
     # The ratio on known angles: parallel offsets keep their average (t = 1), orthogonal ones the
     # base (t = 0), two at 60° move 2/3 of the way, and an antiparallel pair is the singular case.
@@ -513,3 +513,9 @@ def test_weights_follow_the_argument_order(models, tmp_path):
     assert plan.normalized_weights == (0.75, 0.25)
     whole_run = plan_merge([run])  # a run expands to its checkpoints in step order
     assert [c.step for c in whole_run.inputs] == [400, 500]
+
+
+def delta_weight(f) -> "torch.Tensor":
+    """ΔW = scale · B @ A in float64, shaped like the weight it is added to: the oracle for the merges."""
+    d = f.scale * (f.B.double() @ f.A.double())
+    return d.T if f.transpose else d

@@ -40,7 +40,7 @@ def test_memorized_rules_and_nan():
     assert M.memorized_by_copy(copies, fraction=0.8).tolist() == [False, False, True, False]
 
 
-def test_first_memorized_index():
+def test_first_memorized():
     nll = np.array(
         [
             [0.50, 0.05, 0.5],
@@ -48,7 +48,8 @@ def test_first_memorized_index():
             [0.50, 0.50, 0.5],  # example 0 un-memorises again: still first memorised at 1
         ]
     )
-    assert M.first_memorized_index(nll, 0.1).tolist() == [1, 0, -1]
+    assert M.first_memorized(M.memorized(nll, 0.1)).tolist() == [1, 0, -1]
+    assert M.first_memorized(M.memorized_by_copy(np.array([[0.0, 1.0], [0.6, 0.2]]))).tolist() == [1, 0]
 
 
 # --- pre-memorization accuracy --------------------------------------------------

@@ -300,7 +300,6 @@ def test_hook_fallback_on_linear_gates():
 
 
 def test_routing_weights_keeps_input_order_whatever_the_batching(moe_dirs):
-    from ckptsel.measure.routers import routing_weights
 
     model = load(moe_dirs["qwen3_moe"][0])
     expected, _ = routed(model, ROWS)
@@ -313,7 +312,6 @@ def test_routing_weights_keeps_input_order_whatever_the_batching(moe_dirs):
 
 def test_scoring_pass_captures_the_same_routing_weights_as_a_separate_pass(tokenizer, tmp_path):
     """Router capture inside score_token_pairs equals routing_weights() and leaves the NLL unchanged."""
-    from ckptsel.measure.routers import routing_weights
     from ckptsel.measure.scoring import encode_pairs, score_token_pairs
 
     model = _tiny_olmoe_for_scoring(tokenizer)
@@ -341,3 +339,45 @@ def _tiny_olmoe_for_scoring(tokenizer):
         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
     )
     return OlmoeForCausalLM(config).eval()
+
+
+@torch.inference_mode()
+def routing_weights(
+    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int | None = None, source: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Routing weights of (prompt ids, target ids) pairs on their own, without scoring them: the
+    oracle the scoring pass's capture is checked against.
+
+    Returns ``(weights (N, L, E), gate_vectors (L, E, H))``. Batches are cut and padded as
+    the scoring pass cuts and pads them; only the last position goes through the LM head.
+    """
+    from ckptsel.measure.scoring import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, plan_batches
+
+    device = model.get_input_embeddings().weight.device
+    lengths = [len(p) + len(t) for p, t in pairs]
+    budget = GPU_TOKEN_BUDGET if device.type == "cuda" else CPU_TOKEN_BUDGET
+    batches = plan_batches(lengths, [len(t) for _, t in pairs], batch_size=batch_size, token_budget=budget)
+    was_training = model.training
+    model.eval()  # Mixtral jitters its router logits in training mode
+    try:
+        with capture_routers(model, source) as routers:
+            out = np.full((len(pairs), routers.num_layers, routers.num_experts), np.nan, dtype=np.float32)
+            for rows in batches:
+                width = max(lengths[i] for i in rows)
+                ids = torch.zeros((len(rows), width), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(rows):
+                    ids[r, : lengths[i]] = torch.tensor(pairs[i][0] + pairs[i][1])
+                    mask[r, : lengths[i]] = 1
+                result = model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    logits_to_keep=1,
+                    use_cache=False,
+                    **routers.forward_kwargs,
+                )
+                targets = target_token_mask([len(pairs[i][0]) for i in rows], [len(pairs[i][1]) for i in rows], width)
+                out[rows] = routers.reduce(targets, result)
+            return out, routers.gate_vectors()
+    finally:
+        model.train(was_training)

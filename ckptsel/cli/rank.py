@@ -351,8 +351,7 @@ def _export(path: Path, result) -> None:
     import io
     import json
 
-    import numpy as np
-
+    from ckptsel import metrics
     from ckptsel.errors import CkptselError
     from ckptsel.outputs import write_text_atomic
 
@@ -362,8 +361,7 @@ def _export(path: Path, result) -> None:
         if not pe:
             continue
         steps = [collected.checkpoints[i].step for i in pe["measured_index"]]
-        mask = pe["memorized"]
-        first = np.where(mask.any(axis=0), mask.argmax(axis=0), -1)
+        first = metrics.first_memorized(pe["memorized"])
         for n, ex in enumerate(collected.examples):
             rows.append({
                 **({"run": summary.name} if result.ranking.is_sweep else {}),

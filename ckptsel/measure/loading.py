@@ -27,7 +27,6 @@ import gc
 import hashlib
 import logging
 import weakref
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -89,9 +88,9 @@ class CheckpointLoader:
     adapter swap changes the same module in place)::
 
         with CheckpointLoader(device="auto", dtype="auto") as loader:
-            for ckpt, loaded in loader.each(checkpoints):
-                if isinstance(loaded, CheckpointError): ...   # record, go on
-                else: score(loaded.model, loaded.tokenizer)
+            for ckpt in checkpoints:
+                loaded = loader.load(ckpt)   # CheckpointError (one line) when it cannot be loaded
+                score(loaded.model, loaded.tokenizer)
 
     ``base_loads`` counts base-model loads for adapters, ``full_loads`` full checkpoints.
     """
@@ -130,15 +129,6 @@ class CheckpointLoader:
         by the caller (the last checkpoint's handle, typically), which a collection cannot free.
         """
         self._drop_models(collect=False)
-
-    def each(self, checkpoints: Iterable[Checkpoint]) -> Iterator[tuple[Checkpoint, LoadedCheckpoint | CheckpointError]]:
-        """Each checkpoint with its loaded model, or with the error that stopped it loading."""
-        for ckpt in checkpoints:
-            try:
-                yield ckpt, self.load(ckpt)
-            except CheckpointError as err:
-                log.warning("%s", err)
-                yield ckpt, err
 
     def load(self, ckpt: Checkpoint) -> LoadedCheckpoint:
         """Load one checkpoint; raises CheckpointError (one line) when it cannot be loaded."""

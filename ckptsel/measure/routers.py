@@ -277,49 +277,6 @@ def target_token_mask(prompt_lengths: Sequence[int], target_lengths: Sequence[in
     return (positions >= start) & (positions < end)
 
 
-@torch.inference_mode()
-def routing_weights(
-    model, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int | None = None, source: Source = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Routing weights of (prompt ids, target ids) pairs on their own, without scoring them.
-
-    Returns ``(weights (N, L, E), gate_vectors (L, E, H))``. Batches are cut and padded as
-    the scoring pass cuts and pads them; only the last position goes through the LM head.
-    For when the scoring pass did not capture routers (a store that predates them, a
-    benchmark); a ranking run captures them inside the scoring pass instead.
-    """
-    from ckptsel.measure.scoring import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, plan_batches
-
-    device = model.get_input_embeddings().weight.device
-    lengths = [len(p) + len(t) for p, t in pairs]
-    budget = GPU_TOKEN_BUDGET if device.type == "cuda" else CPU_TOKEN_BUDGET
-    batches = plan_batches(lengths, [len(t) for _, t in pairs], batch_size=batch_size, token_budget=budget)
-    was_training = model.training
-    model.eval()  # Mixtral jitters its router logits in training mode
-    try:
-        with capture_routers(model, source) as routers:
-            out = np.full((len(pairs), routers.num_layers, routers.num_experts), np.nan, dtype=np.float32)
-            for rows in batches:
-                width = max(lengths[i] for i in rows)
-                ids = torch.zeros((len(rows), width), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(rows):
-                    ids[r, : lengths[i]] = torch.tensor(pairs[i][0] + pairs[i][1])
-                    mask[r, : lengths[i]] = 1
-                result = model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    logits_to_keep=1,
-                    use_cache=False,
-                    **routers.forward_kwargs,
-                )
-                targets = target_token_mask([len(pairs[i][0]) for i in rows], [len(pairs[i][1]) for i in rows], width)
-                out[rows] = routers.reduce(targets, result)
-            return out, routers.gate_vectors()
-    finally:
-        model.train(was_training)
-
-
 def _supports_output(model) -> bool:
     """Whether the top-level forward accepts ``output_router_logits`` (a PEFT wrapper passes it on)."""
     params = inspect.signature(unwrap(model).forward).parameters

@@ -74,10 +74,6 @@ class ScoreResult:
     router_weights: np.ndarray | None = None
     gate_vectors: np.ndarray | None = None
 
-    @property
-    def ppl(self) -> np.ndarray:
-        return np.exp(self.nll)
-
 
 def score_targets(
     model,

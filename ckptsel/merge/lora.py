@@ -80,12 +80,6 @@ class LoraFactors:
     embedding: bool = False  # saved as lora_embedding_A/B
 
 
-def delta_weight(f: LoraFactors) -> torch.Tensor:
-    """ΔW in float64, shaped like the weight it is added to."""
-    d = f.scale * (f.B.double() @ f.A.double())
-    return d.T if f.transpose else d
-
-
 def concat_ranks(terms: Sequence[tuple[float, LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) in float64 with B @ A = Σ c_k · s_k · B_k @ A_k exactly (scale 1, rank Σ r_k)."""
     A = torch.cat([c * f.scale * f.A.double() for c, f in terms], dim=0)
