@@ -498,9 +498,7 @@ class _LazyLoader:
         if self._loader is None:
             from ckptsel.measure.loading import CheckpointLoader
 
-            e = self._engine
-            self._loader = CheckpointLoader(e.device, e.dtype, trust_remote_code=e.trust_remote_code,
-                                            allow_pickle=e.allow_pickle).__enter__()
+            self._loader = CheckpointLoader.for_engine(self._engine).__enter__()
         return self._loader.load(ckpt)
 
 

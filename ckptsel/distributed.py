@@ -134,8 +134,7 @@ def measure_items(items: Sequence[tuple[Checkpoint, dict]], recipe, ctx, threads
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine = ctx.engine
     out: list = []
-    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-                          allow_pickle=engine.allow_pickle) as loader:
+    with CheckpointLoader.for_engine(engine) as loader:
         for ckpt, plan in items:
             try:
                 model, tok = loader.load(ckpt)
@@ -263,8 +262,7 @@ def evaluate_items(items: Sequence[tuple[Checkpoint, list]], grader_name: str, r
     torch.set_num_threads(max(1, threads))
     grader = graders.get(grader_name)
     out: list = []
-    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-                          allow_pickle=engine.allow_pickle) as loader:
+    with CheckpointLoader.for_engine(engine) as loader:
         for ckpt, examples in items:
             try:
                 out.append(evaluate_examples(loader.load(ckpt), examples, grader, recipe, engine, max_new_tokens,

@@ -32,6 +32,7 @@ from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, Run
 from ckptsel.errors import CkptselError, DataError
 from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
+from ckptsel.tokenizers import tokenizer_digest
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +338,10 @@ class _Tokenizers:
         self._identities: dict[Path, str] = {}
 
     def identity(self, run: Run) -> str:
-        """A digest of the tokenizer files the run's checkpoints carry (else its base model's name)."""
+        """The digest of the tokenizer files the run's checkpoints are read with (ckptsel.tokenizers.tokenizer_digest)."""
         ckpt = _first_usable(run)
         if ckpt.path not in self._identities:
-            files = [ckpt.path / name for name in _TOKENIZER_FILES if (ckpt.path / name).is_file()]
-            h = hashlib.sha256()
-            for path in files:
-                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-            self._identities[ckpt.path] = h.hexdigest() if files else f"base:{ckpt.base_model}"
+            self._identities[ckpt.path] = tokenizer_digest(ckpt)
         return self._identities[ckpt.path]
 
     def for_run(self, run: Run):
@@ -355,10 +352,6 @@ class _Tokenizers:
             self._by_identity[key] = load_tokenizer(_first_usable(run),
                                                     trust_remote_code=self._engine.trust_remote_code)
         return self._by_identity[key]
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
 
 def _first_usable(run: Run) -> Checkpoint:

@@ -71,6 +71,34 @@ def tokenizer_source(source) -> tuple[Path, Path | str]:
     raise CheckpointError(f"{path}: no tokenizer files found (tokenizer.json or tokenizer_config.json)")
 
 
+# The files a tokenizer is built from (by name prefix): tokenizer.json, tokenizer_config.json,
+# special_tokens_map.json, vocab / merges files, added tokens, chat templates, and config.json, which
+# AutoTokenizer reads for the model type when the tokenizer config does not name a class.
+_TOKENIZER_PREFIXES = (
+    "tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template", "config.json",
+)
+
+
+def tokenizer_digest(source) -> str:
+    """A content digest of the files ``source``'s tokenizer is read from (:func:`tokenizer_source`).
+
+    The one identity of a tokenizer: checkpoints with the same digest share one loaded tokenizer,
+    and rendered training rows are stored under it. A base model known only by its name stands
+    for itself.
+    """
+    import hashlib
+
+    _, where = tokenizer_source(source)
+    folder = Path(where)
+    if not folder.is_dir():
+        return f"name:{where}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.startswith(_TOKENIZER_PREFIXES):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 

@@ -363,7 +363,7 @@ class _InMemoryLoader:
         if self._tokenizer is None:
             from ckptsel.measure.loading import load_tokenizer
 
-            self._tokenizer = load_tokenizer(ckpt)
+            self._tokenizer = load_tokenizer(ckpt, trust_remote_code=self._engine.trust_remote_code)
         return self._tokenizer
 
     def load(self, ckpt):
@@ -372,8 +372,7 @@ class _InMemoryLoader:
         if ckpt.path.resolve() == self._path:
             return LoadedCheckpoint(self._model, self.tokenizer_for(ckpt))
         if self._disk is None:
-            e = self._engine
-            self._disk = CheckpointLoader(e.device, e.dtype).__enter__()
+            self._disk = CheckpointLoader.for_engine(self._engine).__enter__()
         log.info("ckptsel: %s is not in the store; reading it from disk", ckpt.path)
         return self._disk.load(ckpt)
 

@@ -24,7 +24,6 @@ pass ``--base-model``. ``load_tokenizer`` is :func:`ckptsel.tokenizers.load_toke
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import weakref
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from ckptsel.discover import Checkpoint, base_model_missing, names_local_path, resolve_base_model
 from ckptsel.errors import CheckpointError, CkptselError
-from ckptsel.tokenizers import load_tokenizer, tokenizer_source
+from ckptsel.tokenizers import load_tokenizer, tokenizer_digest
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +114,13 @@ class CheckpointLoader:
         self._adapter: str | None = None  # name of the active adapter
         self._adapters_loaded = 0
         self._tokenizers: dict[str, Any] = {}  # tokenizer files' digest -> tokenizer
+
+    @classmethod
+    def for_engine(cls, engine) -> CheckpointLoader:
+        """The loader an :class:`~ckptsel.settings.EngineSettings` asks for: device, dtype, and whether remote code
+        and pickled weights may be loaded. Every measurement makes its loader here, so none drops a setting."""
+        return cls(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
+                   allow_pickle=engine.allow_pickle)
 
     def __enter__(self) -> CheckpointLoader:
         return self
@@ -221,7 +227,7 @@ class CheckpointLoader:
         A run's checkpoints carry identical tokenizer files (or none: then the base's); parsing
         a large vocabulary again for each costs a fraction of a second per checkpoint.
         """
-        key = _tokenizer_digest(tokenizer_source(ckpt)[1])
+        key = tokenizer_digest(ckpt)
         if key not in self._tokenizers:
             self._tokenizers[key] = load_tokenizer(ckpt, trust_remote_code=self.trust_remote_code)
         return self._tokenizers[key]
@@ -307,18 +313,3 @@ def _one_line(exc: BaseException) -> str:
 
 # Files that can change what AutoTokenizer builds (config.json names the model type when the
 # tokenizer config names no class).
-_TOKENIZER_PREFIXES = (
-    "tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template", "config.json",
-)
-
-
-def _tokenizer_digest(source: Path | str) -> str:
-    """A content digest of the tokenizer files in ``source``; a name that is not a folder stands for itself."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return f"name:{source}"
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.startswith(_TOKENIZER_PREFIXES):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()

@@ -171,9 +171,7 @@ def verify_file(
 
         verify_distributed(checkpoints, fps, rows, by_uid, uids, recipe, store, key, KIND, engine,
                            max_new_tokens=max_new_tokens, seed=seed, on_progress=on_progress)
-    with nullcontext() if engine.ray is not None else CheckpointLoader(
-            engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-            allow_pickle=engine.allow_pickle) as loader:
+    with nullcontext() if engine.ray is not None else CheckpointLoader.for_engine(engine) as loader:
         for i, ckpt in enumerate(checkpoints if engine.ray is None else ()):
             if fps[i] is None:
                 continue
@@ -287,8 +285,7 @@ def verify_tasks(
     found: dict[tuple[int, str], dict] = {}
     errors: dict[int, str] = {i: c.error or "unreadable" for i, c in enumerate(checkpoints) if c.kind == "error"}
     manager = None
-    with CheckpointLoader(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-                          allow_pickle=engine.allow_pickle) as loader:
+    with CheckpointLoader.for_engine(engine) as loader:
         for i, ckpt in enumerate(checkpoints):
             if fps[i] is None:
                 continue
