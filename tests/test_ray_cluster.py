@@ -114,7 +114,7 @@ def test_a_node_lost_mid_run_leaves_the_single_process_result_and_clean_json(com
     assert proc.returncode == single.exit_code, err
     assert "Raylet is terminated" in err  # Ray's message reached the user, on stderr
     document = json.loads(out)  # exactly one JSON document: nothing of Ray's before or after it
-    assert _comparable(command, document) == _comparable(command, json.loads(single.stdout))
+    assert _rounded(_comparable(command, document)) == _rounded(_comparable(command, json.loads(single.stdout)))
 
 
 def test_the_head_node_lost_ends_with_one_line_and_a_rerun_measures_only_the_rest(learning_run, tmp_path):
@@ -124,10 +124,12 @@ def test_the_head_node_lost_ends_with_one_line_and_a_rerun_measures_only_the_res
 
     from ckptsel.store import Store
 
-    single = CliRunner().invoke(main, _argv("rank", learning_run, tmp_path / "single"))
+    # All 24 examples, so that each checkpoint takes a while and the head goes while the run is mid-way.
+    every = ["--max-examples", "24"]
+    single = CliRunner().invoke(main, [*_argv("rank", learning_run, tmp_path / "single"), *every])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cache = tmp_path / "cluster"
-    argv = [*_argv("rank", learning_run, cache), "--ray", cluster.address, "--ray-cpus", "1"]
+    argv = [*_argv("rank", learning_run, cache), *every, "--ray", cluster.address, "--ray-cpus", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     proc = subprocess.Popen([sys.executable, "-m", "ckptsel", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -149,8 +151,22 @@ def test_the_head_node_lost_ends_with_one_line_and_a_rerun_measures_only_the_res
     assert out == ""
     ours = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(ours) == 1 and "rerun the same command to measure only the rest" in ours[0]
-    rerun = CliRunner().invoke(main, _argv("rank", learning_run, cache))
+    rerun = CliRunner().invoke(main, [*_argv("rank", learning_run, cache), *every])
     assert rerun.exit_code == 0, rerun.output
     again = json.loads(rerun.stdout)
     assert 0 < again["cache"]["from_cache"] and again["cache"]["measured"] < len(again["checkpoints"])
-    assert _comparable("rank", again) == _comparable("rank", json.loads(single.stdout))
+    # The checkpoints measured on Ray before the head went and those measured here agree to ~1e-9
+    # (a perturbed-prompt NLL measured in a Ray worker differed from the in-process one in the 10th
+    # digit once): compared to 6 significant digits.
+    assert _rounded(_comparable("rank", again)) == _rounded(_comparable("rank", json.loads(single.stdout)))
+
+
+def _rounded(value):
+    """``value`` with every float rounded to 6 significant digits (nested dicts and lists)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
