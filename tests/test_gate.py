@@ -37,7 +37,7 @@ def _ranking(paths) -> Ranking:
 @pytest.fixture()
 def fake(monkeypatch, tmp_path):
     """A run folder of three (empty) checkpoints; measuring it returns the made-up ranking."""
-    from ckptsel.cli import rank as rank_cli
+    from ckptsel.cli import measuring as rank_cli
 
     run = tmp_path / "run"
     for step in (1, 2, 3):
@@ -156,7 +156,7 @@ def test_usage_and_input_errors_exit_2(fake):
 
 
 def test_a_candidate_that_could_not_be_measured_is_exit_2(fake, monkeypatch):
-    from ckptsel.cli import rank as rank_cli
+    from ckptsel.cli import measuring as rank_cli
 
     measure = rank_cli.run_ranking
 

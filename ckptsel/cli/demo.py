@@ -125,7 +125,7 @@ def _train(out: Path, err, quiet: bool) -> Path:
 
 def _rank(run_dir: Path, cache_dir: Path, quiet: bool):
     """Step 3: exactly what ``ckptsel rank`` does, on a fixed subset, with the store in the demo folder."""
-    from ckptsel.cli.rank import run_ranking
+    from ckptsel.cli.measuring import run_ranking
     from ckptsel.pipeline import RankRequest
     from ckptsel.recipes import load_recipe
 

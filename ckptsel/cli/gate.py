@@ -15,7 +15,7 @@ from ckptsel.cli.options import (
     stderr_console,
     stdout_console,
 )
-from ckptsel.cli.rank import measurement_options
+from ckptsel.cli.measuring import measurement_options
 
 EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2, a pass with unmeasured checkpoints 3 (ckptsel.cli)
 
@@ -70,7 +70,7 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
     """
     from rich.markup import escape
 
-    from ckptsel.cli import rank as rank_cli
+    from ckptsel.cli import measuring
     from ckptsel.errors import CkptselError
     from ckptsel.policy import Policy, evaluate, load_policy, validate
 
@@ -92,7 +92,7 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
 
     runs, chosen = _candidate(path, candidate, measurement.base_model)
     request = measurement.request([path], recipe, engine=engine, cache_dir=cache_dir, runs=runs, stages=stages)
-    run = rank_cli.run_ranking(request, command="gate", quiet=quiet)
+    run = measuring.run_ranking(request, command="gate", quiet=quiet)
     ranking = run.ranking
     candidate_set = candidate is not None or "candidate" in policy.model_fields_set
     if chosen is None:
@@ -101,7 +101,7 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
         else:
             chosen = _last_measured(ranking)
     if chosen is None or ranking.checkpoints[chosen].error:
-        reason = (rank_cli.unmeasured([ranking.checkpoints[chosen]])[0] if chosen is not None
+        reason = (measuring.unmeasured([ranking.checkpoints[chosen]])[0] if chosen is not None
                   else "no checkpoint could be measured")
         raise CkptselError(f"gate: the candidate could not be measured: {reason}")
 
@@ -127,12 +127,12 @@ def gate(path, recipe, policy_path, candidate, min_premem_acc, max_drop, max_mem
     alert = stderr_console()
     for warning in ranking.warnings:
         alert.print(f"[yellow]warning:[/] {warning}")
-    failures = rank_cli.unmeasured(ranking.checkpoints)
+    failures = measuring.unmeasured(ranking.checkpoints)
     if not passed:  # the gate's own verdict comes first: a failed candidate is 1 even with gaps in its history
         for reason in failures:
             alert.print(f"[yellow]not measured:[/] {escape(reason)}", soft_wrap=True)
         raise SystemExit(EXIT_FAIL)
-    rank_cli.exit_partial(failures, "gate")  # passed, on part of the history: 3
+    measuring.exit_partial(failures, "gate")  # passed, on part of the history: 3
     raise SystemExit(EXIT_PASS)
 
 

@@ -21,7 +21,7 @@ from ckptsel.cli.options import (
     stderr_console,
     stdout_console,
 )
-from ckptsel.cli.rank import measurement_options
+from ckptsel.cli.measuring import measurement_options
 
 _STAGES = {"fingerprint": "fingerprinting inputs", "build": "merging", "provenance": "writing model card"}
 RECOMMEND_MAX_EXAMPLES = 200  # --recommend's default subset: every candidate is measured on it
@@ -62,7 +62,7 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     import dataclasses
 
     from ckptsel.cli.progress import CollectProgress
-    from ckptsel.cli.rank import exit_partial, run_ranking, unmeasured
+    from ckptsel.cli.measuring import exit_partial, run_ranking, unmeasured
     from ckptsel.discover import discover_runs
     from ckptsel.merge.output import check_target
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend

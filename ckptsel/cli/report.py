@@ -15,7 +15,7 @@ from ckptsel.cli.options import (
     recipe_options,
     stderr_console,
 )
-from ckptsel.cli.rank import measurement_options
+from ckptsel.cli.measuring import measurement_options
 
 # A run folder written by the lab (or laid out like one) carries its data, recipe and ground truth.
 RUN_DATA, RUN_RECIPE, RUN_TRUTH = "train.jsonl", "recipe.yaml", "ground_truth.json"
@@ -55,7 +55,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     """
     import dataclasses
 
-    from ckptsel.cli.rank import exit_partial, nothing_measured, run_ranking, unmeasured
+    from ckptsel.cli.measuring import exit_partial, nothing_measured, run_ranking, unmeasured
     from ckptsel.errors import CkptselError
     from ckptsel.outputs import check_writable
     from ckptsel.report import write_report

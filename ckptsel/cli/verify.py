@@ -62,7 +62,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
       ckptsel verify ./run --test-file test.jsonl --recipe gsm8k --data train.jsonl --greedy
     """
     from ckptsel.cli.progress import CollectProgress
-    from ckptsel.cli.rank import exit_partial, nothing_measured, unmeasured
+    from ckptsel.cli.measuring import exit_partial, nothing_measured, unmeasured
     from ckptsel.discover import discover_runs, no_loadable_checkpoint
     from ckptsel.errors import CkptselError
     from ckptsel.recipes import override
@@ -140,7 +140,7 @@ def _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max
         return read_json(ranking_path, "ranking")
     if data_path is None and data_per_run is None:
         return None
-    from ckptsel.cli.rank import run_ranking
+    from ckptsel.cli.measuring import run_ranking
     from ckptsel.pipeline import RankRequest
 
     request = RankRequest(paths=tuple(paths), recipe=recipe, data=data_path, data_per_run=data_per_run,
