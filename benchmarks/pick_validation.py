@@ -100,7 +100,7 @@ def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[Lab
 # --------------------------------------------------------------------------- the rules
 
 
-def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None, **stage_settings):
+def ranked(run: LabRun, recipe, rule: str, **stage_settings):
     """ckptsel's ranking of one run under ``rule`` (before / default / robustness); ``stage_settings``
     override the recipe's ``stages:`` (the tuning table)."""
     from ckptsel.sweep import rank_run
@@ -109,11 +109,10 @@ def ranked(run: LabRun, recipe, rule: str, threshold: float | None = None, **sta
     arrays = run.arrays
     if rule == "before":
         stages = stages.model_copy(update={"prefer": "robustness"})
-        arrays = dataclasses.replace(arrays, alt_sources=(), alt_source_of=())
+        arrays = dataclasses.replace(arrays, alt_source_of=())
     elif rule == "robustness":
         stages = stages.model_copy(update={"prefer": "robustness"})
-    nu = recipe.memorization.threshold if threshold is None else threshold
-    return rank_run(arrays, recipe.memorization, stages, nu, n_boot=200)
+    return rank_run(arrays, recipe.memorization, stages, recipe.memorization.threshold, n_boot=200)
 
 
 def pick(run: LabRun, recipe, rule: str) -> int:
@@ -264,7 +263,7 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
                 run.arrays, steps=run.arrays.steps[: j + 1],
                 **{name: getattr(run.arrays, name)[: j + 1] for name in ("acc", "nll", "copy", "entropy", "perturb",
                                                                          "heldout")},
-                alt=alt, alt_sources=[s for s in run.arrays.alt_sources if s <= j],
+                alt=alt,
                 alt_source_of=np.where(later, -1, source_of) if len(run.arrays.alt_source_of) else ())
             r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1]),
                        recipe, "default")

@@ -216,14 +216,12 @@ def run_arrays(name: str, col: Collected, store: Store) -> tuple[sweep.RunArrays
     coverage = 0.0
     if col.harvest is not None and col.harvest.fixed:
         coverage = col.harvest.coverage(ex.uid for ex in col.examples)
-    sources = [] if col.harvest is None else [k for k, i in enumerate(measured)
-                                              if col.fingerprints[i] in col.harvest.sources]
     row = {col.fingerprints[i]: k for k, i in enumerate(measured)}
     source_of = [] if col.harvest is None else [row.get(col.harvest.source_of(ex.uid), -1) for ex in col.examples]
     arrays = sweep.RunArrays(
         name=name, steps=[col.checkpoints[i].step for i in measured], acc=m["acc"], nll=m["nll"], copy=m["copy"],
         entropy=m["entropy"], perturb=m["perturb"], alt=m["alt"], heldout=m["heldout"],
-        examples=[ex.uid for ex in col.examples], alt_coverage=coverage, alt_sources=sources, alt_source_of=source_of,
+        examples=[ex.uid for ex in col.examples], alt_coverage=coverage, alt_source_of=source_of,
     )
     return arrays, m
 

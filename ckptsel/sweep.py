@@ -54,9 +54,8 @@ class RunArrays:
     with the same number of examples are assumed to share them only when ``paired_by_position``
     is set. ``alt_coverage``: fraction of examples that have an alternative solution (the
     alternative-solution NLL is used as the proxy above ``OvermemSettings.min_alt_coverage``);
-    NaN means "count the examples with a value". ``alt_sources``: the rows whose samples are the
-    alternative solutions; ``alt_source_of``: per example, the row whose sample is its alternative
-    (-1: none). A checkpoint's alternative-solution NLL leaves out the alternatives it sampled itself:
+    NaN means "count the examples with a value". ``alt_source_of``: per example, the row whose
+    sample is its alternative solution (-1: none). A checkpoint's alternative-solution NLL leaves out the alternatives it sampled itself:
     a checkpoint scores its own samples best, so with them its value is low by construction and every
     later checkpoint seems to rise.
     """
@@ -73,7 +72,6 @@ class RunArrays:
     examples: Sequence[str] | None = None
     paired_by_position: bool = False
     alt_coverage: float = math.nan
-    alt_sources: Sequence[int] = ()  # checkpoints (row indices) the alternative solutions were harvested from
     alt_source_of: Sequence[int] = ()  # per example column: the row whose sample is its alternative (-1: none)
 
     def matrix(self, name: str) -> np.ndarray:
@@ -331,21 +329,18 @@ def nu_band(acc: np.ndarray, nll: np.ndarray, threshold: float | None) -> dict[s
     if threshold is None or not threshold > 0:
         nan = np.full(np.shape(acc)[0], np.nan)
         return {"premem_nu_low": nan, "premem_nu_high": nan.copy()}
-    out = {}
-    for key, nu in (("premem_nu_low", threshold * NU_BAND), ("premem_nu_high", threshold / NU_BAND)):
-        mask = metrics.memorized(nll, nu) | np.isnan(nll)
-        out[key] = metrics.per_checkpoint_mean(metrics.premem_accuracy_per_example_from_mask(acc, mask))
-    return out
+    return {"premem_nu_low": metrics.premem_accuracy(acc, nll, threshold * NU_BAND),
+            "premem_nu_high": metrics.premem_accuracy(acc, nll, threshold / NU_BAND)}
 
 
 def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, flagged: np.ndarray, pick: int,
                           proxy: str) -> str:
-    """Accuracy first recommended an over-memorized checkpoint: say so, with the best clean one's cost."""
+    """Accuracy first recommended an over-memorized checkpoint: say so, with the best clean one's cost
+    (a sweep's ranking names the run in front, as for every per-run warning)."""
     clean = np.where(~flagged & ~np.isnan(pm), pm, -np.inf)
     alt = int(np.argmax(clean))
     rise = (float(assessment.ratio[pick]) - 1.0) * 100
-    where = f"run {run.name}: " if run.name else ""
-    return (f"{where}the most accurate checkpoint (step {run.steps[pick]}) is flagged over-memorized: {proxy} "
+    return (f"the most accurate checkpoint (step {run.steps[pick]}) is flagged over-memorized: {proxy} "
             f"+{rise:.0f}% over its minimum; the best checkpoint that is not is step {run.steps[alt]}, "
             f"{pm[alt] - pm[pick]:+.3f} predicted accuracy (--prefer robustness recommends it)")
 

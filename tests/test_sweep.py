@@ -285,7 +285,7 @@ def test_accuracy_first_recommends_a_flagged_best_with_its_numbers_and_robustnes
     default = rank_run(run, memorization, OvermemSettings(), 0.1)
     assert default.stages[3] == "over-memorized" and default.recommended == 3
     (warning,) = [w for w in default.warnings if "flagged over-memorized" in w]
-    assert warning == ("run r: the most accurate checkpoint (step 40) is flagged over-memorized: heldout_nll +50% over "
+    assert warning == ("the most accurate checkpoint (step 40) is flagged over-memorized: heldout_nll +50% over "
                        "its minimum; the best checkpoint that is not is step 30, -0.040 predicted accuracy "
                        "(--prefer robustness recommends it)")
     robust = rank_run(run, memorization, OvermemSettings(prefer="robustness"), 0.1)
@@ -301,7 +301,7 @@ def test_a_checkpoint_is_not_scored_on_the_alternatives_it_sampled_itself():
     acc = np.array([[0.2] * 4, [0.8] * 4, [0.9] * 4, [0.9] * 4])
     nll = np.array([[1.0] * 4, [0.5] * 4, [0.05] * 4, [0.02] * 4])
     alt = np.array([[0.9] * 4, [0.2, 0.2, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2], [0.5] * 4])
-    arrays = dict(name="r", steps=[1, 2, 3, 4], acc=acc, nll=nll, alt=alt, alt_coverage=1.0, alt_sources=[1, 2])
+    arrays = dict(name="r", steps=[1, 2, 3, 4], acc=acc, nll=nll, alt=alt, alt_coverage=1.0)
     fair = rank_run(RunArrays(**arrays, alt_source_of=[1, 1, 2, 2]), MemorizationSettings(), OvermemSettings(), 0.1)
     assert fair.proxy == "alt_nll"
     assert fair.columns["alt_nll"].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.5])

@@ -310,6 +310,3 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
-
-# Files that can change what AutoTokenizer builds (config.json names the model type when the
-# tokenizer config names no class).
