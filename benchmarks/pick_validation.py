@@ -23,7 +23,9 @@ against the best checkpoint that is not truly over-memorized, over-memorized pic
 a clean checkpoint within 0.03 of them); the flag's precision and recall; the median per-run
 Spearman of the flag's proxy with the true held-out NLL; pooled R² of pre-memorization accuracy
 against held-out accuracy for fixed and calibrated nu; and where the Trainer callback's
-``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2). With ``--kang`` the
+``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2); the noise floor (what even
+the truly best checkpoint gives up against a measured best, held-out questions resampled); pooled R² with
+a scale-free memorisation rule (NLL below rho x its first-checkpoint value). With ``--kang`` the
 same rules on Kang et al.'s Llama3-8B GSM8K arrays (no over-memorization truth there: accuracy and
 R² only); with ``--demo`` the demo run's pick and its truth.
 
@@ -55,6 +57,7 @@ class LabRun:
     test_acc: np.ndarray
     test_nll: np.ndarray
     train_loss: np.ndarray
+    test_per_example: np.ndarray  # (checkpoints, test questions): each question's sampled accuracy
 
     @property
     def truly(self) -> np.ndarray:
@@ -93,7 +96,8 @@ def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[Lab
             out.append(LabRun(
                 arrays, np.array([truth[s]["test_accuracy"] for s in arrays.steps]),
                 np.array([truth[s]["test_nll"] for s in arrays.steps]),
-                np.array([nll[j] if v is None else v for j, v in enumerate(loss)], dtype=float)))
+                np.array([nll[j] if v is None else v for j, v in enumerate(loss)], dtype=float),
+                np.array([truth[s]["per_example"]["test_accuracy"] for s in arrays.steps], dtype=float)))
     return out, recipe, seconds
 
 
@@ -219,10 +223,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def r2_table(runs: list[LabRun], recipe) -> dict:
     """Pooled identity R² of PM vs held-out accuracy: the recipe's nu, a few fixed ones, and the calibrations."""
-    from ckptsel.metrics import r2_identity
+    from ckptsel.metrics import CalibrationError, calibrate_threshold, r2_identity
     from ckptsel.sweep import rank_sweep
-
-    from ckptsel.metrics import CalibrationError, calibrate_threshold
 
     test = np.concatenate([r.test_acc for r in runs])
     out = {}
@@ -242,6 +244,44 @@ def r2_table(runs: list[LabRun], recipe) -> dict:
                             threshold_scope=scope, n_boot=50)
         pm = np.concatenate([rr.columns["premem_acc"] for rr in result.runs])
         out[label] = {"r2": r2_identity(pm, test), "nu": result.threshold.used}
+    return out
+
+
+def noise_floor(runs: list[LabRun], recipe, draws: int = 2000) -> dict:
+    """How much accuracy even a perfect rule gives up against a *measured* best: the truth is itself a
+    sample of the run's held-out questions, and the best of nine noisy values is biased up.
+
+    Per run, the held-out questions are resampled (bootstrap, paired across checkpoints); a fixed choice
+    of checkpoint p gives up E[max_j acc_j - acc_p] on average over the draws. The floor is the smallest
+    of those over p (the truly best checkpoint's expected regret); each rule's expected regret beside it.
+    """
+    rng = np.random.default_rng(0)
+    floor, by_rule = [], {rule: [] for rule in ("default", "highest PM", "last")}
+    for run in runs:
+        questions = run.test_per_example.shape[1]
+        draw = rng.integers(0, questions, (draws, questions))
+        boot = run.test_per_example[:, draw].mean(axis=2)  # (checkpoints, draws)
+        expected = (boot.max(axis=0)[None, :] - boot).mean(axis=1)
+        floor.append(float(expected.min()))
+        for rule, values in by_rule.items():
+            values.append(float(expected[pick(run, recipe, rule)]))
+    return {"floor_mean": float(np.mean(floor)), "floor_worst": float(np.max(floor)),
+            **{rule: {"mean": float(np.mean(v)), "worst": float(np.max(v))} for rule, v in by_rule.items()}}
+
+
+RELATIVE_NU = (0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def relative_nu_r2(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """Pooled R² of PM when "memorised" means the target NLL fell below rho x its value at the run's first
+    measured checkpoint (a per-example, tokenizer-free scale; ``runs``: (acc, nll, test accuracy))."""
+    from ckptsel.metrics import premem_accuracy_from_mask, r2_identity
+
+    test = np.concatenate([t for _, _, t in runs])
+    out = {}
+    for rho in RELATIVE_NU:
+        pm = [premem_accuracy_from_mask(acc, nll < rho * nll[:1]) for acc, nll, _ in runs]
+        out[f"{rho:g}"] = r2_identity(np.concatenate(pm), test)
     return out
 
 
@@ -265,8 +305,8 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
                                                                          "heldout")},
                 alt=alt,
                 alt_source_of=np.where(later, -1, source_of) if len(run.arrays.alt_source_of) else ())
-            r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1]),
-                       recipe, "default")
+            r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1],
+                              run.test_per_example[: j + 1]), recipe, "default")
             in_a_row = in_a_row + 1 if r.flags[j] is not None else 0
             if in_a_row >= patience:
                 stops += 1
@@ -284,6 +324,9 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
             "picks": pick_table(runs, recipe), "recommend_se": se_table(runs, recipe),
             "flags": flag_table(runs, recipe), "flag_grid": flag_grid(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
+            "noise_floor": noise_floor(runs, recipe),
+            "relative_nu_r2": relative_nu_r2([(r.arrays.matrix("acc"), r.arrays.matrix("nll"), r.test_acc)
+                                              for r in runs]),
             "per_run": [per_run(r, recipe) for r in runs]}
 
 
@@ -319,6 +362,8 @@ def kang_figures(folder: Path) -> dict:
         regret = [float(t.max() - t[rr.recommended]) for rr, t in zip(result.runs, truth)]
         out[label] = {"r2": r2_identity(pm, np.concatenate(truth)), "nu": result.threshold.used,
                       "run_pick_regret_mean": float(np.mean(regret)), "run_pick_regret_worst": float(np.max(regret))}
+    out["relative_nu_r2"] = relative_nu_r2([(np.asarray(r.acc, dtype=float), np.asarray(r.nll, dtype=float), t)
+                                            for r, t in zip(runs, truth)])
     last = [float(t.max() - t[-1]) for t in truth]
     out["last_regret_mean"], out["last_regret_worst"] = float(np.mean(last)), float(np.max(last))
     return out
@@ -370,6 +415,12 @@ def print_lab(name: str, fig: dict) -> None:
     for k, v in fig["callback"].items():
         print(f"callback stop, {k}: {v['stops']} of {v['runs']} runs stopped, {v['early']} before the first truly "
               f"over-memorized checkpoint; held-out accuracy lost {_f(v['lost_mean'])} mean, {_f(v['lost_worst'])} worst")
+    f = fig["noise_floor"]
+    print(f"noise floor (held-out questions resampled; the truly best checkpoint's expected regret): "
+          f"{_f(f['floor_mean'])} mean, {_f(f['floor_worst'])} worst; expected regret of " + ", ".join(
+              f"{rule} {_f(f[rule]['mean'])} / {_f(f[rule]['worst'])}" for rule in ("default", "highest PM", "last")))
+    print("pooled R² with memorised = NLL below rho x its first-checkpoint value: " + ", ".join(
+        f"rho {k} {_f(v)}" for k, v in fig["relative_nu_r2"].items()))
     for r in fig["per_run"]:
         print(f"  {r['run']}: best {r['best']}; before {r.get('before')}, default {r.get('default')}, robustness "
               f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']})")
@@ -398,6 +449,8 @@ def main() -> None:
             print(f"{label}: R² {_f(v['r2'])} (nu {_f(v['nu'])}); run picks' regret {_f(v['run_pick_regret_mean'])} "
                   f"mean, {_f(v['run_pick_regret_worst'])} worst")
         print(f"last checkpoint: regret {_f(k['last_regret_mean'])} mean, {_f(k['last_regret_worst'])} worst")
+        print("pooled R² with memorised = NLL below rho x its first-checkpoint value: " + ", ".join(
+            f"rho {r} {_f(v)}" for r, v in k["relative_nu_r2"].items()))
     if args.demo is not None:
         figures["demo"] = d = demo_figures(args.demo, args.cache_dir)
         print(f"\n## demo: pick step {d['pick']} (held-out {_f(d['pick_test'], '.2f')}), best step {d['best']} "
