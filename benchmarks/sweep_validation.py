@@ -52,7 +52,7 @@ def kang_runs(folder: Path):
 
 def picks(result, truth: dict[str, np.ndarray], train_acc: dict[str, np.ndarray]) -> dict[str, float]:
     """True accuracy of the sweep's pick and of the simpler rules, and the sweep's best."""
-    rows = result.rows
+    rows = _rows(result)
     true = {(r.run, r.index): float(truth[r.run][r.index]) for r in rows}
     best_pm = max(rows, key=lambda r: r.premem_acc)
     last = {r.run: r for r in rows}  # the last row of each run
@@ -70,13 +70,22 @@ def picks(result, truth: dict[str, np.ndarray], train_acc: dict[str, np.ndarray]
     }
 
 
+def _rows(result) -> list:
+    """One row per (run, checkpoint) of a ckptsel.sweep.SweepResult: run, index, step, premem_acc, train_acc."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(run=r.name, index=j, step=r.steps[j], premem_acc=float(r.columns["premem_acc"][j]),
+                            train_acc=float(r.columns["train_acc"][j])) for r in result.runs for j in range(len(r.steps))]
+
+
 def r2_table(result, truth) -> dict[str, float]:
     from ckptsel.metrics import r2_identity
 
-    pm = np.array([r.premem_acc for r in result.rows])
-    train = np.array([r.train_acc for r in result.rows])
-    test = np.array([truth[r.run][r.index] for r in result.rows])
-    return {"r2_premem": r2_identity(pm, test), "r2_train_acc": r2_identity(train, test), "n": len(result.rows)}
+    rows = _rows(result)
+    pm = np.array([r.premem_acc for r in rows])
+    train = np.array([r.train_acc for r in rows])
+    test = np.array([truth[r.run][r.index] for r in rows])
+    return {"r2_premem": r2_identity(pm, test), "r2_train_acc": r2_identity(train, test), "n": len(rows)}
 
 
 def part_kang(folder: Path) -> dict:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from ckptsel import pathways, stages, sweep
+from ckptsel import columns, pathways, stages, sweep
 from ckptsel.collect import Collected
 from ckptsel.settings import MemorizationSettings, OvermemSettings, PathwaySettings
 from ckptsel.store import Record, Store
@@ -64,26 +64,32 @@ class CheckpointMetrics:
     epoch: float | None
     train_loss: float | None
     fingerprint: str | None
-    train_acc: float = math.nan
-    premem_acc: float = math.nan
     premem_ci: tuple[float, float] = (math.nan, math.nan)
-    premem_nu_low: float = math.nan  # PM at 2 nu (more examples memorised): ckptsel.sweep.nu_band
-    premem_nu_high: float = math.nan  # PM at nu / 2
-    memorized_frac: float = math.nan
-    copy_rate: float = math.nan
-    target_nll: float = math.nan
-    entropy: float = math.nan
-    alt_nll: float = math.nan  # over the examples with an alternative solution
-    perturb_nll: float = math.nan  # target NLL under perturbed prompts (mean over perturbations)
-    perturb_gap: float = math.nan  # perturb_nll - target NLL, example by example
-    heldout_nll: float = math.nan
-    proxy_ratio: float = math.nan  # the flag's proxy over its baseline (stages.proxy_ratio)
+    # Every number of ckptsel.columns.COLUMNS by key (read as attributes too: ``row.premem_acc``); NaN when
+    # not measured.
+    values: dict[str, float] = field(default_factory=dict)
     stage: str | None = None
     flag: stages.Flag | None = None
     error: str | None = None
     pathways: PathwayMetrics | None = None  # MoE runs only
     run: str | None = None  # the run it belongs to
     recommended_in_run: bool = False  # its run's own recommendation
+
+    def __getattr__(self, name: str):  # only called when normal lookup fails: the columns
+        if name in columns.BY_KEY:
+            return self.values.get(name, math.nan)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def row_json(self, moe: bool) -> dict:
+        """This checkpoint as a ``--json`` row: its fields, then every column by key (NaN: null)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "values"}
+        row["premem_ci"] = list(self.premem_ci)
+        row["flag"] = None if self.flag is None else self.flag.to_json()
+        row["pathways"] = None if self.pathways is None else asdict(self.pathways)
+        if not moe:  # dense runs: no pathway keys at all
+            del row["pathways"]
+        row.update({key: self.values.get(key, math.nan) for key in columns.KEYS})
+        return {k: _clean(v) for k, v in row.items()}
 
 
 @dataclass
@@ -142,14 +148,7 @@ class Ranking:
         return next((r for r in self.runs if index in r.indices), None)
 
     def to_json(self) -> dict:
-        rows = []
-        for c in self.checkpoints:
-            row = asdict(c)
-            row["premem_ci"] = list(c.premem_ci)
-            row["flag"] = None if c.flag is None else c.flag.to_json()
-            if self.pathway_rule is None:  # dense runs: no pathway keys at all
-                del row["pathways"]
-            rows.append({k: _clean(v) for k, v in row.items()})
+        rows = [c.row_json(moe=self.pathway_rule is not None) for c in self.checkpoints]
         rec = self.checkpoints[self.recommended] if self.recommended is not None else None
         moe = {} if self.pathway_rule is None else {"pathway_rule": self.pathway_rule}
         return {
@@ -181,31 +180,35 @@ def _clean(value):
 
 
 def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarray]:
-    """The stored measurements as (measured checkpoints, examples) arrays, in training order.
+    """Every :data:`ckptsel.columns.MEASURES` as a (measured checkpoints, examples) array, in training order.
 
-    nll, entropy (target scoring), acc, copy (samples), perturb (mean perturbed-prompt NLL),
-    alt (alternative-solution NLL, NaN for examples without one), and heldout (checkpoints x
-    held-out examples). A kind that was not measured reads as all NaN.
+    A kind that was not measured reads as all NaN; held-out measures have one column per held-out
+    example.
     """
     fps = [fp for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
-    uids = [ex.uid for ex in collected.examples]
-    key = collected.settings_key
-
-    def read(kind: str, field: str, which: list[str] = uids) -> np.ndarray:
-        series = collected.series.get(kind)
+    out = {}
+    for measure in columns.MEASURES:
+        uids = [ex.uid for ex in (collected.heldout if measure.heldout else collected.examples)]
+        series = collected.series.get(measure.kind, measure.kind if measure.kind in ("score", "sample") else None)
         if series is None:
-            return np.full((len(fps), len(which)), np.nan)
-        return store.matrix(fps, key, series, which, field)
+            out[measure.name] = np.full((len(fps), len(uids)), np.nan)
+        elif measure.field is not None:
+            out[measure.name] = store.matrix(fps, collected.settings_key, series, uids, measure.field)
+        else:
+            out[measure.name] = _of_samples(store, fps, collected.settings_key, series, uids, measure.of_samples)
+    return out
 
-    return {
-        "nll": store.matrix(fps, key, "score", uids, "nll"),
-        "entropy": store.matrix(fps, key, "score", uids, "entropy"),
-        "acc": store.matrix(fps, key, "sample", uids, "acc"),
-        "copy": store.matrix(fps, key, "sample", uids, "copy_rate"),
-        "perturb": read("perturb", "nll"),
-        "alt": read("alt", "nll"),
-        "heldout": read("heldout", "nll", [ex.uid for ex in collected.heldout]),
-    }
+
+def _of_samples(store: Store, fps: list[str], key: str, series: str, uids: list[str], fn) -> np.ndarray:
+    """``fn`` of each stored record's samples, as a (checkpoints, examples) array (NaN: no samples)."""
+    out = np.full((len(fps), len(uids)), np.nan)
+    for row, fp in enumerate(fps):
+        records = store.get_many(fp, key, series, uids)
+        for col, uid in enumerate(uids):
+            rec = records.get(uid)
+            if rec is not None and rec.samples:
+                out[row, col] = fn(rec.samples)
+    return out
 
 
 def run_arrays(name: str, col: Collected, store: Store) -> tuple[sweep.RunArrays, dict[str, np.ndarray]]:
@@ -222,6 +225,7 @@ def run_arrays(name: str, col: Collected, store: Store) -> tuple[sweep.RunArrays
         name=name, steps=[col.checkpoints[i].step for i in measured], acc=m["acc"], nll=m["nll"], copy=m["copy"],
         entropy=m["entropy"], perturb=m["perturb"], alt=m["alt"], heldout=m["heldout"],
         examples=[ex.uid for ex in col.examples], alt_coverage=coverage, alt_source_of=source_of,
+        measures={name: values for name, values in m.items() if name not in sweep.RunArrays.__dataclass_fields__},
     )
     return arrays, m
 
@@ -298,8 +302,7 @@ def rank(collected: Collected | Sequence[Collected], store: Store, memorization:
         ranking.warnings.extend(prefix + w for w in ranked.warnings)
         for r, i in enumerate(where):
             row = rows[i]
-            for name, values in ranked.columns.items():
-                setattr(row, name, float(values[r]))
+            row.values = {name: float(values[r]) for name, values in ranked.columns.items()}
             row.premem_ci = (float(ranked.premem_ci[0][r]), float(ranked.premem_ci[1][r]))
             row.stage, row.flag = ranked.stages[r], ranked.flags[r]
         if ranked.recommended is not None:

@@ -6,7 +6,7 @@ elsewhere (Kang et al.'s released per-example arrays, another harness)::
     from ckptsel.sweep import RunArrays, rank_sweep
     result = rank_sweep([RunArrays(name="lr2e-5", steps=[58, 116], acc=acc, nll=nll), ...], recipe="gsm8k")
     result.recommended      # (run name, step)
-    result.rows             # one per (run, checkpoint), in order: .run .step .premem_acc .train_acc ...
+    result.runs             # one RunRanking per run: .steps, .columns["premem_acc"] ... (ckptsel.columns)
 
 ``acc`` and ``nll`` are ``(checkpoints, examples)`` arrays in training order (the fraction of
 the k samples graded correct; the mean target NLL in nats per token). Optional arrays: copy
@@ -34,15 +34,17 @@ The rule (ckptsel/DESIGN.md, "Runs and sweeps"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ckptsel import metrics, stages
+from ckptsel.columns import KEYS, MEASURES, Inputs, compute_columns
 from ckptsel.settings import MemorizationSettings, OvermemSettings, Recipe
 
 PROXIES = ("heldout_nll", "alt_nll", "perturb_nll")  # auto's order of preference
+_NAMED = ("acc", "nll", "copy", "entropy", "perturb", "alt", "heldout")  # RunArrays' own fields
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,11 @@ class RunArrays:
     paired_by_position: bool = False
     alt_coverage: float = math.nan
     alt_source_of: Sequence[int] = ()  # per example column: the row whose sample is its alternative (-1: none)
+    measures: Mapping[str, np.ndarray] = field(default_factory=dict)  # further ckptsel.columns.MEASURES, by name
 
     def matrix(self, name: str) -> np.ndarray:
         """The named array as float, or all NaN of the right shape when it was not given."""
-        value = getattr(self, name)
+        value = getattr(self, name, None) if name in _NAMED else self.measures.get(name)
         if value is not None:
             return np.asarray(value, dtype=float)
         width = 0 if name == "heldout" else np.shape(self.acc)[1]
@@ -116,33 +119,8 @@ class RunRanking:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class SweepRow:
-    """One checkpoint of the sweep, ranked."""
-
-    run: str
-    index: int  # position in its run
-    step: int | None
-    premem_acc: float
-    premem_ci: tuple[float, float]
-    train_acc: float
-    memorized_frac: float
-    copy_rate: float
-    target_nll: float
-    entropy: float
-    alt_nll: float
-    perturb_nll: float
-    perturb_gap: float
-    heldout_nll: float
-    proxy_ratio: float
-    stage: str
-    flag: stages.Flag | None
-    recommended_in_run: bool
-
-
 @dataclass
 class SweepResult:
-    rows: list[SweepRow]
     runs: list[RunRanking]
     recommended: tuple[str, int | None] | None  # (run name, step)
     recommended_run: int | None  # index into runs
@@ -196,13 +174,12 @@ def rank_sweep(
     ranked = [rank_run(run, memorization, overmem, per_run_nu.get(run.name, report.used), n_boot=n_boot,
                        level=level) for run in runs]
     pick = _sweep_pick(runs, ranked, overmem) if len(runs) > 1 else (0 if ranked[0].recommended is not None else None)
-    rows = [_row(r, j) for r in ranked for j in range(len(r.steps))]
     rec = None if pick is None else (ranked[pick].name, ranked[pick].steps[ranked[pick].recommended])
     rule = stages.recommend_rule(overmem.prefer).format(se=overmem.recommend_se, proxy=_proxy_label(ranked),
                                                         tie=overmem.proxy_tie)
     if len(runs) > 1:
         rule += "; " + SWEEP_RULE.format(se=overmem.recommend_se)
-    return SweepResult(rows, ranked, rec, pick, report, rule, warnings)
+    return SweepResult(ranked, rec, pick, report, rule, warnings)
 
 
 def resolve_threshold(
@@ -256,7 +233,8 @@ def _fallback(default: float | None, err: Exception, where: str, warnings: list[
 def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: OvermemSettings, threshold: float | None,
              *, n_boot: int = 1000, level: float = 0.95) -> RunRanking:
     """One run: PM per example (history inside the run), interval, stages, flags and its pick."""
-    m = {name: run.matrix(name) for name in ("acc", "nll", "copy", "entropy", "perturb", "alt", "heldout")}
+    m = {measure.name: run.matrix(measure.name) for measure in MEASURES}
+    m.update({name: np.asarray(values, dtype=float) for name, values in run.measures.items()})
     if len(run.alt_source_of):  # a checkpoint scores its own samples best: its own alternatives are left out
         own = np.asarray(run.alt_source_of)[None, :] == np.arange(len(run.steps))[:, None]
         m["alt"] = np.where(own, np.nan, m["alt"])
@@ -269,19 +247,9 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
     per_example = metrics.premem_accuracy_per_example_from_mask(m["acc"], mask)
     pm = metrics.per_checkpoint_mean(per_example)
     lo, hi = metrics.bootstrap_ci(per_example, n_boot=n_boot, level=level)
-    columns = {
-        "train_acc": metrics.train_accuracy(m["acc"]),
-        "premem_acc": pm,
-        **nu_band(m["acc"], m["nll"], threshold if memorization.rule == "nll" else None),
-        "memorized_frac": metrics.memorized_fraction(mask & measured_mask, measured_mask),
-        "copy_rate": metrics.copy_rate(m["copy"]),
-        "target_nll": metrics.per_checkpoint_mean(m["nll"]),
-        "entropy": metrics.per_checkpoint_mean(m["entropy"]),
-        "alt_nll": metrics.per_checkpoint_mean(m["alt"]),
-        "perturb_nll": metrics.per_checkpoint_mean(m["perturb"]),
-        "perturb_gap": metrics.per_checkpoint_mean(m["perturb"] - m["nll"]),
-        "heldout_nll": metrics.per_checkpoint_mean(m["heldout"]),
-    }
+    computed = compute_columns(Inputs(m, mask, measured_mask, threshold if memorization.rule == "nll" else None))
+    columns = {key: pm if key == "premem_acc" else computed[key] for key in KEYS if key in computed or
+               key == "premem_acc"}
     warnings: list[str] = []
     coverage = run.alt_coverage
     if math.isnan(coverage) and run.alt is not None:
@@ -309,28 +277,6 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         warnings.append(_flagged_pick_warning(run, pm, assessment, flagged, pick, proxy or "proxy"))
     return RunRanking(run.name, list(run.steps), columns, (lo, hi), assessment.stages, assessment.flags, proxy, pick,
                       threshold, per_example, mask, warnings)
-
-
-NU_BAND = 2.0  # the band of pre-memorization accuracy: nu times and divided by this
-
-
-def nu_band(acc: np.ndarray, nll: np.ndarray, threshold: float | None) -> dict[str, np.ndarray]:
-    """Pre-memorization accuracy at ``NU_BAND`` x nu (``premem_nu_low``) and nu / ``NU_BAND``
-    (``premem_nu_high``): how much the number depends on the memorisation threshold.
-
-    PM can only fall as nu grows (more examples count as memorised), so the two bound it over
-    that range. Why a band: nu is a per-token NLL level, and it depends on the task as well as
-    the tokenizer -- on a task whose targets are mostly predictable tokens (copied numbers), a
-    nu that suits GSM8K marks examples the model generalises on as memorised. On the lab's
-    held-out grid no fixed or calibrated nu made PM track held-out accuracy
-    (benchmarks/README.md, "The pick on a grid nobody tuned on"); a wide band says the level of
-    PM is uncertain there, while its ranking of checkpoints may still hold.
-    """
-    if threshold is None or not threshold > 0:
-        nan = np.full(np.shape(acc)[0], np.nan)
-        return {"premem_nu_low": nan, "premem_nu_high": nan.copy()}
-    return {"premem_nu_low": metrics.premem_accuracy(acc, nll, threshold * NU_BAND),
-            "premem_nu_high": metrics.premem_accuracy(acc, nll, threshold / NU_BAND)}
 
 
 def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, flagged: np.ndarray, pick: int,
@@ -433,19 +379,6 @@ def shared_columns(a: RunArrays, b: RunArrays) -> tuple[np.ndarray, np.ndarray] 
 # --------------------------------------------------------------------------- helpers
 
 
-def _row(r: RunRanking, j: int) -> SweepRow:
-    c = r.columns
-    return SweepRow(
-        run=r.name, index=j, step=r.steps[j], premem_acc=float(c["premem_acc"][j]),
-        premem_ci=(float(r.premem_ci[0][j]), float(r.premem_ci[1][j])), train_acc=float(c["train_acc"][j]),
-        memorized_frac=float(c["memorized_frac"][j]), copy_rate=float(c["copy_rate"][j]),
-        target_nll=float(c["target_nll"][j]), entropy=float(c["entropy"][j]), alt_nll=float(c["alt_nll"][j]),
-        perturb_nll=float(c["perturb_nll"][j]), perturb_gap=float(c["perturb_gap"][j]),
-        heldout_nll=float(c["heldout_nll"][j]), proxy_ratio=float(c["proxy_ratio"][j]), stage=r.stages[j],
-        flag=r.flags[j], recommended_in_run=r.recommended == j,
-    )
-
-
 def _proxy_label(ranked: Sequence[RunRanking]) -> str:
     names = sorted({r.proxy for r in ranked if r.proxy})
     if not names:
@@ -473,5 +406,8 @@ def _check(run: RunArrays) -> None:
             raise ValueError(f"run {run.name}: {name} has shape {np.shape(value)}, expected {acc}")
     if run.heldout is not None and np.shape(run.heldout)[0] != acc[0]:
         raise ValueError(f"run {run.name}: heldout has {np.shape(run.heldout)[0]} rows for {acc[0]} checkpoints")
+    for name, value in run.measures.items():
+        if np.shape(value) != acc:
+            raise ValueError(f"run {run.name}: {name} has shape {np.shape(value)}, expected {acc}")
     if run.examples is not None and len(run.examples) != acc[1]:
         raise ValueError(f"run {run.name}: {len(run.examples)} example ids for {acc[1]} examples")

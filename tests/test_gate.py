@@ -29,8 +29,9 @@ def _ranking(paths) -> Ranking:
         zip(paths, ["underfit", "generalizing", "over-memorized"], [0.2, 0.5, 0.52], [0.0, 0.4, 0.9], [1.0, 1.0, 1.6])
     ):
         rows.append(CheckpointMetrics(index=i, path=str(path), step=i + 1, epoch=None, train_loss=None, fingerprint=f"f{i}",
-                                      train_acc=0.3 + 0.3 * i, premem_acc=pm, premem_ci=(pm - 0.05, pm + 0.05),
-                                      memorized_frac=mem, proxy_ratio=ratio, stage=stage, flag=flag if i == 2 else None))
+                                      premem_ci=(pm - 0.05, pm + 0.05), stage=stage, flag=flag if i == 2 else None,
+                                      values={"train_acc": 0.3 + 0.3 * i, "premem_acc": pm, "memorized_frac": mem,
+                                              "proxy_ratio": ratio}))
     return Ranking(rows, Threshold("nll", 0.1, 0.1), 10, recommended=1, rule="rule", proxy="alt_nll")
 
 

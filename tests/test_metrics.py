@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from ckptsel import metrics as M
-from ckptsel.errors import CkptselError
 
 NAN = np.nan
 
@@ -288,26 +287,3 @@ def test_spearman_agrees_with_scipy_on_ties():
     rng = np.random.default_rng(5)
     x, y = rng.integers(0, 5, 60), rng.integers(0, 5, 60)
     assert M.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
-
-
-# --- directions -----------------------------------------------------------------
-
-
-def test_registry_lists_every_metric_with_a_direction():
-    expected_higher = {"train_acc", "premem_acc", "entropy"}
-    names = {
-        "train_acc", "premem_acc", "memorized_frac", "copy_rate", "target_nll", "alt_nll",
-        "perturb_nll", "perturb_gap", "entropy", "heldout_nll", "pathway_distance", "pathway_complexity",
-    }  # fmt: skip
-    assert set(M.METRICS) == names
-    assert {n for n, info in M.METRICS.items() if info.higher_is_better} == expected_higher
-
-
-def test_best_index_uses_direction():
-    values = np.array([0.3, NAN, 0.7, 0.1])
-    assert M.best_index(values, "premem_acc") == 2
-    assert M.best_index(values, "alt_nll") == 3
-    assert M.best_index([0.5, 0.5], "train_acc") == 0  # ties go to the earliest
-    assert M.best_index([NAN, NAN], "train_acc") is None
-    with pytest.raises(CkptselError, match="unknown metric 'loss'"):
-        M.best_index(values, "loss")

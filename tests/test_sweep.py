@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ckptsel import metrics
+from ckptsel import columns, metrics
 from ckptsel.cli import main
 from ckptsel.settings import MemorizationSettings, OvermemSettings
 from ckptsel.sweep import RunArrays, gap_between, rank_sweep, shared_columns
@@ -31,11 +31,11 @@ def test_history_stays_inside_each_run():
     a = _run("a", [[1.0, 0.0], [1.0, 0.5]], [[0.5, 0.5], [0.01, 0.5]])
     b = _run("b", [[1.0, 0.5]], [[0.01, 0.5]])
     result = rank_sweep([a, b], recipe="gsm8k")
-    pm = {(r.run, r.step): r.premem_acc for r in result.rows}
+    pm = {(r.name, step): pm for r in result.runs for step, pm in zip(r.steps, r.columns["premem_acc"])}
     assert pm[("a", 2)] == pytest.approx(metrics.premem_accuracy(a.acc, a.nll, 0.1)[-1]) == pytest.approx(0.75)
     # The same last checkpoint, without a's history: example 0 was never answered unmemorised.
     assert pm[("b", 1)] == pytest.approx(0.25)
-    assert [r.run for r in result.rows] == ["a", "a", "b"] and result.threshold.used == 0.1
+    assert [r.name for r in result.runs] == ["a", "b"] and result.threshold.used == 0.1
 
 
 def test_sweep_pick_is_the_most_accurate_run_and_each_run_keeps_its_own():
@@ -49,7 +49,7 @@ def test_sweep_pick_is_the_most_accurate_run_and_each_run_keeps_its_own():
         alone = rank_sweep([low if rr.name == "low" else high], recipe="gsm8k")
         assert rr.recommended == alone.runs[0].recommended
         assert alone.recommended == (rr.name, rr.steps[rr.recommended])
-    assert sum(r.recommended_in_run for r in result.rows) == 2
+    assert sum(r.recommended is not None for r in result.runs) == 2
     assert "across runs" in result.rule
 
 
@@ -185,8 +185,9 @@ def test_rank_of_a_sweep_ranks_every_run_and_picks_one(sweep, tmp_path):
             arrays.append(RunArrays(run["name"], [r["step"] for r in own], read("sample", "acc"), read("score", "nll"),
                                     copy=read("sample", "copy_rate"), examples=uids))
     again = rank_sweep(arrays, recipe=recipe)
-    assert [r.premem_acc for r in again.rows] == pytest.approx([r["premem_acc"] for r in out["checkpoints"]])
-    assert [r.stage for r in again.rows] != [] and again.recommended[0] in {"early", "full", "late"}
+    assert [pm for r in again.runs for pm in r.columns["premem_acc"]] == pytest.approx(
+        [r["premem_acc"] for r in out["checkpoints"]])
+    assert [s for r in again.runs for s in r.stages] != [] and again.recommended[0] in {"early", "full", "late"}
 
 
 def test_one_data_file_for_every_run_and_the_table(sweep, tmp_path):
@@ -314,7 +315,11 @@ def test_a_checkpoint_is_not_scored_on_the_alternatives_it_sampled_itself():
 def test_the_nu_band_bounds_pre_memorization_accuracy_over_half_to_twice_nu():
     """Example 0 is memorised below 0.15 from checkpoint 1 on, example 1 below 0.04: at nu = 0.1 only
     example 0 counts, at 0.2 both, at 0.05 neither."""
-    from ckptsel.sweep import RunArrays, nu_band, rank_run
+    from ckptsel.sweep import RunArrays, rank_run
+
+    def nu_band(acc, nll, threshold):
+        x = columns.Inputs({"acc": acc, "nll": nll}, np.zeros(acc.shape, bool), np.ones(acc.shape, bool), threshold)
+        return {key: columns.BY_KEY[key].compute(x) for key in ("premem_nu_low", "premem_nu_high")}
 
     acc = np.array([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # right before memorising, wrong after
     nll = np.array([[1.0, 1.0], [0.07, 0.15], [0.07, 0.15]])

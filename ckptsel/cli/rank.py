@@ -17,6 +17,7 @@ from ckptsel.cli.options import (
     stderr_console,
     stdout_console,
 )
+from ckptsel.columns import band_partner, table_columns
 
 
 # --------------------------------------------------------------------------- the command
@@ -70,6 +71,16 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _cell(c, column) -> str:
+    """One checkpoint's value of one ckptsel.columns column, as its ``cell`` says."""
+    value = getattr(c, column.key)
+    if column.cell == "ci":
+        return f"{_fmt(value, column.fmt)} ({_fmt(c.premem_ci[0], '.2f')}–{_fmt(c.premem_ci[1], '.2f')})"
+    if (partner := band_partner(column)) is not None:
+        return f"{_fmt(value, '.2f')}–{_fmt(getattr(c, partner), '.2f')}"
+    return _fmt(value, column.fmt)
+
+
 def _print_table(console, ranking, recipe) -> None:
     from rich.table import Table
 
@@ -82,7 +93,6 @@ def _print_table(console, ranking, recipe) -> None:
             rule += f" (recipe default {t.recipe_default:.3f})"
     else:
         rule = f"memorised: ≥ {recipe.memorization.copy_fraction:.0%} of samples copy the training solution"
-    heldout = ranking.n_heldout > 0
     moe = ranking.pathway_rule is not None
     sweep = ranking.is_sweep
     if sweep:
@@ -91,28 +101,22 @@ def _print_table(console, ranking, recipe) -> None:
     else:
         what = f"{ranking.n_examples} training examples"
     table = Table(title=f"{what} · {rule}", title_justify="left")
-    band = t.rule == "nll"
-    columns = ["", *(["run"] if sweep else []), "step", "epoch", "train loss", "train acc", "pre-mem acc (95% CI)",
-               *(["at 2ν … ν/2"] if band else []), "memorised", "copy",
-               "target NLL", "alt NLL", "perturb gap", "entropy", *(["held-out NLL"] if heldout else []),
+    measured = [c for c in ranking.checkpoints if not c.error]
+    shown = table_columns(lambda key: any(not math.isnan(getattr(c, key)) for c in measured))
+    headers = ["", *(["run"] if sweep else []), "step", "epoch", "train loss", *(c.header for c in shown),
                *(["pathway dist", "pathway cplx"] if moe else []), "stage"]
-    for name in columns:
+    for name in headers:
         table.add_column(name, justify="left" if name in ("", "stage") else "right")
     for c in ranking.checkpoints:
         mark = "★" if c.index == ranking.recommended else "☆" if sweep and c.recommended_in_run else ""
         run_cell = [c.run or ""] if sweep else []
         if c.error:
             table.add_row(mark, *run_cell, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"),
-                          f"[red]failed: {c.error}[/]", *[""] * (len(columns) - 5 - len(run_cell)))
+                          f"[red]failed: {c.error}[/]", *[""] * (len(headers) - 5 - len(run_cell)))
             continue
-        ci = f"{_fmt(c.premem_acc)} ({_fmt(c.premem_ci[0], '.2f')}–{_fmt(c.premem_ci[1], '.2f')})"
         stage = {"over-memorized": "[red]over-memorized[/]", "underfit": "[dim]underfit[/]"}.get(c.stage, c.stage or "")
         table.add_row(mark, *run_cell, _fmt(c.step, "d"), _fmt(c.epoch, ".2f"), _fmt(c.train_loss, ".4f"),
-                      _fmt(c.train_acc),
-                      ci, *([f"{_fmt(c.premem_nu_low, '.2f')}–{_fmt(c.premem_nu_high, '.2f')}"] if band else []),
-                      _fmt(c.memorized_frac), _fmt(c.copy_rate), _fmt(c.target_nll), _fmt(c.alt_nll),
-                      _fmt(c.perturb_gap, "+.3f"), _fmt(c.entropy), *([_fmt(c.heldout_nll)] if heldout else []),
-                      *(_pathway_cells(c.pathways) if moe else []), stage)
+                      *(_cell(c, column) for column in shown), *(_pathway_cells(c.pathways) if moe else []), stage)
     if not console.is_terminal:  # piped or redirected: no screen width to respect, keep the table unsqueezed
         console.width = max(console.width, 200)
     console.print(table)

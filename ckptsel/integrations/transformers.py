@@ -11,7 +11,8 @@ On every save (``every_n_saves``) the callback measures the checkpoint just writ
 ``ckptsel rank`` measures the saved folder (target NLL, k graded samples, the
 over-memorization proxies), stores the results under the same keys (the folder's content
 fingerprint, the same settings key), ranks the run's checkpoints so far, and logs
-``ckptsel/premem_acc``, ``ckptsel/train_acc``, ``ckptsel/memorized_frac``, the flag's proxy
+``ckptsel/KEY`` for every column of :data:`ckptsel.columns.COLUMNS` marked ``log`` (``premem_acc``,
+``train_acc``, ``memorized_frac``, ...), the flag's proxy
 (``ckptsel/alt_nll``, ``ckptsel/perturb_nll`` or ``ckptsel/heldout_nll``), ``ckptsel/stage``
 (0 underfit, 1 generalizing, 2 over-memorized) and ``ckptsel/recommended_step`` through the
 Trainer's own ``log`` -- TensorBoard, W&B and the console get them beside the loss. After
@@ -73,6 +74,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ckptsel.columns import COLUMNS
 from ckptsel.errors import CkptselError
 
 log = logging.getLogger(__name__)
@@ -299,8 +301,7 @@ class CkptselCallback(TrainerCallback):
         if row.error:
             return SaveReport(step, folder, {}, None, None, None, None, 0.0, collected.loaded, failure=row.error,
                               ranking=ranking)
-        metrics = {"ckptsel/premem_acc": row.premem_acc, "ckptsel/train_acc": row.train_acc,
-                   "ckptsel/memorized_frac": row.memorized_frac}
+        metrics = {f"ckptsel/{column.key}": getattr(row, column.key) for column in COLUMNS if column.log}
         if ranking.proxy is not None:
             metrics[f"ckptsel/{ranking.proxy}"] = getattr(row, ranking.proxy)
         if row.stage in STAGE_CODES:

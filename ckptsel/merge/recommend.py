@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckptsel.columns import COLUMNS
 from ckptsel.errors import CkptselError
 
 log = logging.getLogger(__name__)
@@ -182,14 +183,8 @@ class Recommendation:
                 "name": c.spec.name,
                 "method": c.spec.method,
                 "steps": [ckpt.step for ckpt in c.plan.inputs],
-                "train_acc": value("train_acc"),
-                "premem_acc": value("premem_acc"),
+                **{column.key: value(column.key) for column in COLUMNS},
                 "premem_ci": list(value("premem_ci")) if m is not None else None,
-                "memorized_frac": value("memorized_frac"),
-                "target_nll": value("target_nll"),
-                "alt_nll": value("alt_nll"),
-                "perturb_nll": value("perturb_nll"),
-                "heldout_nll": value("heldout_nll"),
                 "proxy": value(self.proxy) if self.proxy else None,
                 "fingerprint": m.fingerprint if m is not None else None,
                 "eligible": bool(self.eligible[n]),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ckptsel.columns import COLUMNS
 from ckptsel.report.inputs import ReportInputs
 
 # role -> (light, dark) colour. Colour-blind-safe hues (Okabe-Ito), one role per quantity.
@@ -25,6 +26,7 @@ PALETTE: dict[str, tuple[str, str]] = {
     "nll": ("#d55e00", "#ff8c42"),       # target NLL
     "alt": ("#882255", "#e07ab0"),       # alternative-solution NLL
     "perturb": ("#999933", "#d6d66b"),   # perturbed-prompt NLL / gap
+    "metric": ("#117733", "#44bb99"),    # a further ckptsel.columns metric, in a chart of its own
     "heldout": ("#332288", "#9a8cff"),   # held-out reference NLL (ckptsel rank --heldout)
     "entropy": ("#8e6bbf", "#b9a0e0"),
     "path": ("#cc79a7", "#e6a3c8"),
@@ -171,6 +173,13 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
                             "How much more the training target costs under lightly perturbed prompts (a neutral "
                             "preamble, formatting changes): memorisation tied to the exact prompt widens it.",
                             y_label="nats per token", series=[gap], **common))
+
+    for column in COLUMNS:  # the further metrics ckptsel.columns marks for a chart, one chart each
+        s = _series(column.header, "metric", xs, rows, column.key, labels=labels) if column.chart else None
+        if s:
+            charts.append(Chart(column.key.replace("_", "-"), column.header[:1].upper() + column.header[1:],
+                                column.description[:1].upper() + column.description[1:] + ".", y_label=column.header,
+                                series=[s], **common))
 
     for key, title, caption in PATHWAY_CHARTS:
         s = _series(title.removeprefix("MoE "), "path", xs, rows, key, labels=labels)

@@ -13,26 +13,20 @@ from datetime import datetime, timezone
 from html import escape
 
 from ckptsel import __version__
+from ckptsel.columns import BY_KEY, table_columns
 from ckptsel.report import svg
 from ckptsel.report.charts import PALETTE, STAGE_COLORS, Chart
 from ckptsel.report.inputs import ReportInputs
 
-# (key in a ranking row, header, format) -- a column appears when any row has a value.
+# (key in a ranking row, header, format) -- a column appears when any row has a value: the checkpoint's
+# own fields, every ckptsel.columns column a table shows ("ci" and "band:<key>" cells as the column says),
+# and the MoE pathway metrics.
 COLUMNS = (
     ("step", "step", "d"),
     ("epoch", "epoch", ".2f"),
     ("train_loss", "train loss", ".4f"),
     ("stage", "stage", "s"),
-    ("train_acc", "train acc", ".3f"),
-    ("premem_acc", "pre-mem acc (95% CI)", "ci"),
-    ("premem_nu_low", "pre-mem acc at 2ν … ν/2", "nu-band"),
-    ("memorized_frac", "memorised", ".3f"),
-    ("copy_rate", "copy rate", ".3f"),
-    ("target_nll", "target NLL", ".3f"),
-    ("alt_nll", "alt-solution NLL", ".3f"),
-    ("perturb_gap", "perturb gap", "+.3f"),
-    ("heldout_nll", "held-out NLL", ".3f"),
-    ("entropy", "entropy", ".3f"),
+    *((c.key, c.header, c.fmt if c.cell == "value" else c.cell) for c in table_columns(lambda key: True)),
     ("pathway_distance", "pathway distance", ".3f"),
     ("pathway_complexity", "pathway complexity", ".3f"),
 )
@@ -233,10 +227,9 @@ def table(inputs: ReportInputs) -> str:
             for key, _, spec in columns:
                 if spec == "ci":
                     cells.append(f'<td class="num">{_ci(row.get(key), row.get("premem_ci"))}</td>')
-                elif spec == "nu-band":
-                    band = f'{_f(row.get("premem_nu_low"), ".2f")}–{_f(row.get("premem_nu_high"), ".2f")}'
-                    cells.append(f'<td class="num" title="how much pre-memorization accuracy depends on the '
-                                 f'memorisation threshold">{escape(band)}</td>')
+                elif spec.startswith("band:"):
+                    band = f'{_f(row.get(key), ".2f")}–{_f(row.get(spec.split(":", 1)[1]), ".2f")}'
+                    cells.append(f'<td class="num" title="{escape(BY_KEY[key].description)}">{escape(band)}</td>')
                 elif key == "pathway_distance" and (row.get("pathways") or {}).get("distance_exact") is False:
                     estimate = f'{_f(row.get(key), spec)} ± {_f(row["pathways"].get("distance_stderr"), spec)}'
                     cells.append(f'<td class="num" title="estimated on sampled pairs">{escape(estimate)}</td>')
