@@ -285,6 +285,27 @@ def relative_nu_r2(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dic
     return out
 
 
+def diversity_figures(runs: list[LabRun], recipe) -> dict:
+    """Sample diversity (Ruan et al.: over-memorized checkpoints lose it) on the runs that truly over-memorize:
+    at the best checkpoint that is not over-memorized against the mean over the over-memorized ones, and per run
+    its Spearman with held-out NLL over all checkpoints (every run)."""
+    out: dict = {"runs": [], "spearman_heldout_nll": []}
+    for run in runs:
+        values = ranked(run, recipe, "default").columns["sample_diversity"]
+        if (rho := spearman(values, run.test_nll)) is not None:
+            out["spearman_heldout_nll"].append(rho)
+        truly = run.truly
+        if truly.any() and (~truly).any():
+            clean = int(np.argmax(np.where(~truly, run.test_acc, -np.inf)))
+            out["runs"].append({"run": run.arrays.name, "best_clean": float(values[clean]),
+                                "overmemorized_mean": float(np.nanmean(values[truly])),
+                                "last": float(values[-1])})
+    rho = out["spearman_heldout_nll"]
+    out["spearman_median"] = statistics.median(rho) if rho else math.nan
+    out["lower_when_overmemorized"] = sum(r["overmemorized_mean"] < r["best_clean"] for r in out["runs"])
+    return out
+
+
 def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
     """The callback's stop, save by save: the newest checkpoint's flag in a ranking of the saves so far."""
     stops = early = 0
@@ -325,6 +346,7 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
             "flags": flag_table(runs, recipe), "flag_grid": flag_grid(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
             "noise_floor": noise_floor(runs, recipe),
+            "diversity": diversity_figures(runs, recipe),
             "relative_nu_r2": relative_nu_r2([(r.arrays.matrix("acc"), r.arrays.matrix("nll"), r.test_acc)
                                               for r in runs]),
             "per_run": [per_run(r, recipe) for r in runs]}
@@ -421,6 +443,12 @@ def print_lab(name: str, fig: dict) -> None:
               f"{rule} {_f(f[rule]['mean'])} / {_f(f[rule]['worst'])}" for rule in ("default", "highest PM", "last")))
     print("pooled R² with memorised = NLL below rho x its first-checkpoint value: " + ", ".join(
         f"rho {k} {_f(v)}" for k, v in fig["relative_nu_r2"].items()))
+    d = fig["diversity"]
+    print(f"sample diversity, truly over-memorizing runs: lower over the over-memorized checkpoints than at the best "
+          f"clean one in {d['lower_when_overmemorized']} of {len(d['runs'])} (" + "; ".join(
+              f"{r['run']} {r['best_clean']:.3f} -> {r['overmemorized_mean']:.3f}" for r in d["runs"])
+          + f"); Spearman with held-out NLL, median over {len(d['spearman_heldout_nll'])} runs: "
+          f"{_f(d['spearman_median'], '.2f')}")
     for r in fig["per_run"]:
         print(f"  {r['run']}: best {r['best']}; before {r.get('before')}, default {r.get('default')}, robustness "
               f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']})")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ckptsel import metrics
+from ckptsel import diversity, metrics
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ MEASURES: tuple[Measure, ...] = (
     Measure("perturb", "perturb", "nll"),  # mean target NLL over the perturbed prompts
     Measure("alt", "alt", "nll"),  # NaN for examples without an alternative solution
     Measure("heldout", "heldout", "nll", heldout=True),
+    Measure("distinct", "sample", of_samples=diversity.distinct_fraction),
+    Measure("edit_distance", "sample", of_samples=diversity.mean_edit_distance),
 )
 
 
@@ -141,6 +143,12 @@ COLUMNS: tuple[Column, ...] = (
            higher_is_better=True, compute=_mean("entropy"), show="always"),
     Column("heldout_nll", "held-out NLL", "NLL of held-out reference solutions (when a held-out file is given)",
            higher_is_better=False, compute=_mean("heldout")),
+    # Ruan et al.: over-memorized checkpoints lose generation diversity at comparable accuracy.
+    Column("sample_diversity", "sample diversity",
+           "mean pairwise edit distance of a question's k samples (normalised: 0 identical, 1 nothing shared)",
+           higher_is_better=True, compute=_mean("edit_distance"), log=True, chart=True),
+    Column("distinct_samples", "distinct samples", "distinct solutions among a question's k samples, over k",
+           higher_is_better=True, compute=_mean("distinct"), log=True),
     Column("proxy_ratio", "proxy rise", "the flag's proxy over its minimum since underfitting (1: at its minimum)",
            fmt=".2f", higher_is_better=False, show="json"),
 )

@@ -87,7 +87,8 @@ def _check_logged(recorder, callback, save_steps) -> None:
     assert sorted(logged) == save_steps
     for report in callback.reports:
         entry = logged[report.step]
-        for key in ("ckptsel/premem_acc", "ckptsel/train_acc", "ckptsel/memorized_frac", "ckptsel/stage"):
+        for key in ("ckptsel/premem_acc", "ckptsel/train_acc", "ckptsel/memorized_frac", "ckptsel/stage",
+                    "ckptsel/sample_diversity", "ckptsel/distinct_samples"):  # the columns marked `log`
             assert entry[key] == report.metrics[key]
         assert f"ckptsel/{report.proxy}" in entry
         assert entry["ckptsel/stage"] == {"underfit": 0, "generalizing": 1, "over-memorized": 2}[report.stage]
