@@ -94,6 +94,7 @@ class MeasuredRun:
     run: Run
     data: Path
     collected: Collected
+    rows: list[Example] = field(default_factory=list)  # every rendered row of its training file (curate)
 
 
 @dataclass
@@ -237,7 +238,8 @@ def rank_runs(
             collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=sizes,
                                 engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
                                 on_progress=_offset(on_progress, offset), executor=executor)
-            return MeasuredRun(run, data_files.get(run.name), collected)
+            return MeasuredRun(run, data_files.get(run.name), collected,
+                               loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].examples)
 
         offsets = [sum(len(p[0].checkpoints) for p in plans[:n]) for n in range(len(plans))]
         jobs = [(run, examples, heldout, offset) for (run, examples, heldout, _), offset in zip(plans, offsets)]

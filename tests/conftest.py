@@ -87,3 +87,19 @@ def lab_lora_run(tmp_path_factory):
     from ckptsel.lab.quick import train_tiny_run
 
     return train_tiny_run(tmp_path_factory.mktemp("lab-lora"), mode="lora", n_checkpoints=3)
+
+
+@pytest.fixture(scope="session")
+def sweep(learning_run, tmp_path_factory):
+    """Three runs: the learning run ("full"), its first half ("early") and its second half
+    ("late", as if it had started there), all trained on the same data. Tests copy from it and never write into it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("sweep") / "sweep"
+    steps = sorted(int(p.name.split("-")[1]) for p in learning_run.glob("checkpoint-*"))
+    for name, keep in (("full", steps), ("early", steps[:2]), ("late", steps[2:])):
+        for step in keep:
+            shutil.copytree(learning_run / f"checkpoint-{step}", root / name / f"checkpoint-{step}")
+        for f in ("train.jsonl", "recipe.yaml"):
+            shutil.copy(learning_run / f, root / name / f)
+    return root

@@ -127,20 +127,6 @@ def test_bad_arrays_are_named():
 FAST = ["--max-examples", "6", "-k", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def sweep(learning_run, tmp_path_factory):
-    """Three runs: the learning run ("full"), its first half ("early") and its second half
-    ("late", as if it had started there), all trained on the same data."""
-    root = tmp_path_factory.mktemp("sweep") / "sweep"
-    steps = sorted(int(p.name.split("-")[1]) for p in learning_run.glob("checkpoint-*"))
-    for name, keep in (("full", steps), ("early", steps[:2]), ("late", steps[2:])):
-        for step in keep:
-            shutil.copytree(learning_run / f"checkpoint-{step}", root / name / f"checkpoint-{step}")
-        for f in ("train.jsonl", "recipe.yaml"):
-            shutil.copy(learning_run / f, root / name / f)
-    return root
-
-
 def _rank(sweep, cache, *extra, recipe=None):
     recipe = recipe or sweep / "full" / "recipe.yaml"
     args = ["rank", str(sweep), "--recipe", str(recipe), "--cache-dir", str(cache), *FAST, *extra]

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "ls": "ckptsel.cli.ls:ls",
     "data": "ckptsel.cli.data:data",
     "rank": "ckptsel.cli.rank:rank",
+    "curate": "ckptsel.cli.curate:curate",
     "merge": "ckptsel.cli.merge:merge",
     "gate": "ckptsel.cli.gate:gate",
     "lab": "ckptsel.cli.lab:lab",
