@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -391,3 +392,49 @@ def test_sft_trainer_stops_when_asked(tmp_path, monkeypatch):
     callback = _callback(run, tmp_path / "cache", stop_on_overmemorization=True)
     trainer = _sft(run, [callback])
     assert trainer.state.global_step == 3 and [r.step for r in callback.reports] == [3]
+
+
+# ----------------------------------------------------------------------------- memorization-aware reweighting
+
+
+def test_reweighting_drops_memorised_examples_from_the_next_epoch(tmp_path):
+    """nu = 100 marks every measured example memorised at the first save (step 2, in epoch 1); with weight 0
+    they are never drawn again from epoch 2 on, and epoch 1 is the plain run's to the bit."""
+    _, plain_losses = _train_with_dropout(tmp_path / "plain")
+    run = tmp_path / "with"
+    callback, recorder = _callback(run, tmp_path / "cache", threshold=100.0, reweight=0.0), _Logs()
+    _, losses = _train_with_dropout(run, [callback, recorder])
+    assert losses[:3] == plain_losses[:3] and losses[3:] != plain_losses[3:]  # 48 rows / 16 = 3 steps an epoch
+    assert len(callback.down_weighted) == EXAMPLES
+    sampler = callback._dataloader.batch_sampler.sampler
+    drawn = [i for epoch in range(3) for i in (sampler.set_epoch(epoch) or list(sampler))]
+    assert len(drawn) == 3 * 48 and set(drawn).isdisjoint(callback.down_weighted)
+    logged = [e for e in recorder.logs if "ckptsel/reweighted" in e]
+    assert [e["ckptsel/reweighted"] for e in logged] == [EXAMPLES] * 3 and logged[0]["ckptsel/reweight"] == 0.0
+
+
+def test_reweighting_in_an_sft_trainer(tmp_path):
+    run = tmp_path / "run"
+    callback = _callback(run, tmp_path / "cache", threshold=100.0, reweight=0.25)
+    trainer = _sft(run, [callback])
+    assert trainer.state.global_step == 6 and len(callback.down_weighted) == EXAMPLES
+    weights = callback._dataloader.batch_sampler.sampler.weights
+    assert sorted(np.flatnonzero(weights < 1)) == sorted(callback.down_weighted) and set(weights) == {0.25, 1.0}
+
+
+def test_the_reweighted_sampler_is_seeded_and_draws_in_proportion():
+    from ckptsel.integrations.reweighting import ReweightedSampler, install
+
+    sampler = ReweightedSampler(np.array([1.0, 1.0, 0.25, 0.0] * 500), seed=3)
+    first, again = list(sampler), list(sampler)
+    assert first == again and len(first) == 2000
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    counts = np.bincount(np.array(first) % 4, minlength=4) / len(first)
+    assert counts[3] == 0 and counts[2] == pytest.approx(0.25 / 2.25, abs=0.03)
+
+    class Loader:  # what the Trainer hands over, with a dataset of another size than the training file
+        dataset = list(range(10))
+        batch_sampler = type("B", (), {"sampler": None})()
+
+    assert "has 10 rows and the training file 12" in install(Loader(), 12, seed=0)

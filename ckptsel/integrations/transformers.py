@@ -72,6 +72,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from transformers import TrainerCallback
 
 from ckptsel.columns import COLUMNS
@@ -102,6 +103,7 @@ class SaveReport:
     measured: int  # checkpoints measured (0: all came from the store)
     stop: bool = False  # the callback asked the Trainer to stop here
     failure: str | None = None  # the checkpoint could not be measured (one line)
+    memorised_rows: list[int] = field(default_factory=list)  # training-file rows memorised at this save
     ranking: object = field(default=None, repr=False)  # ckptsel.select.Ranking of the run so far
 
     def line(self) -> str:
@@ -135,7 +137,9 @@ class CkptselCallback(TrainerCallback):
     ``every_n_saves``: measure every n-th save only. ``stop_on_overmemorization`` and
     ``patience``: stop after that many flagged saves in a row. ``on_measured``: called with
     a :class:`SaveReport` after each measurement (default: one line to stderr);
-    ``batch_size``: rows per forward pass (default automatic).
+    ``batch_size``: rows per forward pass (default automatic). ``reweight``: memorization-aware
+    reweighting (off by default): examples found memorised at a measured save are drawn with this
+    weight (0 <= w < 1) for the rest of training (:mod:`ckptsel.integrations.reweighting`).
     """
 
     def __init__(
@@ -153,11 +157,14 @@ class CkptselCallback(TrainerCallback):
         threshold: float | str | None = None,
         batch_size: int | None = None,
         on_measured: Callable[[SaveReport], None] | None = None,
+        reweight: float | None = None,
     ):
         from ckptsel.settings import Recipe
 
         if patience < 1 or every_n_saves < 1:
             raise CkptselError("patience and every_n_saves must be at least 1")
+        if reweight is not None and not 0.0 <= reweight < 1.0:
+            raise CkptselError(f"reweight is the weight of memorised examples, 0 <= w < 1; got {reweight!r}")
         self.data = Path(data)
         self._recipe = recipe if isinstance(recipe, Recipe) else None
         self._recipe_arg = str(recipe) if not isinstance(recipe, Recipe) else None
@@ -179,6 +186,11 @@ class CkptselCallback(TrainerCallback):
         self._examples = None  # (examples, held-out examples), rendered once with the run's tokenizer
         self._dtype: str | None = None
         self._warned_unattached = False
+        self.reweight = reweight
+        self._dataloader = None  # the Trainer's training data loader (reweighting only)
+        self._sampler = None  # ckptsel.integrations.reweighting.ReweightedSampler, once installed
+        self._n_rows: int | None = None  # rows of the training file
+        self.down_weighted: set[int] = set()  # training-file rows drawn with weight `reweight`
 
     @property
     def recipe(self):
@@ -202,6 +214,8 @@ class CkptselCallback(TrainerCallback):
             self.recipe  # noqa: B018
             if not self.data.exists():
                 raise CkptselError(f"{self.data}: training data not found")
+        if self.reweight is not None:
+            self._dataloader = kwargs.get("train_dataloader")
         return control
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -209,10 +223,14 @@ class CkptselCallback(TrainerCallback):
         if (self._saves - 1) % self.every_n_saves:
             return control
         stop = False
+        report = None
         if state.is_world_process_zero:
             report = self.measure_save(args, state, model, processing_class)
             if report is not None:
                 stop = report.stop
+        if self.reweight is not None and self._dataloader is not None:
+            found = (report.memorised_rows, self._n_rows) if report is not None and report.failure is None else None
+            self._reweight(_broadcast_from_main(found), args, state)
         if self.stop_on_overmemorization:
             stop = _broadcast_from_main(stop)
         if stop:
@@ -312,7 +330,7 @@ class CkptselCallback(TrainerCallback):
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         reason = row.flag.reason() if row.flag is not None else None
         return SaveReport(step, folder, metrics, row.stage, ranking.proxy, reason, rec, 0.0, collected.loaded,
-                          ranking=ranking)
+                          ranking=ranking, memorised_rows=_memorised_rows(ranking, index, examples))
 
     def _training_examples(self, tokenizer):
         """The measured subset of the training data (and the held-out rows), rendered once per training run."""
@@ -323,7 +341,9 @@ class CkptselCallback(TrainerCallback):
             from ckptsel.settings import SelectionSettings
 
             selection = SelectionSettings(max_examples=self.max_examples, examples_seed=self.examples_seed)
-            examples = select_examples(load_data(self.data, self.recipe, tokenizer=tokenizer).examples, selection)
+            loaded = load_data(self.data, self.recipe, tokenizer=tokenizer)
+            self._n_rows = loaded.n_rows
+            examples = select_examples(loaded.examples, selection)
             if not examples:
                 raise DataError(f"{self.data}: no training examples")
             heldout = []
@@ -331,6 +351,30 @@ class CkptselCallback(TrainerCallback):
                 heldout = select_examples(load_data(self.heldout, self.recipe, tokenizer=tokenizer).examples, selection)
             self._examples = (examples, heldout)
         return self._examples
+
+    def _reweight(self, found, args, state) -> None:
+        """Down-weight the rows memorised at this save from the next epoch on (ckptsel.integrations.reweighting)."""
+        from ckptsel.integrations import reweighting
+
+        if found is None:
+            return
+        rows, n_rows = found
+        new = set(rows) - self.down_weighted
+        if new and self._sampler is None:
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            installed = reweighting.install(self._dataloader, n_rows, seed)
+            if isinstance(installed, str):
+                log.warning("ckptsel: reweighting off: %s", installed)
+                self._dataloader = None
+                return
+            self._sampler = installed
+        self.down_weighted |= new
+        if self._sampler is not None:
+            self._sampler.weights[:] = 1.0
+            self._sampler.weights[sorted(self.down_weighted)] = self.reweight
+        if state.is_world_process_zero:
+            self._log(state, {"ckptsel/reweighted": float(len(self.down_weighted)),
+                              "ckptsel/reweight": float(self.reweight)})
 
     def _log(self, state, metrics: dict[str, float]) -> None:
         if self._trainer is not None:
@@ -341,6 +385,16 @@ class CkptselCallback(TrainerCallback):
             log.warning("ckptsel: callback added without CkptselCallback.attach(trainer): its numbers go to "
                         "trainer_state.json only, not to TensorBoard/W&B/the console log")
             self._warned_unattached = True
+
+
+def _memorised_rows(ranking, index: int, examples) -> list[int]:
+    """Training-file rows of the measured examples memorised at checkpoint ``index`` of the run (the ranking's mask)."""
+    per_example = ranking.per_example
+    measured = [int(i) for i in per_example.get("measured_index", ())]
+    if index not in measured:
+        return []
+    mask = per_example["memorized"][measured.index(index)] & ~np.isnan(per_example["nll"][measured.index(index)])
+    return [ex.index for ex, memorised in zip(examples, mask) if memorised]
 
 
 def _print_line(report: SaveReport) -> None:
@@ -413,12 +467,12 @@ def _measurement_mode(model):
             torch.cuda.set_rng_state_all(states[3])
 
 
-def _broadcast_from_main(flag: bool) -> bool:
-    """The main process's ``flag`` on every process of a distributed run (itself when not distributed)."""
+def _broadcast_from_main(value):
+    """The main process's ``value`` on every process of a distributed run (itself when not distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    box = [flag]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]
