@@ -141,9 +141,11 @@ def collate(features: list[dict], pad_id: int, router_loss: bool = False) -> dic
     return {**batch, "output_router_logits": True} if router_loss else batch
 
 
-def write_data(spec: TrainSpec, run_dir: Path, name: str) -> tuple[list[Row], list[Row]]:
-    """Write train.jsonl, test.jsonl and recipe.yaml beside the run; return the rows."""
-    train, test = make_splits(spec.families, spec.n_train, spec.n_test, spec.data_seed)
+def write_data(spec: TrainSpec, run_dir: Path, name: str,
+               rows: tuple[list[Row], list[Row]] | None = None) -> tuple[list[Row], list[Row]]:
+    """Write train.jsonl, test.jsonl and recipe.yaml beside the run; return the rows. ``rows``: (train, test)
+    given by the caller (a curated training set) instead of the spec's split."""
+    train, test = rows if rows is not None else make_splits(spec.families, spec.n_train, spec.n_test, spec.data_seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(train, run_dir / "train.jsonl")
     write_jsonl(test, run_dir / "test.jsonl")
@@ -186,13 +188,16 @@ def train_run(
     on_step: StepCallback | None = None,
     save_final_model: bool = False,
     callbacks: tuple = (),
+    rows: tuple[list[Row], list[Row]] | None = None,
 ) -> Path:
     """Train ``spec`` into ``run_dir`` (checkpoint-N/ folders plus the data and recipe).
 
     ``base_dir`` is the pretrained base model folder when ``spec.init`` names a base. With ``save_final_model`` the
     final weights are also saved as a plain model folder, ``run_dir/final`` (how a base is
     made). ``callbacks``: more Trainer callbacks; one with an ``attach(trainer)`` method (a
-    :class:`ckptsel.integrations.transformers.CkptselCallback`) attaches itself. Returns ``run_dir``.
+    :class:`ckptsel.integrations.transformers.CkptselCallback`) attaches itself. ``rows``: (train, test)
+    rows to train and evaluate on instead of the spec's split (``spec.n_train`` then sets only
+    the step count: pass a spec whose ``n_train`` is ``len(train)``). Returns ``run_dir``.
     """
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -200,7 +205,7 @@ def train_run(
     from ckptsel.lab.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
-    train_rows, _ = write_data(spec, run_dir, name)
+    train_rows, _ = write_data(spec, run_dir, name, rows)
     dataset = encode(tokenizer, train_rows)
     model = _initial_model(spec, tokenizer, base_dir)
     total = spec.steps()
