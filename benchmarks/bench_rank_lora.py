@@ -5,7 +5,7 @@ on one base model. ckptsel: ``ckptsel rank RUN --data gsm8k/train.jsonl --recipe
 invoked in this process through click (discovery, data, measurement into a fresh store,
 ranking), which loads the base once and hot-swaps the adapters. The baseline: for every
 checkpoint a fresh loader (base from disk, then ``PeftModel.from_pretrained``) and the same
-measurement functions (``ckptsel.collect.KINDS``) on the same examples, nothing stored. Both
+measurement functions (``ckptsel.kinds.KINDS``) on the same examples, nothing stored. Both
 sides' time spent getting a model ready (``CheckpointLoader.load``) is reported apart from
 the total, and their target NLLs must agree (a hot-swapped adapter scores as a fresh one).
 
@@ -31,10 +31,12 @@ def main() -> None:
 
     from ckptsel import graders
     from ckptsel.cli import main as cli
-    from ckptsel.collect import DEFAULT_KINDS, KINDS, budgets, select_examples
+    from ckptsel.collect import budgets, select_examples
     from ckptsel.data import load_data
     from ckptsel.discover import discover
+    from ckptsel.kinds import DEFAULT_KINDS, KINDS
     from ckptsel.measure import loading
+    from ckptsel.measure.context import MeasureContext
     from ckptsel.measure.loading import CheckpointLoader, load_tokenizer
     from ckptsel.recipes import load_recipe, override
     from ckptsel.settings import EngineSettings, ProxySettings, SelectionSettings
@@ -48,8 +50,7 @@ def main() -> None:
     rows = load_data(data, recipe, tokenizer=tokenizer).examples
     examples = select_examples(rows, SelectionSettings(max_examples=args.max_examples))
     engine = EngineSettings(device="cpu")
-    ctx = {"engine": engine, "grader": graders.get(recipe.data.grader), "proxies": ProxySettings(),
-           "budgets": budgets(tokenizer, examples, recipe)}
+    ctx = MeasureContext(engine, graders.get(recipe.data.grader), ProxySettings(), budgets(tokenizer, examples, recipe))
 
     load_seconds = {"ckptsel": 0.0, "reload": 0.0}
     side = {"name": "ckptsel"}

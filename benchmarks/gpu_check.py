@@ -28,7 +28,7 @@ sampling  generated tokens per second, k samples per GSM8K question (T=0.8, top-
 rank      ``ckptsel rank`` of an 8-checkpoint LoRA lab run trained on the spot
           (``ckptsel.lab.quick.train_tiny_run``), in this process through the CLI with
           ``--device cuda``: wall time and where it went: getting models ready
-          (``CheckpointLoader.load``), each measurement kind (``ckptsel.collect.KINDS``), and the
+          (``CheckpointLoader.load``), each measurement kind (``ckptsel.kinds.KINDS``), and the
           rest (discovery, data, fingerprints, the store, ranking).
 memory    ``torch.cuda.max_memory_allocated``, reset before each side and variant (the model's
           weights included; ``weights`` gives their share).
@@ -593,8 +593,8 @@ class Check:
 
     @contextmanager
     def _phase_timers(self):
-        """Seconds in ``CheckpointLoader.load`` and in each ``collect.KINDS`` measurement, while the block runs."""
-        from ckptsel import collect
+        """Seconds in ``CheckpointLoader.load`` and in each ``kinds.KINDS`` measurement, while the block runs."""
+        from ckptsel import kinds as measurement_kinds
         from ckptsel.measure.loading import CheckpointLoader
 
         phases: dict[str, float] = {"load": 0.0}
@@ -610,16 +610,16 @@ class Check:
                     phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
             return wrapper
 
-        kinds = dict(collect.KINDS)
+        kinds = dict(measurement_kinds.KINDS)
         original_load = CheckpointLoader.load
         CheckpointLoader.load = timed("load", original_load)
         for name, kind in kinds.items():
-            collect.KINDS[name] = dataclasses.replace(kind, measure=timed(name, kind.measure))
+            measurement_kinds.KINDS[name] = dataclasses.replace(kind, measure=timed(name, kind.measure))
         try:
             yield phases
         finally:
             CheckpointLoader.load = original_load
-            collect.KINDS.update(kinds)
+            measurement_kinds.KINDS.update(kinds)
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,12 +9,7 @@ A checkpoint whose results are all stored is never loaded, so re-ranking a run a
 new save costs one checkpoint. Results are written one chunk per transaction: a crash or
 ``kill -9`` loses at most the chunk in flight, and the rerun computes exactly what is
 missing. Samples are seeded per (example uid, sample index), so a resumed run equals an
-uninterrupted one.
-
-Measurement kinds are an explicit table (:data:`KINDS`); each turns a loaded model and a
-list of examples into store records. Besides target NLL (``score``) and graded samples
-(``sample``) they are the over-memorization proxies of :mod:`ckptsel.proxies`: perturbed-prompt
-NLL, alternative-solution NLL and held-out NLL, measured while the checkpoint is loaded anyway.
+uninterrupted one. What is measured is the explicit table of :mod:`ckptsel.kinds`.
 
 The alternative-solution set is harvested from the earliest checkpoints' samples before any
 checkpoint can be alt-scored (see :class:`ckptsel.proxies.Harvest` for the ordering): in the
@@ -22,6 +17,22 @@ common case the first checkpoint's samples fix the set and every checkpoint is s
 once; when the first checkpoints have too few correct samples, the checkpoints measured before
 the set was fixed are loaded once more at the end of the run (``Collected.loaded`` counts
 every load).
+
+Where the work runs is the executor's (:mod:`ckptsel.execution`); this module only asks it
+whether its workers share this process. In process (the default) the loop above runs as
+written, one checkpoint after another. Otherwise (``--ray``) each checkpoint -- or each group
+of a run's LoRA adapters on one base model, so the base loads once per worker -- is one item of
+:func:`measure_items`, the worker: it loads, measures and returns records; this process plans
+from the store, writes what comes back and keeps the one progress bar, so no SQLite file is
+written from a worker. Order: with more than one slot every checkpoint's samples (and other
+measurements) are measured in parallel at once, this process harvests them in training order,
+and the alternative-solution NLL follows in a second parallel pass once the set is fixed: one
+more load per checkpoint, against leaving every slot but one idle while the first checkpoint
+fixes the set. With one slot the first checkpoint runs first; when its samples fix the set
+(the usual case) the rest measure everything in one load, and the first gets its
+alternative-solution NLL in a final item. Either way the records are those of the in-process
+loop: samples are seeded per example and sample, and each kind is measured in the same chunks.
+A worker lost mid-item returns nothing, so there are no partial or duplicate records.
 """
 
 from __future__ import annotations
@@ -29,32 +40,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
 
 from ckptsel import proxies
 from ckptsel.data import Example
-from ckptsel.discover import Checkpoint, fingerprint
-from ckptsel.errors import CheckpointError
+from ckptsel.discover import Checkpoint
+from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.execution import Executor, InProcessExecutor
+from ckptsel.fingerprints import fingerprints
+from ckptsel.kinds import DEFAULT_KINDS, KINDS, measure_chunks
+from ckptsel.measure.context import MeasureContext
+from ckptsel.progress import ProgressFn, emit
 from ckptsel.proxies import Harvest
 from ckptsel.settings import EngineSettings, ProxySettings, Recipe, SelectionSettings
 from ckptsel.store import Record, Store, StoreError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of progress, for the CLI's bar: ``done`` of ``total`` work units in a phase."""
-
-    checkpoint: Checkpoint
-    index: int  # position of the checkpoint in the run
-    phase: str  # "load", a measurement kind, or "cached"
-    done: int
-    total: int
 
 
 @dataclass
@@ -71,133 +76,6 @@ class Collected:
     heldout: list[Example] = field(default_factory=list)
     series: dict[str, str] = field(default_factory=dict)  # kind -> its store kind (e.g. "perturb:<hash>")
     harvest: Harvest | None = None  # the alternative-solution set, when "alt" was measured
-
-
-# --------------------------------------------------------------------------- measurement kinds
-
-
-@dataclass
-class MeasureContext:
-    """What every measurement kind may use beside the model: the settings, the grader, the
-    sampling budgets, the vLLM sampler (``--backend vllm``) and the alternative-solution harvest."""
-
-    engine: EngineSettings
-    grader: object
-    proxies: ProxySettings
-    budgets: dict[str, int]
-    vllm: object | None = None
-    harvest: Harvest | None = None
-
-
-def _measure_scores(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
-                    ctx: MeasureContext) -> dict[str, Record]:
-    """Teacher-forced target NLL and predictive entropy (ckptsel/DESIGN.md: target NLL)."""
-    return _score_records(model, tokenizer, examples, recipe, ctx, routers=False)
-
-
-def _measure_scores_and_routes(
-    model, tokenizer, examples: Sequence[Example], recipe: Recipe, ctx: MeasureContext
-) -> dict[str, Record]:
-    """Target NLL as :func:`_measure_scores`, plus MoE routing read off the same forward pass.
-
-    Per example (MoE checkpoints only), for the pathway metrics of :mod:`ckptsel.pathways`:
-    ``array``, the router softmax averaged over the target tokens, ``(layers, experts)``
-    float16 (three digits are plenty to order experts and cut at 0.8, at half the bytes);
-    ``data["layer_cos"]``, the cosines between consecutive layers' routing-weighted gate
-    vectors, computed here at full precision so the checkpoint's gate weights need not be
-    stored. A model whose routers cannot be found stores an empty array, so it is not
-    re-measured on every run.
-    """
-    return _score_records(model, tokenizer, examples, recipe, ctx, routers=True)
-
-
-def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: MeasureContext, *,
-                   routers: bool) -> dict[str, Record]:
-    import numpy as np
-
-    from ckptsel.measure.routers import declares_experts
-    from ckptsel.measure.scoring import score_targets
-    from ckptsel.pathways import layer_cosines
-
-    result = score_targets(
-        model,
-        tokenizer,
-        [ex.prompt for ex in examples],
-        [ex.target for ex in examples],
-        append_eos=recipe.data.append_eos,
-        ends=[ex.end_of_turn for ex in examples],  # realmodel: a chat template's end of turn, as TRL trains it
-        batch_size=ctx.engine.batch_size,
-        routers=routers,
-    )
-    weights, cosines = result.router_weights, None
-    routed = routers and declares_experts(model)  # dense checkpoints: records as before
-    if weights is not None:
-        cosines = layer_cosines(weights, result.gate_vectors)
-    elif routed:
-        log.warning("%s: no router modules found; no pathway metrics for it", type(model).__name__)
-    out = {}
-    for i, ex in enumerate(examples):
-        record = Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]))
-        if routed:
-            array = weights[i].astype(np.float16) if weights is not None else np.zeros(0, np.float16)
-            data = {"layer_cos": cosines[i].tolist()} if cosines is not None else None
-            record = replace(record, array=array, data=data)
-        out[ex.uid] = record
-    return out
-
-
-def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
-                     ctx: MeasureContext) -> dict[str, Record]:
-    """k graded samples per question (ckptsel/DESIGN.md: sampled accuracy and copy rate)."""
-    from ckptsel.measure.sampling import copy_rate, sample_completions
-
-    grader = ctx.grader
-    prompts = [ex.prompt for ex in examples]
-    request = {
-        "sampling": recipe.sampling,
-        "max_new_tokens": [ctx.budgets[ex.uid] for ex in examples],
-        "keys": [ex.uid for ex in examples],
-    }
-    if ctx.vllm is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
-        completions = ctx.vllm.sample(model, tokenizer, prompts, **request)
-    else:
-        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx.engine.batch_size, **request)
-    out = {}
-    for ex, samples in zip(examples, completions):
-        correct = sum(bool(grader(text, ex.reference)) for text in samples)
-        out[ex.uid] = Record(
-            acc=correct / len(samples), copy_rate=copy_rate(samples, ex.target), samples=tuple(samples)
-        )
-    return out
-
-
-MeasureFn = Callable[..., dict[str, Record]]
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A measurement kind: function(model, tokenizer, examples, recipe, ctx: MeasureContext) -> {uid: Record}.
-
-    ``chunk``: examples per stored batch (small enough that a crash loses little, large
-    enough to batch well). ``examples``: the training examples, or the ``--heldout`` ones.
-    ``routes``: ``measure`` stores MoE routing weights; see :func:`_measure_scores_and_routes`.
-    """
-
-    measure: MeasureFn
-    chunk: int
-    examples: Literal["train", "heldout"] = "train"
-    # MoE checkpoints: records need an array (routing weights); rows stored without one are re-measured.
-    routes: bool = False
-
-
-KINDS: dict[str, Kind] = {
-    "score": Kind(_measure_scores_and_routes, 256, routes=True),
-    "sample": Kind(_measure_samples, 32),
-    "perturb": Kind(proxies.measure_perturbed, 128),  # len(perturbations) pairs per example
-    "alt": Kind(proxies.measure_alternatives, 256),  # after "sample": harvested from samples
-    "heldout": Kind(_measure_scores, 256, examples="heldout"),  # the held-out file's references
-}
-DEFAULT_KINDS = tuple(KINDS)
 
 
 # --------------------------------------------------------------------------- planning
@@ -266,24 +144,6 @@ def resolved_dtype_name(engine: EngineSettings) -> str:
     return dtype_name(engine)
 
 
-def fingerprints(checkpoints: Sequence[Checkpoint], store: Store) -> list[str | None]:
-    """Content fingerprints, cached in the store by (path, total size, newest mtime)."""
-    out: list[str | None] = []
-    for ckpt in checkpoints:
-        if ckpt.kind == "error":
-            out.append(None)
-            continue
-        files = [p for p in ckpt.path.iterdir() if p.is_file()]
-        size = sum(p.stat().st_size for p in files)
-        mtime = max((p.stat().st_mtime_ns for p in files), default=0)
-        cached = store.get_fingerprint(ckpt.path, size, mtime)
-        if cached is None:
-            cached = fingerprint(ckpt)
-            store.put_fingerprint(ckpt.path, size, mtime, cached)
-        out.append(cached)
-    return out
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -298,10 +158,10 @@ def collect(
     kinds: Sequence[str] = DEFAULT_KINDS,
     heldout: Sequence[Example] = (),
     proxy_settings: ProxySettings = ProxySettings(),
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: ProgressFn | None = None,
     sizes: dict[str, int] | None = None,
     loader=None,
-    executor=None,
+    executor: Executor | None = None,
 ) -> Collected:
     """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
 
@@ -317,9 +177,10 @@ def collect(
     returns ``(model, tokenizer)`` like :class:`ckptsel.measure.loading.CheckpointLoader`'s
     (the Trainer callback hands over the model it is training; see
     :mod:`ckptsel.integrations.transformers`). It is called only for what the store lacks.
-    ``executor`` (a :class:`ckptsel.distributed.RayExecutor`) measures the checkpoints as Ray
-    tasks instead, in parallel; this process alone writes the store, and the results are the
-    same.
+    ``executor`` (:mod:`ckptsel.execution`; default: this process) runs the measurement; one
+    whose workers run elsewhere (Ray) measures the checkpoints in parallel, this process alone
+    writes the store, and the results are the same (module docstring). A ``loader`` or
+    ``--backend vllm`` needs the in-process one.
     """
     from ckptsel import graders
 
@@ -358,38 +219,15 @@ def collect(
             result.series["alt"] = result.harvest.series
     state = _RunState(checkpoints, examples, recipe, store, result, ctx, pools, key, harvest_key, alt_grader,
                       on_progress)
-    if executor is None and engine.ray is not None and loader is None:
-        from ckptsel.distributed import RayExecutor
-
-        executor = RayExecutor(engine.ray, engine.ray_cpus)
-    if executor is not None:
-        from ckptsel.distributed import collect_distributed
-
-        collect_distributed(state, pending, plain, executor)
-        return result
-
-    with (_LazyLoader(engine) if loader is None else nullcontext(loader)) as loader, sampler or nullcontext():
-        for i in pending:
-            session = _Session(loader, checkpoints[i], i, result, on_progress)
-            with _recording_failure(result, i):
-                if sampler is not None:  # before the model loads: frees an engine this checkpoint cannot use
-                    sampler.use(checkpoints[i])
-                for kind in plain:
-                    state.run(session, i, kind)
-                if result.harvest is not None and state.advance_harvest(i):
-                    state.run(session, i, "alt")
-            if i in result.failures:
-                continue
-            store.register_checkpoint(fps[i], checkpoints[i].path, checkpoints[i].step)
-            if not session.loaded:
-                state.emit(i, "cached", len(examples), len(examples))
-        # Checkpoints measured before the set was fixed: their alternative scores, one more load each.
-        if result.harvest is not None and result.harvest.fixed:
-            for i in pending:
-                if i not in result.failures:
-                    with _recording_failure(result, i):
-                        state.run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt")
-        result.base_loads = getattr(loader, "base_loads", 0)
+    executor = InProcessExecutor() if executor is None else executor
+    if not executor.in_process and (loader is not None or sampler is not None):
+        raise CkptselError("--ray and --backend vllm cannot be combined yet; use one of them" if loader is None
+                           else "a loader hands over models of this process: it needs an in-process executor")
+    with executor:
+        if executor.in_process:
+            _collect_here(state, pending, plain, executor, loader, sampler)
+        else:
+            _collect_on_workers(state, pending, plain, executor)
     return result
 
 
@@ -397,9 +235,9 @@ def collect(
 class _RunState:
     """One run's measurement in progress: what the store lacks, and the harvest of alternative solutions.
 
-    Shared by the in-process loop of :func:`collect` and the distributed one
-    (:func:`ckptsel.distributed.collect_distributed`): both plan from the store, measure the same
-    chunks with the same functions, and store the same records under the same keys.
+    Shared by the in-process loop (:func:`_collect_here`) and the one with workers elsewhere
+    (:func:`_collect_on_workers`): both plan from the store, measure the same chunks with the
+    same functions, and store the same records under the same keys.
     """
 
     checkpoints: list[Checkpoint]
@@ -412,7 +250,7 @@ class _RunState:
     key: str
     harvest_key: str | None
     alt_grader: object
-    on_progress: Callable[[Progress], None] | None
+    on_progress: ProgressFn | None
 
     @property
     def uids(self) -> list[str]:
@@ -449,7 +287,7 @@ class _RunState:
         self.store.put_many(self.result.fingerprints[i], self.key, self.result.series[kind], records)
 
     def emit(self, i: int, phase: str, done: int, total: int) -> None:
-        _emit(self.on_progress, self.checkpoints[i], i, phase, done, total)
+        emit(self.on_progress, self.checkpoints[i], i, phase, done, total)
 
     def advance_harvest(self, i: int) -> bool:
         """Harvest checkpoint ``i``'s samples if it is (or may become) a source; True once the set is fixed."""
@@ -467,12 +305,42 @@ class _RunState:
         return True
 
 
-def measure_chunks(model, tokenizer, kind: str, todo: Sequence[Example], recipe: Recipe,
-                   ctx: MeasureContext) -> Iterator[dict[str, Record]]:
-    """``kind``'s records for ``todo``, one chunk of :attr:`Kind.chunk` examples at a time."""
-    size = KINDS[kind].chunk
-    for start in range(0, len(todo), size):
-        yield KINDS[kind].measure(model, tokenizer, todo[start : start + size], recipe, ctx)
+def _collect_here(state: _RunState, pending: list[int], plain: list[str], executor: Executor, given_loader,
+                  sampler) -> None:
+    """The loop of the module docstring in this process: one checkpoint after another, in training order,
+    each loaded once by one loader (adapters hot-swapped on one base), the harvest advanced between a
+    checkpoint's samples and its alternative-solution NLL."""
+    result, checkpoints, n = state.result, state.checkpoints, len(state.examples)
+
+    opened = _LazyLoader(state.ctx.engine) if given_loader is None else nullcontext(given_loader)
+    with opened as loader, sampler or nullcontext():
+
+        def measure(i: int) -> None:
+            session = _Session(loader, checkpoints[i], i, result, state.on_progress)
+            with _recording_failure(result, i):
+                if sampler is not None:  # before the model loads: frees an engine this checkpoint cannot use
+                    sampler.use(checkpoints[i])
+                for kind in plain:
+                    state.run(session, i, kind)
+                if result.harvest is not None and state.advance_harvest(i):
+                    state.run(session, i, "alt")
+            if i in result.failures:
+                return
+            state.store.register_checkpoint(result.fingerprints[i], checkpoints[i].path, checkpoints[i].step)
+            if not session.loaded:
+                state.emit(i, "cached", n, n)
+
+        def measure_alt(i: int) -> None:
+            with _recording_failure(result, i):
+                state.run(_Session(loader, checkpoints[i], i, result, state.on_progress), i, "alt")
+
+        for _ in executor.map(measure, pending):
+            pass
+        # Checkpoints measured before the set was fixed: their alternative scores, one more load each.
+        if result.harvest is not None and result.harvest.fixed:
+            for _ in executor.map(measure_alt, [i for i in pending if i not in result.failures]):
+                pass
+        result.base_loads = getattr(loader, "base_loads", 0)
 
 
 class _LazyLoader:
@@ -516,7 +384,7 @@ class _Session:
 
     def model(self):
         if self._loaded is None:
-            _emit(self._on_progress, self._ckpt, self._index, "load", 0, 1)
+            emit(self._on_progress, self._ckpt, self._index, "load", 0, 1)
             self._loaded = self._loader.load(self._ckpt)
             self._result.loaded += 1
         return self._loaded
@@ -539,6 +407,114 @@ def _recording_failure(result: Collected, index: int) -> Iterator[None]:
         log.debug("traceback of %s", reason, exc_info=True)  # ckptsel --debug shows it; our bug or the model's?
 
 
-def _emit(callback, ckpt, index, phase, done, total) -> None:
-    if callback is not None:
-        callback(Progress(ckpt, index, phase, done, total))
+# --------------------------------------------------------------------------- workers outside this process
+
+
+def _collect_on_workers(state: _RunState, pending: list[int], plain: list[str], executor: Executor) -> None:
+    """The loop of :func:`collect` with checkpoints measured by :func:`measure_items` workers elsewhere
+    (the order is in the module docstring); this process plans, harvests and stores."""
+    result = state.result
+    left = list(pending)
+    if result.harvest is not None and left and not result.harvest.fixed:
+        if executor.slots > 1:
+            # Every checkpoint at once; the set is harvested in training order afterwards.
+            _harvest_after_all(state, left, plain, executor)
+            left = []
+        else:
+            first = left.pop(0)
+            _run_items(state, [first], plain, executor)
+            if first not in result.failures and not state.advance_harvest(first):
+                _harvest_after_all(state, left, plain, executor)  # the first did not fix the set
+                left = []
+    fixed = result.harvest is not None and result.harvest.fixed
+    _run_items(state, left, [*plain, *(["alt"] if fixed else [])], executor)
+    if result.harvest is not None and result.harvest.fixed:
+        _run_items(state, [i for i in pending if i not in result.failures], ["alt"], executor)
+
+
+def _harvest_after_all(state: _RunState, indices: list[int], plain: list[str], executor: Executor) -> None:
+    """Measure ``plain`` kinds of every checkpoint in parallel, then harvest their samples in training
+    order until the alternative-solution set is fixed (its NLL follows in a pass of its own)."""
+    _run_items(state, indices, plain, executor)
+    for i in indices:
+        if i not in state.result.failures and state.advance_harvest(i):
+            break
+
+
+def _run_items(state: _RunState, indices: list[int], kinds: list[str], executor: Executor) -> None:
+    """Plan ``kinds`` for each checkpoint from the store, hand the items to the workers, store what comes back."""
+    result = state.result
+    plans = {}
+    for i in indices:
+        plan = {}
+        for kind in kinds:
+            todo, _ = state.todo(i, kind)
+            if todo:
+                plan[kind] = todo
+        plans[i] = plan
+    groups = _groups([i for i in indices if plans[i]], state.checkpoints, executor.slots)
+    for i in indices:  # nothing to measure: cached
+        if not plans[i]:
+            _finish(state, i, loaded=False)
+    items = [[(state.checkpoints[i], plans[i]) for i in group] for group in groups]
+    for position, answers in executor.map(measure_items, items, state.recipe, state.ctx):
+        for i, answer in zip(groups[position], answers):
+            if isinstance(answer, str):
+                result.failures[i] = answer
+                log.info("%s", answer)
+                continue
+            for kind, records in answer.items():
+                state.put(i, kind, records)
+            result.loaded += 1
+            _finish(state, i, loaded=True)
+
+
+def _finish(state: _RunState, i: int, *, loaded: bool) -> None:
+    ckpt = state.checkpoints[i]
+    state.store.register_checkpoint(state.result.fingerprints[i], ckpt.path, ckpt.step)
+    n = len(state.examples)
+    state.emit(i, "done" if loaded else "cached", n, n)
+
+
+def _groups(indices: list[int], checkpoints: Sequence[Checkpoint], slots: int) -> list[list[int]]:
+    """One item per full checkpoint. Adapters on one base: as many items as there are slots (at most
+    one per adapter), each a contiguous share in training order, so each worker loads the base once
+    and hot-swaps its adapters."""
+    groups: list[list[int]] = []
+    by_base: dict[str, list[int]] = {}
+    for i in indices:
+        ckpt = checkpoints[i]
+        if ckpt.kind == "adapter" and ckpt.base_model:
+            by_base.setdefault(ckpt.base_model, []).append(i)
+        else:
+            groups.append([i])
+    for adapters in by_base.values():
+        n = min(len(adapters), max(1, slots))
+        size = -(-len(adapters) // n)
+        groups += [adapters[k : k + size] for k in range(0, len(adapters), size)]
+    return groups
+
+
+def measure_items(items: Sequence[tuple[Checkpoint, dict]], recipe: Recipe, ctx: MeasureContext) -> list:
+    """The worker: load each checkpoint of ``items`` (adapters on one base, loaded once) and measure its
+    plan. Per item: ``{kind: {uid: Record}}``, or a one-line reason it failed."""
+    from ckptsel.measure.loading import CheckpointLoader
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out: list = []
+    with CheckpointLoader.for_engine(ctx.engine) as loader:
+        for ckpt, plan in items:
+            try:
+                model, tok = loader.load(ckpt)
+                records = {}
+                for kind, todo in plan.items():
+                    records[kind] = {}
+                    for chunk in measure_chunks(model, tok, kind, todo, recipe, ctx):
+                        records[kind].update(chunk)
+                out.append(records)
+            except CheckpointError as err:
+                out.append(str(err))
+            except Exception as exc:  # one bad checkpoint must not lose the others' results
+                log.debug("measurement failed", exc_info=True)
+                out.append(f"{ckpt.path}: measurement failed: {type(exc).__name__}: {exc}".splitlines()[0])
+    return out

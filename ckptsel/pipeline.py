@@ -10,11 +10,12 @@ builds a :class:`RankRequest` and calls :func:`rank_runs`; the CLI only parses o
 prints. The library never prints: progress goes to ``on_progress`` (one event per unit of
 work, with the checkpoint's position in the whole sweep) and the opening line to ``on_start``.
 
-Runs (:func:`ckptsel.discover.discover_runs`) are measured one after another, each by
+Runs (:func:`ckptsel.discover.discover_runs`) are measured each by
 :func:`ckptsel.collect.collect` on its own examples, so the alternative-solution harvest and
-pre-memorization accuracy's history stay inside each run. Runs trained on the same data file
-are measured on the same examples (one ``--max-examples`` subset), which makes the comparison
-between them paired.
+pre-memorization accuracy's history stay inside each run: one after another in this process,
+all at once when the executor's workers run elsewhere (``--ray``; :mod:`ckptsel.execution`).
+Runs trained on the same data file are measured on the same examples (one ``--max-examples``
+subset), which makes the comparison between them paired.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptsel.collect import Collected, Progress
+from ckptsel.collect import Collected
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, Run
 from ckptsel.errors import CkptselError, DataError
+from ckptsel.execution import Executor, executor_for
+from ckptsel.progress import ProgressFn
 from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
 from ckptsel.tokenizers import tokenizer_digest
 
@@ -170,9 +173,13 @@ def rank_runs(
     request: RankRequest,
     *,
     on_start: Callable[[Plan], None] | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: ProgressFn | None = None,
+    executor: Executor | None = None,
 ) -> RankResult:
     """Discover the runs, load each run's data, measure what the store lacks, rank (module docstring).
+
+    ``executor`` runs the measurement (default: the one ``request.engine`` asks for,
+    :func:`ckptsel.execution.executor_for`); the results are the same on any.
 
     Raises :class:`CkptselError` for bad input (no loadable checkpoint at all, a run without
     its data file, no examples); a checkpoint that cannot be measured is recorded in its run's
@@ -231,7 +238,7 @@ def rank_runs(
             on_start(Plan(len(checkpoints), len(runs), tuple(sorted({len(p[1]) for p in plans if p[1] is not None})),
                           tuple(sorted({len(p[2]) for p in plans if p[2]})), recipe.sampling.k, store.path))
 
-        def measure(run: Run, examples, heldout, offset: int, store: Store, executor=None) -> MeasuredRun:
+        def measure(run: Run, examples, heldout, offset: int, store: Store, executor: Executor) -> MeasuredRun:
             if examples is None:
                 return MeasuredRun(run, data_files.get(run.name), _unreadable(run, recipe, request.engine))
             sizes = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].budgets
@@ -243,10 +250,12 @@ def rank_runs(
 
         offsets = [sum(len(p[0].checkpoints) for p in plans[:n]) for n in range(len(plans))]
         jobs = [(run, examples, heldout, offset) for (run, examples, heldout, _), offset in zip(plans, offsets)]
-        if request.engine.ray is not None and sum(examples is not None for _, examples, _, _ in jobs) > 1:
-            measured = _measure_runs_on_ray(jobs, measure, request)
-        else:
-            measured = [measure(*job, store) for job in jobs]
+        executor = executor_for(request.engine) if executor is None else executor
+        with executor:
+            if not executor.in_process and sum(examples is not None for _, examples, _, _ in jobs) > 1:
+                measured = _measure_runs_at_once(jobs, measure, request, executor)
+            else:
+                measured = [measure(*job, store, executor) for job in jobs]
         ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
                        pathway_settings=recipe.pathways, threshold=request.threshold,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
@@ -360,26 +369,26 @@ def _first_usable(run: Run) -> Checkpoint:
     return next(c for c in run.checkpoints if c.kind != "error")
 
 
-def _measure_runs_on_ray(jobs: list[tuple], measure: Callable, request: RankRequest) -> list[MeasuredRun]:
-    """The runs of a sweep measured at once on Ray: one driver thread per run, sharing one cluster.
+def _measure_runs_at_once(jobs: list[tuple], measure: Callable, request: RankRequest,
+                          executor: Executor) -> list[MeasuredRun]:
+    """The runs of a sweep measured at once by workers outside this process: one driver thread per run,
+    sharing one executor (one Ray cluster).
 
     Each run keeps its own order (its alternative-solution set harvested in training order, then
-    its NLL; ckptsel.distributed), and while one run waits between those passes the other runs'
-    tasks fill the cluster's slots. Each thread writes through its own store connection (the store takes
+    its NLL; ckptsel.collect), and while one run waits between those passes the other runs'
+    items fill the executor's slots. Each thread writes through its own store connection (the store takes
     concurrent writers; ckptsel/store.py); records are the same as one run after another.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ckptsel.distributed import RayExecutor
     from ckptsel.store import Store
 
     def one(job: tuple) -> MeasuredRun:
         with Store.open(request.cache_dir) as store:
             return measure(*job, store, executor)
 
-    with RayExecutor(request.engine.ray, request.engine.ray_cpus) as executor:
-        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ckptsel-run") as pool:
-            return list(pool.map(one, jobs))
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ckptsel-run") as pool:
+        return list(pool.map(one, jobs))
 
 
 def _offset(on_progress, offset: int):

@@ -2,7 +2,7 @@
 
 Ruan et al. (2025, arXiv 2508.04117) see over-memorization as the perplexity of *held-out
 reference solutions* rising while accuracy stays high. ckptsel/DESIGN.md asks for the same signal
-without a test set; this module holds the measurement kinds that ``ckptsel.collect`` runs
+without a test set; this module holds the measurement kinds that ``ckptsel.kinds`` lists and ``ckptsel.collect`` runs
 on each loaded checkpoint (one load, the same pass as target NLL and sampling):
 
 ``perturb``  target NLL under neutral prompt perturbations (:data:`PERTURBATIONS`). Stored
@@ -14,7 +14,7 @@ on each loaded checkpoint (one load, the same pass as target NLL and sampling):
              run's earliest checkpoints (:class:`Harvest`) and scored under every checkpoint.
 The other two signals need nothing of their own: the predictive entropy over target tokens
 comes with the plain target scoring (``score``), and the held-out NLL (``--heldout``) is that
-same scoring run on the held-out file's examples (``collect.KINDS["heldout"]``).
+same scoring run on the held-out file's examples (``ckptsel.kinds.KINDS["heldout"]``).
 
 Perturbations are applied to the *rendered* prompt text, so they work for any template:
 
@@ -43,7 +43,7 @@ from ckptsel.settings import ProxySettings, Recipe
 from ckptsel.store import Record
 
 if TYPE_CHECKING:
-    from ckptsel.collect import MeasureContext
+    from ckptsel.measure.context import MeasureContext
 
 PREAMBLE = "Here is a problem.\n\n"
 INSTRUCTION = "Solve it step by step."

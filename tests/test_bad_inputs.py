@@ -514,16 +514,16 @@ def test_debug_shows_the_traceback(tiny_run, warm_cache, broken_library, monkeyp
 def test_a_measurement_failure_keeps_one_line_and_debug_logs_its_traceback(tiny_run, tmp_path, monkeypatch, caplog):
     """ckptsel's own bug inside one checkpoint's measurement: that checkpoint is one line,
     "measurement failed" (exit 3, the other two are ranked); --debug logs the traceback."""
-    import ckptsel.collect
+    import ckptsel.kinds
 
-    real = ckptsel.collect.KINDS["score"]
+    real = ckptsel.kinds.KINDS["score"]
 
     def measure(model, tokenizer, examples, recipe, ctx):
         if "checkpoint-4" in str(getattr(model, "name_or_path", "")):
             raise ZeroDivisionError("a bug of ours")
         return real.measure(model, tokenizer, examples, recipe, ctx)
 
-    monkeypatch.setitem(ckptsel.collect.KINDS, "score", type(real)(measure, real.chunk, real.examples, real.routes))
+    monkeypatch.setitem(ckptsel.kinds.KINDS, "score", type(real)(measure, real.chunk, real.examples, real.routes))
     args = ["--debug", "rank", str(tiny_run), "--data", str(tiny_run / "train.jsonl"), "--recipe",
             str(tiny_run / "recipe.yaml"), "--cache-dir", str(tmp_path), *FAST]
     with caplog.at_level("DEBUG", logger="ckptsel"):

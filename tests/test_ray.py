@@ -142,8 +142,8 @@ def test_verify_with_ray_measures_what_lm_eval_measures_in_process(learning_run,
 
 
 def test_groups_split_a_base_over_the_slots():
+    from ckptsel.collect import _groups
     from ckptsel.discover import Checkpoint
-    from ckptsel.distributed import _groups
 
     ckpts = [Checkpoint(path=f"/r/checkpoint-{i}", kind="adapter", base_model="/base") for i in range(5)]
     ckpts.append(Checkpoint(path="/full", kind="full"))

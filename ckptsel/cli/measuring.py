@@ -134,8 +134,9 @@ def measurement_options(command):
     return wrapper
 
 
-def run_ranking(request, *, command: str, quiet: bool):
-    """Run :func:`ckptsel.pipeline.rank_runs` with its opening line and one progress bar on stderr."""
+def run_ranking(request, *, command: str, quiet: bool, executor=None):
+    """Run :func:`ckptsel.pipeline.rank_runs` with its opening line and one progress bar on stderr
+    (``executor``: default, the one the request's engine settings ask for)."""
     from ckptsel.cli.progress import CollectProgress
     from ckptsel.pipeline import rank_runs
 
@@ -148,7 +149,8 @@ def run_ranking(request, *, command: str, quiet: bool):
         progress = CollectProgress(err, plan.checkpoints).__enter__()
 
     try:
-        result = rank_runs(request, on_start=start, on_progress=lambda event: progress and progress.update(event))
+        result = rank_runs(request, on_start=start, on_progress=lambda event: progress and progress.update(event),
+                           executor=executor)
     finally:
         if progress is not None:
             progress.__exit__(None, None, None)

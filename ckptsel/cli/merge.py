@@ -64,6 +64,7 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     from ckptsel.cli.progress import CollectProgress
     from ckptsel.cli.measuring import exit_partial, run_ranking, unmeasured
     from ckptsel.discover import discover_runs
+    from ckptsel.execution import executor_for
     from ckptsel.merge.output import check_target
     from ckptsel.merge.recommend import RecommendError, recommend as run_recommend
     from ckptsel.outputs import check_writable
@@ -80,7 +81,8 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     if measurement.max_examples is None:
         measurement = dataclasses.replace(measurement, max_examples=RECOMMEND_MAX_EXAMPLES)
     request = measurement.request([run], recipe, engine=engine, cache_dir=cache_dir, runs=runs)
-    whole = run_ranking(request, command="merge --recommend", quiet=quiet)
+    executor = executor_for(engine)  # the ranking's and the candidates' measurement
+    whole = run_ranking(request, command="merge --recommend", quiet=quiet, executor=executor)
     ranked = whole.run_view()
     checkpoints = ranked.collected.checkpoints
     if len(runs) > 1:
@@ -90,7 +92,7 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
         result = run_recommend(
             ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies, overmem=ranked.recipe.stages,
             out=out, force=force, base_model=measurement.base_model, tolerance=tolerance,
-            on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"),
+            on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"), executor=executor,
         )
     if as_json:
         print_json(result.to_json())

@@ -191,7 +191,7 @@ def engine_options(command):
 
             require_vllm()
         if ray_address is not None:  # likewise a missing ray
-            from ckptsel.distributed import require_ray
+            from ckptsel.execution.ray import require_ray
 
             require_ray()
         return command(*args, engine=engine, **kwargs)

@@ -87,6 +87,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
     with Store.open(cache_dir) as store:
         if test_file is not None:
             from ckptsel.data import load_data
+            from ckptsel.execution import executor_for
             from ckptsel.measure.loading import load_tokenizer
             from ckptsel.verify import default_budget, unique_examples, verify_file
 
@@ -100,7 +101,8 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
                       f"from {test_file}, lm-eval, budget {budget} tokens, cache {store.path}")
             with CollectProgress(err, len(checkpoints)) as progress:
                 results = [verify_file(checkpoints, examples, test_recipe, store, source=str(test_file),
-                                       engine=engine, max_new_tokens=budget, seed=seed, on_progress=progress.update)]
+                                       engine=engine, max_new_tokens=budget, seed=seed, on_progress=progress.update,
+                                       executor=executor_for(engine))]
         else:
             from ckptsel.verify import verify_tasks
 

@@ -6,6 +6,8 @@ In pipeline order:
 ``scoring``   teacher-forced target NLL and predictive entropy, batched by length
 ``routers``   MoE routing weights read off the scoring pass (for ``ckptsel.pathways``)
 ``sampling``  seeded k-sample decoding that does not depend on batch composition; copy rate
+``context``   :class:`~ckptsel.measure.context.MeasureContext`, what a measurement kind uses beside the model
 
-These modules import torch at the top; the CLI imports them inside its command functions.
+These modules (``context`` and ``text`` aside) import torch at the top; the CLI imports them
+inside its command functions.
 """

@@ -247,14 +247,15 @@ def _label(spec: CandidateSpec, steps: list) -> str:
 def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool = False, base_model: str | None = None,
               tolerance: float = TOLERANCE, lean_share: float = LEAN_SHARE, tokenizer=None,
               work_dir: Path | None = None,
-              on_progress=None, on_stage: Stage | None = None) -> Recommendation:
+              on_progress=None, on_stage: Stage | None = None, executor=None) -> Recommendation:
     """Build, measure and compare the candidates of a ranked ``run``; write the winner to ``out``.
 
     ``run``: a :class:`ckptsel.pipeline.RankResult` of one run (ranking, collected, recipe;
     :meth:`~ckptsel.pipeline.RankResult.run_view` of a sweep's). ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
     ``lean_share``: the recommended checkpoint's share in the lean pair. Merges are
     built in a temporary folder in ``work_dir`` (default: beside ``out``), removed afterwards.
-    ``on_progress`` receives :class:`ckptsel.collect.Progress`; ``on_stage`` a line per step.
+    ``on_progress`` receives :class:`ckptsel.progress.Progress`; ``on_stage`` a line per step.
+    ``executor`` measures the candidates (:func:`ckptsel.collect.collect`'s; default: this process).
     The comparison is also stored under :data:`STORE_KEY`.
     """
     from ckptsel.merge import merge
@@ -285,7 +286,7 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
             built = _build(candidates, work, stage)
         stage(f"measuring {len(built)} merged candidate(s) on {len(collected.examples)} examples")
         combined = _measure(run, built, store, engine=engine, proxy_settings=proxy_settings, tokenizer=tokenizer,
-                            on_progress=on_progress)
+                            on_progress=on_progress, executor=executor)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _score(candidates, combined, run, store, overmem)
@@ -357,13 +358,14 @@ def _build(candidates: list[Candidate], work: Path, stage: Stage) -> list:
     return built
 
 
-def _measure(run, built: list, store, *, engine, proxy_settings, tokenizer, on_progress):
+def _measure(run, built: list, store, *, engine, proxy_settings, tokenizer, on_progress, executor):
     """The run's checkpoints (all stored already) and the built candidates, through collect.
 
     The run's checkpoints come first so the alternative-solution set is the run's own; when
     that set is not fixed yet the candidates are not alt-scored (their samples must not join it).
     """
-    from ckptsel.collect import DEFAULT_KINDS, collect
+    from ckptsel.collect import collect
+    from ckptsel.kinds import DEFAULT_KINDS
     from ckptsel.measure.loading import load_tokenizer
 
     collected = run.collected
@@ -373,7 +375,7 @@ def _measure(run, built: list, store, *, engine, proxy_settings, tokenizer, on_p
     tokenizer = tokenizer or load_tokenizer(usable[0], trust_remote_code=engine.trust_remote_code)
     return collect([*collected.checkpoints, *built], collected.examples, run.recipe, store, tokenizer=tokenizer,
                    engine=engine, kinds=kinds, heldout=collected.heldout, proxy_settings=proxy_settings,
-                   on_progress=on_progress)
+                   on_progress=on_progress, executor=executor)
 
 
 def _pinned_memorization(run):

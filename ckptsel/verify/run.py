@@ -18,17 +18,18 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
 import numpy as np
 
-from ckptsel.collect import Progress, fingerprints
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.execution import Executor, InProcessExecutor
+from ckptsel.fingerprints import fingerprints
+from ckptsel.progress import ProgressFn, emit
 from ckptsel.settings import EngineSettings, Recipe, SamplingSettings
 from ckptsel.store import Record, Store, StoreError
 from ckptsel.verify import compare, harness
@@ -138,9 +139,6 @@ def unique_examples(examples: Sequence[Example], limit: int | None = None) -> li
     return unique if limit is None else unique[:limit]
 
 
-ProgressFn = Callable[[Progress], None]
-
-
 def verify_file(
     checkpoints: Sequence[Checkpoint],
     examples: Sequence[Example],
@@ -152,10 +150,15 @@ def verify_file(
     max_new_tokens: int,
     seed: int = 0,
     on_progress: ProgressFn | None = None,
+    executor: Executor | None = None,
 ) -> Verification:
-    """lm-eval accuracy of each checkpoint on ``examples``; what the store holds is not re-run."""
+    """lm-eval accuracy of each checkpoint on ``examples``; what the store holds is not re-run.
+
+    ``executor`` (:mod:`ckptsel.execution`; default: this process, one loader for every
+    checkpoint) runs lm-eval; one whose workers run elsewhere (``--ray``) gets one item per
+    checkpoint (:func:`evaluate_checkpoint`), and this process alone writes the store.
+    """
     from ckptsel import graders
-    from ckptsel.measure.loading import CheckpointLoader
 
     grader = graders.get(recipe.data.grader)
     key = settings_key(recipe, engine, max_new_tokens, seed)
@@ -166,36 +169,33 @@ def verify_file(
     rows = [Measured(i, str(c.path), c.step, fps[i], error=c.error if c.kind == "error" else None)
             for i, c in enumerate(checkpoints)]
 
-    if engine.ray is not None:  # --ray: one lm-eval task per checkpoint; this process writes the store
-        from ckptsel.distributed import verify_distributed
+    def missing(i: int) -> list[Example]:
+        """The test examples the store lacks for checkpoint ``i`` (none: it is reported cached)."""
+        todo = store.missing(fps[i], key, KIND, uids)
+        rows[i].from_cache = not todo
+        if not todo:
+            emit(on_progress, checkpoints[i], i, "cached", len(uids), len(uids))
+        return [by_uid[u] for u in todo]
 
-        verify_distributed(checkpoints, fps, rows, by_uid, uids, recipe, store, key, KIND, engine,
-                           max_new_tokens=max_new_tokens, seed=seed, on_progress=on_progress)
-    with nullcontext() if engine.ray is not None else CheckpointLoader.for_engine(engine) as loader:
-        for i, ckpt in enumerate(checkpoints if engine.ray is None else ()):
-            if fps[i] is None:
-                continue
-            missing = store.missing(fps[i], key, KIND, uids)
-            rows[i].from_cache = not missing
-            if not missing:
-                _emit(on_progress, ckpt, i, "cached", len(uids), len(uids))
-                continue
-            try:
-                _emit(on_progress, ckpt, i, "load", 0, 1)
-                loaded = loader.load(ckpt)
-                store.register_checkpoint(fps[i], ckpt.path, ckpt.step)
-                _emit(on_progress, ckpt, i, "lm-eval", len(uids) - len(missing), len(uids))
-                store.put_many(fps[i], key, KIND, evaluate_examples(
-                    loaded, [by_uid[u] for u in missing], grader, recipe, engine, max_new_tokens, seed))
-                _emit(on_progress, ckpt, i, "lm-eval", len(uids), len(uids))
-            except CheckpointError as err:
-                rows[i].error = str(err)
-            except StoreError:  # the shared store, not this checkpoint
-                raise
-            except Exception as exc:  # one bad checkpoint must not lose the others' results
-                rows[i].error = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
-                log.info("%s", rows[i].error)
-                log.debug("traceback of %s", rows[i].error, exc_info=True)  # shown by ckptsel --debug
+    readable = [i for i in range(len(checkpoints)) if fps[i] is not None]
+    executor = InProcessExecutor() if executor is None else executor
+    with executor:
+        if executor.in_process:  # each checkpoint's gap read when its turn comes: a copy of one measured is cached
+            _verify_here(checkpoints, readable, missing, rows, grader, recipe, store, key, engine, len(uids),
+                         max_new_tokens, seed, on_progress, executor)
+        else:
+            todo = {i: gap for i in readable if (gap := missing(i))}
+            indices = list(todo)
+            items = [(checkpoints[i], todo[i]) for i in indices]
+            answers = executor.map(evaluate_checkpoint, items, recipe.data.grader, recipe, engine, max_new_tokens, seed)
+            for position, answer in answers:
+                i = indices[position]
+                if isinstance(answer, str):
+                    rows[i].error = answer
+                    continue
+                store.register_checkpoint(fps[i], checkpoints[i].path, checkpoints[i].step)
+                store.put_many(fps[i], key, KIND, answer)
+                emit(on_progress, checkpoints[i], i, "done", len(uids), len(uids))
 
     measured = [i for i in range(len(rows)) if fps[i] is not None and rows[i].error is None]
     matrix = np.array([[_acc(store.get_many(fps[i], key, KIND, uids), u) for u in uids] for i in measured])
@@ -218,6 +218,59 @@ def evaluate_examples(loaded, examples: Sequence[Example], grader, recipe: Recip
     lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
     results = harness.file_results(harness.evaluate(lm, [task], seed=seed))
     return {uid: Record(acc=r.acc, samples=r.completions) for uid, r in results.items()}
+
+
+def _verify_here(checkpoints, indices: list[int], missing, rows: list[Measured], grader, recipe: Recipe,
+                 store: Store, key: str, engine: EngineSettings, n: int, max_new_tokens: int, seed: int, on_progress,
+                 executor: Executor) -> None:
+    """lm-eval in this process, one checkpoint after another with one loader, each result stored as it comes."""
+    from ckptsel.measure.loading import CheckpointLoader
+
+    with CheckpointLoader.for_engine(engine) as loader:
+
+        def evaluate(i: int) -> None:
+            todo = missing(i)
+            if not todo:
+                return
+            ckpt, fp = checkpoints[i], rows[i].fingerprint
+            try:
+                emit(on_progress, ckpt, i, "load", 0, 1)
+                loaded = loader.load(ckpt)
+                store.register_checkpoint(fp, ckpt.path, ckpt.step)
+                emit(on_progress, ckpt, i, "lm-eval", n - len(todo), n)
+                store.put_many(fp, key, KIND, evaluate_examples(loaded, todo, grader, recipe, engine, max_new_tokens,
+                                                                seed))
+                emit(on_progress, ckpt, i, "lm-eval", n, n)
+            except CheckpointError as err:
+                rows[i].error = str(err)
+            except StoreError:  # the shared store, not this checkpoint
+                raise
+            except Exception as exc:  # one bad checkpoint must not lose the others' results
+                rows[i].error = f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                log.info("%s", rows[i].error)
+                log.debug("traceback of %s", rows[i].error, exc_info=True)  # shown by ckptsel --debug
+
+        for _ in executor.map(evaluate, indices):
+            pass
+
+
+def evaluate_checkpoint(item: tuple[Checkpoint, list[Example]], grader_name: str, recipe: Recipe,
+                        engine: EngineSettings, max_new_tokens: int, seed: int) -> dict[str, Record] | str:
+    """The worker outside this process: lm-eval on one checkpoint's missing test examples, as store
+    records, or a one-line reason it failed."""
+    from ckptsel import graders
+    from ckptsel.measure.loading import CheckpointLoader
+
+    ckpt, examples = item
+    try:
+        with CheckpointLoader.for_engine(engine) as loader:
+            return evaluate_examples(loader.load(ckpt), examples, graders.get(grader_name), recipe, engine,
+                                     max_new_tokens, seed)
+    except CheckpointError as err:
+        return str(err)
+    except Exception as exc:  # one bad checkpoint must not lose the others' results
+        log.debug("lm-eval failed", exc_info=True)
+        return f"{ckpt.path}: lm-eval failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _acc(records: Mapping[str, Record], uid: str) -> float:
@@ -295,14 +348,14 @@ def verify_tasks(
                     found[i, name] = {**cached, "from_cache": True}
             todo = [name for name in names if (i, name) not in found]
             if not todo:
-                _emit(on_progress, ckpt, i, "cached", 1, 1)
+                emit(on_progress, ckpt, i, "cached", 1, 1)
                 continue
             try:
-                _emit(on_progress, ckpt, i, "load", 0, 1)
+                emit(on_progress, ckpt, i, "load", 0, 1)
                 loaded = loader.load(ckpt)
                 if manager is None:
                     manager = harness.task_manager_for(names, include_path)
-                _emit(on_progress, ckpt, i, "lm-eval", 0, 1)
+                emit(on_progress, ckpt, i, "lm-eval", 0, 1)
                 lm = harness.wrap_model(loaded.model, loaded.tokenizer, engine.batch_size)
                 results = harness.evaluate(lm, list(todo), task_manager=manager, limit=limit,
                                            num_fewshot=num_fewshot, seed=seed)
@@ -312,7 +365,7 @@ def verify_tasks(
                     entry = {"metric": metric, "values": [values[d] for d in sorted(values)]}
                     store.put_value(f"verify-task/{fps[i]}/{keys[name]}", entry)
                     found[i, name] = entry
-                _emit(on_progress, ckpt, i, "lm-eval", 1, 1)
+                emit(on_progress, ckpt, i, "lm-eval", 1, 1)
             except CheckpointError as err:
                 errors[i] = str(err)
             except CkptselError:  # an unknown task or missing data: the same for every checkpoint
@@ -337,8 +390,3 @@ def verify_tasks(
             save_summary(store, row, verification)
         out.append(verification)
     return out
-
-
-def _emit(callback, ckpt, index, phase, done, total) -> None:
-    if callback is not None:
-        callback(Progress(ckpt, index, phase, done, total))
