@@ -6,8 +6,9 @@ products of 3-4, maxima of 3-5 numbers), a base run trained on it and ranked by 
 data alone (every row measured); a pool of candidate new rows, ``--variants`` per base row, each a *variant*
 of its source (same family, same number of operands, new numbers; never a test problem); then, for each
 strategy and budget B, ``ckptsel curate --pool --budget B`` chooses B rows and a run is trained from scratch
-on base + chosen for the same number of epochs, and its held-out accuracy measured (150 test problems, k = 5
-samples). The i.i.d. strategy also runs at larger budgets, so that **data efficiency** -- the i.i.d. budget
+on base + chosen, and its held-out accuracy measured (150 test problems, k = 5
+samples). Every run trains for the same number of steps (1200, batch 32): new data changes what the
+model sees, not how long it trains. The i.i.d. strategy also runs at larger budgets, so that **data efficiency** -- the i.i.d. budget
 that reaches the premem strategy's accuracy at B, over B (interpolated on the mean i.i.d. curve) -- can be read.
 
 **reweighting** (Ruan et al.: memorization-aware reweighting mitigates over-memorization): the main lab
@@ -40,11 +41,11 @@ import numpy as np
 
 STRATEGIES = ("premem", "iid", "train-acc", "loss")
 FAMILIES = ["sum", "product", "max"]
-BASE = {"n_train": 400, "n_test": 150, "epochs": 25, "lr": 0.003, "batch_size": 32, "scheduler": "cosine",
+BASE = {"n_train": 500, "n_test": 150, "steps": 1200, "lr": 0.003, "batch_size": 32, "scheduler": "cosine",
         "model": {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "intermediate_size": 256}}
-QUICK = {"n_train": 60, "n_test": 40, "epochs": 8, "lr": 0.003, "batch_size": 16, "scheduler": "cosine",
+QUICK = {"n_train": 60, "n_test": 40, "steps": 30, "lr": 0.003, "batch_size": 16, "scheduler": "cosine",
          "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}}
-BUDGETS, IID_EXTRA = (100, 200, 400), (800,)
+BUDGETS, IID_EXTRA = (125, 250, 500), (1000,)
 QUICK_BUDGETS, QUICK_IID_EXTRA = (10, 20), (40,)
 REWEIGHT = 0.25
 OVERMEMORIZING = ("dense-lr0.001-n1500-e40", "moe-lr0.001-n1500-e40")
@@ -57,8 +58,10 @@ def _spec(config: dict, n_train: int, seed: int, n_checkpoints: int):
     from ckptsel.lab.models import ModelSpec
     from ckptsel.lab.train import TrainSpec
 
+    # A fixed number of steps for every run: new data changes what is trained on, not for how long.
+    epochs = config["steps"] * config["batch_size"] / n_train
     return TrainSpec(families=FAMILIES, n_train=n_train, n_test=config["n_test"], data_seed=seed, seed=seed,
-                     model=ModelSpec(**config["model"]), lr=config["lr"], epochs=config["epochs"],
+                     model=ModelSpec(**config["model"]), lr=config["lr"], epochs=epochs,
                      batch_size=config["batch_size"], scheduler=config["scheduler"], n_checkpoints=n_checkpoints)
 
 
