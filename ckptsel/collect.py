@@ -270,7 +270,7 @@ def fingerprints(checkpoints: Sequence[Checkpoint], store: Store) -> list[str | 
     """Content fingerprints, cached in the store by (path, total size, newest mtime)."""
     out: list[str | None] = []
     for ckpt in checkpoints:
-        if ckpt.kind == "error":
+        if not ckpt.format.usable:
             out.append(None)
             continue
         files = [p for p in ckpt.path.iterdir() if p.is_file()]
@@ -341,7 +341,7 @@ def collect(
     fps = fingerprints(checkpoints, store)
     result = Collected(checkpoints, fps, key, examples, heldout=list(heldout))
     for i, ckpt in enumerate(checkpoints):
-        if ckpt.kind == "error":
+        if not ckpt.format.usable:
             result.failures[i] = ckpt.error or "unreadable checkpoint"
 
     pending = [i for i in range(len(checkpoints)) if fps[i] is not None]

@@ -235,7 +235,7 @@ def _groups(indices: list[int], checkpoints: Sequence[Checkpoint], slots: int) -
     by_base: dict[str, list[int]] = {}
     for i in indices:
         ckpt = checkpoints[i]
-        if ckpt.kind == "adapter" and ckpt.base_model:
+        if ckpt.format.is_adapter and ckpt.base_model:
             by_base.setdefault(ckpt.base_model, []).append(i)
         else:
             groups.append([i])
