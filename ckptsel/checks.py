@@ -20,7 +20,6 @@ measured, logs a warning naming the file and row, or raises a one-line error (ex
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from ckptsel.data import Example, read_rows
 from ckptsel.discover import Checkpoint, Run
 from ckptsel.errors import DataError
+from ckptsel.formats import BROKEN
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,8 @@ def gradable(examples: list[Example], path: Path, grader, grader_name: str, *,
 
 
 def model_config(ckpt: Checkpoint) -> dict | None:
-    """The checkpoint's ``config.json`` (an adapter's: its base model's), or None when not at hand."""
-    folder = ckpt.path if ckpt.kind != "adapter" else (Path(ckpt.base_model) if ckpt.base_model else None)
-    if folder is None or not (folder / "config.json").is_file():
-        return None
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
+    """The checkpoint's ``config.json`` (an adapter's: its base model's), or None when not at hand (a broken one)."""
+    return ckpt.format.model_config(ckpt)
 
 
 def _text_config(config: dict) -> dict:
@@ -102,7 +95,7 @@ def context_length(checkpoints: Sequence[Checkpoint]) -> int | None:
     """The smallest context (positions) among the checkpoints' configs; None when none states one."""
     found = []
     for ckpt in checkpoints:
-        config = model_config(ckpt) if ckpt.kind != "error" else None
+        config = model_config(ckpt)
         if config is None:
             continue
         config = _text_config(config)
@@ -144,7 +137,7 @@ def fit_context(examples: list[Example], lengths: Mapping[str, int], checkpoints
 
 def shape(ckpt: Checkpoint) -> tuple | None:
     """(model_type, hidden_size, num_hidden_layers, vocab_size) from the config; None when unreadable."""
-    if ckpt.kind != "full":  # adapters of one base share its shape; their own rank may differ
+    if ckpt.format.is_adapter:  # adapters of one base share its shape; their own rank may differ
         return None
     config = model_config(ckpt)
     if config is None:
@@ -169,7 +162,7 @@ def architecture_mismatches(run: Run) -> list[tuple[Checkpoint, str]]:
 
 
 def exclude_other_architectures(runs: Sequence[Run]) -> list[str]:
-    """Mark each checkpoint whose shape differs from the rest of its run as unusable (``kind="error"``),
+    """Mark each checkpoint whose shape differs from the rest of its run as unusable (the broken format),
     so pre-memorization accuracy never mixes it into the run's history; returns one line per checkpoint.
 
     The ranking commands then report it as not measured (exit 3) and rank the others; a run left
@@ -178,7 +171,7 @@ def exclude_other_architectures(runs: Sequence[Run]) -> list[str]:
     lines = []
     for run in runs:
         for ckpt, line in architecture_mismatches(run):
-            ckpt.kind, ckpt.error = "error", f"{line}; not ranked with them (rank it on its own)"
+            ckpt.format, ckpt.error = BROKEN, f"{line}; not ranked with them (rank it on its own)"
             log.warning("%s", ckpt.error)
             lines.append(ckpt.error)
     return lines

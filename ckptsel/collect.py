@@ -202,7 +202,7 @@ def collect(
     fps = fingerprints(checkpoints, store)
     result = Collected(checkpoints, fps, key, examples, heldout=list(heldout))
     for i, ckpt in enumerate(checkpoints):
-        if ckpt.kind == "error":
+        if not ckpt.format.usable:
             result.failures[i] = ckpt.error or "unreadable checkpoint"
 
     pending = [i for i in range(len(checkpoints)) if fps[i] is not None]
@@ -484,7 +484,7 @@ def _groups(indices: list[int], checkpoints: Sequence[Checkpoint], slots: int) -
     by_base: dict[str, list[int]] = {}
     for i in indices:
         ckpt = checkpoints[i]
-        if ckpt.kind == "adapter" and ckpt.base_model:
+        if ckpt.format.is_adapter and ckpt.base_model:
             by_base.setdefault(ckpt.base_model, []).append(i)
         else:
             groups.append([i])

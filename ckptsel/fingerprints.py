@@ -17,7 +17,7 @@ def fingerprints(checkpoints: Sequence[Checkpoint], store: Store) -> list[str | 
     """Content fingerprints, cached in the store by (path, total size, newest mtime); None for an unreadable checkpoint."""
     out: list[str | None] = []
     for ckpt in checkpoints:
-        if ckpt.kind == "error":
+        if not ckpt.format.usable:
             out.append(None)
             continue
         files = [p for p in ckpt.path.iterdir() if p.is_file()]

@@ -158,7 +158,7 @@ class RankResult:
         if collected.harvest is not None and collected.harvest.fixed:
             ranking.alt_coverage = collected.harvest.coverage(ex.uid for ex in collected.examples)
             ranking.alt_sources = [i for i, fp in enumerate(collected.fingerprints) if fp in collected.harvest.sources]
-        usable = sum(c.kind != "error" for c in collected.checkpoints)
+        usable = sum(c.format.usable for c in collected.checkpoints)
         return RankResult(ranking, [self.runs[r]], self.recipe, usable)
 
     def to_json(self) -> dict:
@@ -228,7 +228,7 @@ def rank_runs(
     with Store.open(request.cache_dir) as store:
         plans = []
         for run in runs:
-            if not any(c.kind != "error" for c in run.checkpoints):
+            if not any(c.format.usable for c in run.checkpoints):
                 plans.append((run, None, [], []))  # nothing to measure: reported as failures
                 continue
             examples = examples_of(data_files[run.name], run, "training")
@@ -259,7 +259,7 @@ def rank_runs(
         ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
                        pathway_settings=recipe.pathways, threshold=request.threshold,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
-    return RankResult(ranking, measured, recipe, sum(c.kind != "error" for c in checkpoints))
+    return RankResult(ranking, measured, recipe, sum(c.format.usable for c in checkpoints))
 
 
 # --------------------------------------------------------------------------- rendering, kept in the store
@@ -366,7 +366,7 @@ class _Tokenizers:
 
 
 def _first_usable(run: Run) -> Checkpoint:
-    return next(c for c in run.checkpoints if c.kind != "error")
+    return next(c for c in run.checkpoints if c.format.usable)
 
 
 def _measure_runs_at_once(jobs: list[tuple], measure: Callable, request: RankRequest,

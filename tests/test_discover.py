@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import save_tiny_llama
 
-import ckptsel.discover as discover_module
+import ckptsel.formats.hashing as hashing
 from ckptsel.cli import main
 from ckptsel.discover import (
     discover,
@@ -381,7 +381,7 @@ def _change_tensor(folder, name, scale: float, element_only: bool) -> None:
 @pytest.mark.parametrize("sampled", [False, True])
 def test_fingerprint_follows_content_not_location(tmp_path, tokenizer, monkeypatch, sampled):
     if sampled:  # the large-checkpoint path: three windows per tensor instead of every byte
-        monkeypatch.setattr(discover_module, "WHOLE_LIMIT", 0)
+        monkeypatch.setattr(hashing, "WHOLE_LIMIT", 0)
     a = save_tiny_llama(tmp_path / "a", tokenizer, seed=1)
     b = save_tiny_llama(tmp_path / "b", tokenizer, seed=1)
     moved = shutil.copytree(a, tmp_path / "elsewhere" / "a")

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import save_tiny_llama
-from ckptsel.discover import Checkpoint
+from ckptsel.discover import Checkpoint, discover
 from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.formats import BROKEN, PEFT_ADAPTER, PICKLE, SAFETENSORS
 from ckptsel.measure.loading import CheckpointLoader, resolve_device, resolve_dtype
 from ckptsel.measure.scoring import score_targets
 
@@ -34,7 +35,8 @@ def lora_run(tmp_path_factory, tokenizer):
     ckpts = []
     for step, seed in [(10, 1), (20, 2), (30, 5)]:
         save_adapter(root / f"checkpoint-{step}", base_dir, seed)
-        ckpts.append(Checkpoint(path=root / f"checkpoint-{step}", kind="adapter", step=step, base_model=str(base_dir)))
+        ckpts.append(Checkpoint(path=root / f"checkpoint-{step}", format=PEFT_ADAPTER, step=step,
+                                base_model=str(base_dir)))
     return base_dir, ckpts
 
 
@@ -67,12 +69,12 @@ def test_full_checkpoints_load_in_eval_mode_float32_on_cpu(tmp_path, tokenizer):
     a = save_tiny_llama(tmp_path / "a", tokenizer, seed=0)
     b = save_tiny_llama(tmp_path / "b", tokenizer, seed=1)
     with CheckpointLoader() as loader:
-        first = loader.load(Checkpoint(path=a, kind="full"))
+        first = loader.load(Checkpoint(path=a, format=SAFETENSORS))
         assert not first.model.training and first.model.dtype == torch.float32
         assert first.model.device.type == "cpu"
         assert not any(p.requires_grad for p in first.model.parameters())
         nll_a = score_targets(first.model, first.tokenizer, PROMPTS, TARGETS).nll
-        second = loader.load(Checkpoint(path=b, kind="full"))
+        second = loader.load(Checkpoint(path=b, format=SAFETENSORS))
         nll_b = score_targets(second.model, second.tokenizer, PROMPTS, TARGETS).nll
         assert loader.full_loads == 2 and loader.base_loads == 0
     assert np.abs(nll_a - nll_b).max() > 1e-3
@@ -83,9 +85,9 @@ def test_bad_checkpoint_is_one_line_and_the_next_still_loads(tmp_path, tokenizer
     broken = save_tiny_llama(tmp_path / "broken", tokenizer)
     (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     ckpts = [
-        Checkpoint(path=tmp_path / "listed-bad", kind="error", error="no config.json"),
-        Checkpoint(path=broken, kind="full"),
-        Checkpoint(path=good, kind="full"),
+        Checkpoint(path=tmp_path / "listed-bad", format=BROKEN, error="no config.json"),
+        Checkpoint(path=broken, format=SAFETENSORS),
+        Checkpoint(path=good, format=SAFETENSORS),
     ]
     with CheckpointLoader() as loader:
         results = [_load_or_error(loader, c) for c in ckpts]
@@ -101,16 +103,20 @@ def test_pickled_weights_need_the_flag(tmp_path, tokenizer):
     folder = save_tiny_llama(tmp_path / "pickled", tokenizer)
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    ckpt = Checkpoint(path=folder, kind="full", weight_format="pickle")
+    (ckpt,) = discover(folder)
+    assert ckpt.format is PICKLE
     with CheckpointLoader() as loader, pytest.raises(CheckpointError, match="--allow-pickle"):
         loader.load(ckpt)
+    # Whatever a hand-made record says, a folder of .bin files is not read without the flag.
+    with CheckpointLoader() as loader, pytest.raises(CheckpointError, match="only pickled .* --allow-pickle"):
+        loader.load(Checkpoint(path=folder, format=SAFETENSORS))
     with CheckpointLoader(allow_pickle=True) as loader:
         assert loader.load(ckpt).model.config.num_hidden_layers == 2
 
 
 def test_adapter_with_missing_base_reports_the_base(tmp_path, lora_run):
     _, ckpts = lora_run
-    ckpt = Checkpoint(path=ckpts[0].path, kind="adapter", base_model=str(tmp_path / "nowhere"))
+    ckpt = Checkpoint(path=ckpts[0].path, format=PEFT_ADAPTER, base_model=str(tmp_path / "nowhere"))
     with CheckpointLoader() as loader, pytest.raises(CheckpointError, match="base model .*nowhere"):
         loader.load(ckpt)
 
@@ -140,8 +146,8 @@ def test_tokenizer_from_the_checkpoint_else_the_base(tmp_path, lora_run, tokeniz
     (own / "tokenizer_config.json").write_text(
         (own / "tokenizer_config.json").read_text().replace('"model_max_length": 4096', '"model_max_length": 123')
     )
-    assert load_tokenizer(Checkpoint(path=own, kind="adapter", base_model=str(base_dir))).model_max_length == 123
-    bare = Checkpoint(path=ckpts[0].path, kind="adapter", base_model=str(tmp_path / "missing"))
+    assert load_tokenizer(Checkpoint(path=own, format=PEFT_ADAPTER, base_model=str(base_dir))).model_max_length == 123
+    bare = Checkpoint(path=ckpts[0].path, format=PEFT_ADAPTER, base_model=str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="cannot load the tokenizer"):
         load_tokenizer(bare)
 
@@ -153,7 +159,7 @@ def test_garbage_is_collected_only_for_a_dropped_model_still_reachable(lora_run,
     calls = []
     monkeypatch.setattr(loading.gc, "collect", lambda: calls.append(1))
     _, ckpts = lora_run
-    full = Checkpoint(path=save_tiny_llama(tmp_path / "full", tokenizer, seed=4), kind="full")
+    full = Checkpoint(path=save_tiny_llama(tmp_path / "full", tokenizer, seed=4), format=SAFETENSORS)
     with CheckpointLoader(device="cpu") as loader:
         held = loader.load(full)  # first load: nothing to drop
         loader.load(full)  # the previous model is still held here: collect
@@ -172,7 +178,7 @@ def test_adapter_of_another_shape_is_loaded_afresh(lora_run, tmp_path, tokenizer
     save_adapter(wide, base_dir, seed=6, rank=8)
     with CheckpointLoader(device="cpu") as loader:
         loader.load(ckpts[0])
-        loaded = loader.load(Checkpoint(path=wide, kind="adapter", step=40, base_model=str(base_dir)))
+        loaded = loader.load(Checkpoint(path=wide, format=PEFT_ADAPTER, step=40, base_model=str(base_dir)))
         assert list(loaded.model.peft_config) == ["adapter1"] == [loaded.model.active_adapter]
         nll = score_targets(loaded.model, loaded.tokenizer, PROMPTS, TARGETS).nll
         back = loader.load(ckpts[0])  # and back to rank 4: afresh again, equal to its first load
@@ -195,9 +201,9 @@ def test_tokenizer_is_built_once_per_distinct_tokenizer_files(tmp_path, tokenize
     config["model_max_length"] = 77
     (c / "tokenizer_config.json").write_text(json.dumps(config))
     with CheckpointLoader(device="cpu") as loader:
-        tok_a = loader.load(Checkpoint(path=a, kind="full")).tokenizer
-        tok_b = loader.load(Checkpoint(path=b, kind="full")).tokenizer
-        tok_c = loader.load(Checkpoint(path=c, kind="full")).tokenizer
+        tok_a = loader.load(Checkpoint(path=a, format=SAFETENSORS)).tokenizer
+        tok_b = loader.load(Checkpoint(path=b, format=SAFETENSORS)).tokenizer
+        tok_c = loader.load(Checkpoint(path=c, format=SAFETENSORS)).tokenizer
     assert tok_a is tok_b  # same files in two folders: one tokenizer
     assert tok_c is not tok_b and tok_c.model_max_length == 77 != tok_b.model_max_length
 

@@ -144,9 +144,10 @@ def test_verify_with_ray_measures_what_lm_eval_measures_in_process(learning_run,
 def test_groups_split_a_base_over_the_slots():
     from ckptsel.collect import _groups
     from ckptsel.discover import Checkpoint
+    from ckptsel.formats import PEFT_ADAPTER, SAFETENSORS
 
-    ckpts = [Checkpoint(path=f"/r/checkpoint-{i}", kind="adapter", base_model="/base") for i in range(5)]
-    ckpts.append(Checkpoint(path="/full", kind="full"))
+    ckpts = [Checkpoint(path=f"/r/checkpoint-{i}", format=PEFT_ADAPTER, base_model="/base") for i in range(5)]
+    ckpts.append(Checkpoint(path="/full", format=SAFETENSORS))
     assert _groups(list(range(6)), ckpts, slots=2) == [[5], [0, 1, 2], [3, 4]]
     assert _groups(list(range(6)), ckpts, slots=8) == [[5], [0], [1], [2], [3], [4]]
 

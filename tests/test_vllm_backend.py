@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from ckptsel.cli import main
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CkptselError
+from ckptsel.formats import PEFT_ADAPTER, SAFETENSORS
 from ckptsel.measure.sampling import sample_seed
 from ckptsel.settings import EngineSettings, SamplingSettings
 
@@ -92,11 +93,11 @@ def fake_vllm(monkeypatch, tokenizer):
 
 
 def _full(path) -> Checkpoint:
-    return Checkpoint(path=path, kind="full")
+    return Checkpoint(path=path, format=SAFETENSORS)
 
 
 def _adapter(path, base="/models/base", rank=4) -> Checkpoint:
-    return Checkpoint(path=path, kind="adapter", base_model=base, lora_rank=rank)
+    return Checkpoint(path=path, format=PEFT_ADAPTER, base_model=base, lora_rank=rank)
 
 
 def _sample(sampler, tokenizer, prompts, sampling, budgets=None, keys=None):

@@ -10,9 +10,6 @@ import click
 from ckptsel.cli.options import json_option, print_json, stdout_console
 from ckptsel.errors import CkptselError
 
-_KIND_STYLE = {"full": "green", "adapter": "cyan", "error": "bold red"}
-
-
 def human_count(n: int | None) -> str:
     """1234 -> '1.2K', 7_241_732_096 -> '7.2B': parameter counts at a glance."""
     if n is None:
@@ -40,13 +37,8 @@ def _model_cell(ckpt) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _adapter_cell(ckpt) -> str:
-    if ckpt.lora_rank is None and ckpt.base_model is None:
-        return ""
-    alpha = f" α={ckpt.lora_alpha:g}" if ckpt.lora_alpha is not None else ""
-    base = ckpt.base_model or "?"
-    base = Path(base).name if Path(base).is_absolute() else base
-    return f"r={ckpt.lora_rank}{alpha} {','.join(ckpt.target_modules or [])} on {base}"
+def _kind_style(fmt) -> str:
+    return "bold red" if not fmt.usable else "cyan" if fmt.is_adapter else "green"
 
 
 def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
@@ -62,11 +54,11 @@ def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
         "run": escape(ckpt.run or "") if with_run else "",
         "step": "" if ckpt.step is None else str(ckpt.step),
         "checkpoint": escape(shown),
-        "kind": f"[{_KIND_STYLE[ckpt.kind]}]{ckpt.kind}[/]",
+        "kind": f"[{_kind_style(ckpt.format)}]{ckpt.kind}[/]",
         "epoch": _fmt(ckpt.epoch, 2),
         "loss": _fmt(ckpt.train_loss, 4),
         "model": escape(_model_cell(ckpt)),
-        "adapter": escape(_adapter_cell(ckpt)),
+        "format": escape(ckpt.format.label(ckpt)),
         "fingerprint": (fp or "")[:12],
         "error / notes": "; ".join(notes + [escape(n) for n in ckpt.notes]),
     }
@@ -109,8 +101,8 @@ def ls(paths, base_model, with_fingerprint, as_json):
     found = [c for run in runs for c in run.checkpoints]
     if nothing_found(found):  # an empty or unrelated folder: a usage error, as rank says it
         raise CkptselError(no_loadable_checkpoint(paths, found))
-    fps = {c.path: fingerprint(c) for c in found if c.kind != "error"} if with_fingerprint else {}
-    usable = sum(c.kind != "error" for c in found)
+    fps = {c.path: fingerprint(c) for c in found if c.format.usable} if with_fingerprint else {}
+    usable = sum(c.format.usable for c in found)
     if as_json:
         print_json([c.to_dict() | ({"fingerprint": fps.get(c.path)} if with_fingerprint else {}) for c in found])
     else:
@@ -125,7 +117,7 @@ def _print_table(found, fps, cwd, n_runs: int) -> None:
 
     rows = [_row(c, cwd, fps.get(c.path), n_runs > 1) for c in found]
     columns = [name for name in rows[0] if any(r[name] for r in rows)]
-    errors = sum(c.kind == "error" for c in found)
+    errors = sum(not c.format.usable for c in found)
     runs = f" in {n_runs} runs" if n_runs > 1 else ""
     table = Table(caption=f"{len(found)} checkpoints{runs}, {errors} broken", caption_justify="left",
                   box=box.SIMPLE_HEAD)

@@ -74,7 +74,7 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     check_target(Path(out).absolute(), force)  # output problems before any measuring
     check_writable(out, "merged checkpoint")
     runs = discover_runs([run], base_model=measurement.base_model)
-    if max(sum(c.kind != "error" for c in r.checkpoints) for r in runs) < 2:
+    if max(sum(c.format.usable for c in r.checkpoints) for r in runs) < 2:
         n = sum(len(r.checkpoints) for r in runs)
         raise RecommendError(f"{run}: {n} checkpoint(s) found; --recommend merges checkpoints of one run and needs "
                              "at least two")
@@ -215,7 +215,7 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
     )
     shares = ", ".join(f"{c.path.name}{f' {w:.3g}' if plan.weighted else ''}"
                        for c, w in zip(plan.inputs, plan.normalized_weights))
-    console.print(f"merging {len(plan.inputs)} {'adapters' if plan.kind == 'adapter' else 'checkpoints'} "
+    console.print(f"merging {len(plan.inputs)} {'adapters' if plan.adapters else 'checkpoints'} "
                   f"({plan.method}: {shares}) -> {out}")
     def progress(stage: str) -> None:
         if stage in _STAGES:

@@ -93,7 +93,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
 
             decoding = {"k": k, "temperature": 0.0 if greedy else temperature, "top_p": top_p}
             test_recipe = override(recipe, sampling=decoding)
-            tokenizer = load_tokenizer(next(c for c in checkpoints if c.kind != "error"), trust_remote_code=engine.trust_remote_code)
+            tokenizer = load_tokenizer(next(c for c in checkpoints if c.format.usable), trust_remote_code=engine.trust_remote_code)
             loaded = load_data(test_file, test_recipe, tokenizer=tokenizer, skip_bad=skip_bad)
             examples = unique_examples(loaded.examples, limit)
             budget = max_new_tokens or default_budget(tokenizer, examples, test_recipe)

@@ -296,7 +296,7 @@ class CkptselCallback(TrainerCallback):
         checkpoints = [c for c in run.checkpoints if c.step is not None and c.step <= step and (
             self.every_n_saves == 1 or c.step in self._measured_steps or c.path.resolve() == current)]
         index = next((i for i, c in enumerate(checkpoints) if c.path.resolve() == current), None)
-        if index is None or checkpoints[index].kind == "error":
+        if index is None or not checkpoints[index].format.usable:
             reason = checkpoints[index].error if index is not None else "not found by discovery"
             return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=f"{folder}: {reason}")
         param = next(model.parameters())

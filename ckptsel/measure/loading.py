@@ -1,8 +1,10 @@
 """Load checkpoints one after another, each once; LoRA adapters share one base model.
 
-A ranking run walks the checkpoints of one training run in order. Full checkpoints are
-loaded one at a time (the previous one is released first, so two never share memory).
-Adapter checkpoints are hot-swapped on a base model that is loaded once per distinct base:
+A ranking run walks the checkpoints of one training run in order. How a checkpoint is read is
+its format's business (``ckpt.format.check_load`` and ``load``, ckptsel/formats/); this module
+decides when, and what stays in memory. Full checkpoints are loaded one at a time (the previous
+one is released first, so two never share memory). Adapter checkpoints (``ckpt.format.is_adapter``)
+are hot-swapped on a base model (their format's ``load``) that is loaded once per distinct base:
 the first adapter wraps the base with ``PeftModel.from_pretrained``; a next one with the same
 LoRA config and tensors (the usual case within a run) has its weights copied into the loaded
 adapter's, any other is ``load_adapter``-ed, activated, and the previous adapter deleted. The
@@ -31,8 +33,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ckptsel.discover import Checkpoint, base_model_missing, names_local_path, resolve_base_model
 from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.formats import Checkpoint, LoadOptions
 from ckptsel.tokenizers import load_tokenizer, tokenizer_digest
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ class CheckpointLoader:
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
+        self.options = LoadOptions(dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code,
+                                   allow_pickle=allow_pickle)
         self.base_loads = 0
         self.full_loads = 0
         self._full = None  # the current full-checkpoint model
@@ -138,14 +142,14 @@ class CheckpointLoader:
 
     def load(self, ckpt: Checkpoint) -> LoadedCheckpoint:
         """Load one checkpoint; raises CheckpointError (one line) when it cannot be loaded."""
-        if ckpt.kind == "error":
-            raise CheckpointError(f"{ckpt.path}: {ckpt.error or 'unreadable checkpoint'}")
+        fmt = ckpt.format
         try:
-            if ckpt.kind == "adapter":
+            fmt.check_load(ckpt, self.options)  # a broken checkpoint raises its error here
+            if fmt.is_adapter:
                 model = self._swap_adapter(ckpt)
             else:
                 self._drop_models(keep_base=True)
-                self._full = self._from_pretrained(ckpt.path)
+                self._full = _frozen(fmt.load(ckpt, self.options))
                 self.full_loads += 1
                 model = self._full
             tokenizer = self._tokenizer(ckpt)
@@ -155,51 +159,16 @@ class CheckpointLoader:
             raise CheckpointError(f"{ckpt.path}: cannot load: {_one_line(exc)}") from exc
         return LoadedCheckpoint(model, tokenizer)
 
-    def _from_pretrained(self, path: Path | str):
-        from transformers import AutoModelForCausalLM
-
-        folder = Path(path)
-        if folder.is_dir() and not self.allow_pickle and not any(folder.glob("*.safetensors")):
-            raise CheckpointError(f"{folder}: only pickled (.bin) weights; pass --allow-pickle to load them")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path),
-                dtype=self.dtype,
-                device_map=str(self.device),
-                trust_remote_code=self.trust_remote_code,
-                use_safetensors=None if self.allow_pickle else True,
-                weights_only=True,
-                local_files_only=True,
-                attn_implementation="sdpa" if self.device.type == "cuda" else None,
-            )
-        except OSError as exc:
-            if folder.is_dir():
-                raise
-            raise CheckpointError(
-                f"{path}: neither a folder nor in the local Hugging Face cache (nothing is downloaded)"
-            ) from exc
-        return _frozen(model)
-
     def _swap_adapter(self, ckpt: Checkpoint):
+        """The adapter on its base (checked by its format's ``check_load``): the base is loaded by the
+        format's ``load`` when it is not the one held, and the adapter put on it or copied into the held one."""
         from peft import PeftModel
 
-        if not ckpt.base_model:
-            raise CheckpointError(f"{ckpt.path}: adapter without a base model; pass --base-model")
-        local = resolve_base_model(ckpt.base_model)
-        if local is None and not names_local_path(ckpt.base_model):
-            # A hub id that is not in the local cache: the same for every adapter on it, so no
-            # checkpoint can be measured until the user names the base; a usage error, not a
-            # broken checkpoint.
-            raise CkptselError(f"{ckpt.path}: base model {ckpt.base_model} (adapter_config.json) is "
-                               f"{base_model_missing(ckpt.base_model)}")
-        if not self.allow_pickle and not (ckpt.path / "adapter_model.safetensors").is_file():
-            hint = "; pass --allow-pickle to load adapter_model.bin" if (ckpt.path / "adapter_model.bin").is_file() else ""
-            raise CheckpointError(f"{ckpt.path}: no adapter_model.safetensors{hint}")
         name = f"adapter{self._adapters_loaded}"
         if self._peft is None or self._base_key != ckpt.base_model:
             self._drop_models()
             try:
-                base = self._from_pretrained(local or ckpt.base_model)
+                base = _frozen(ckpt.format.load(ckpt, self.options))
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, CheckpointError) else _one_line(exc)
                 raise CheckpointError(f"{ckpt.path}: base model {reason}") from exc

@@ -162,7 +162,7 @@ class VllmSampler:
 
     def _lora_request(self):
         """The current adapter's LoRARequest (None for a full checkpoint); each adapter path keeps one id."""
-        if self._checkpoint.kind != "adapter":
+        if not self._checkpoint.format.is_adapter:
             return None
         from vllm.lora.request import LoRARequest
 
@@ -173,7 +173,7 @@ class VllmSampler:
 
 def _engine_key(ckpt: Checkpoint) -> tuple[str, int | None]:
     """What an engine must be built for: the full checkpoint's folder, or the base model and the LoRA rank."""
-    if ckpt.kind != "adapter":
+    if not ckpt.format.is_adapter:
         return str(ckpt.path), None
     if not ckpt.base_model:
         raise CkptselError(f"{ckpt.path}: adapter without a base model; pass --base-model")

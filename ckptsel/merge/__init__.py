@@ -58,7 +58,7 @@ class MergeResult:
 def build(plan: MergePlan, folder: Path, *, progress_bars: bool = False) -> dict:
     """Write the merged model into the existing empty ``folder``; returns the builder's report
     (for adapters: modules, rank and, with ``plan.rank``, the SVD relative error)."""
-    if plan.kind == "full":
+    if not plan.adapters:
         from ckptsel.merge.full import build_full
 
         return build_full(plan, folder, progress_bars=progress_bars)
@@ -105,7 +105,7 @@ def merge(
         report = build(plan, folder, progress_bars=progress_bars)
         stage("provenance")
         written = describe(folder)
-        if written.kind == "error":
+        if not written.format.usable:
             raise MergeError(f"the merged output does not read back: {written.error}")
         meta = sidecar(plan, fingerprints=fingerprints, base_fingerprint=base_fp, report=report,
                        justification=justification, output_fingerprint=fingerprint(written))

@@ -90,7 +90,7 @@ class MergePlan:
     inputs: tuple[Checkpoint, ...]
     weights: tuple[float, ...]                 # as given; see normalized_weights
     method: str
-    kind: Literal["full", "adapter"]           # what the inputs are
+    adapters: bool                             # the inputs are adapters (ΔW sum, lora.py), else full (mergekit)
     output: Output                             # what is written
     base_model: str | None = None              # full merges: --base-model; adapters: their base (path or hub id)
     base: Checkpoint | None = None             # the base as a local checkpoint, when it is one
@@ -118,7 +118,7 @@ class MergePlan:
         factor = 1.0
         if self.dtype is not None and self.inputs[0].dtype in _ITEMSIZE:
             factor = _ITEMSIZE[self.dtype] / _ITEMSIZE[self.inputs[0].dtype]
-        if self.kind == "full":
+        if not self.adapters:
             return int(max(size(c) for c in self.inputs) * factor)
         if self.output == "full":
             return int(size(self.base) * factor)
@@ -128,7 +128,7 @@ class MergePlan:
         """A JSON-ready summary, the shape the sidecar and ``--json`` use."""
         return {
             "method": self.method,
-            "inputs_kind": self.kind,
+            "inputs_kind": "adapter" if self.adapters else "full",
             "output": self.output,
             "weights": list(self.weights) if self.weighted else None,
             "normalized_weights": list(self.normalized_weights) if self.weighted else None,
@@ -173,11 +173,10 @@ def parse_params(items: Sequence[str]) -> dict[str, object]:
 
 
 def _check_usable(ckpt: Checkpoint) -> None:
-    if ckpt.kind == "error":
-        raise MergeError(f"{ckpt.path}: {ckpt.error}")
-    if ckpt.weight_format != "safetensors":
-        raise MergeError(f"{ckpt.path}: pickle weights (.bin); merge reads safetensors only "
-                         "(re-save with save_pretrained(..., safe_serialization=True))")
+    """A one-line MergeError when the checkpoint's format says merge cannot read it (broken, pickled...)."""
+    refusal = ckpt.format.merge_refusal(ckpt)
+    if refusal is not None:
+        raise MergeError(f"{ckpt.path}: {refusal}")
 
 
 def adapter_config(ckpt: Checkpoint) -> dict:
@@ -257,13 +256,12 @@ def plan_merge(
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
-    kinds = {c.kind for c in inputs}
-    if kinds == {"full", "adapter"}:
-        adapters = [c.path.name for c in inputs if c.kind == "adapter"]
-        fulls = [c.path.name for c in inputs if c.kind == "full"]
+    adapters = [c.path.name for c in inputs if c.format.is_adapter]
+    if adapters and len(adapters) < len(inputs):
+        fulls = [c.path.name for c in inputs if not c.format.is_adapter]
         raise MergeError(f"cannot mix LoRA adapters ({', '.join(adapters)}) with full models ({', '.join(fulls)})")
     common = dict(weights=tuple(weights), method=method, dtype=dtype, device=device, seed=seed)
-    if kinds == {"adapter"}:
+    if adapters:
         plan = _plan_adapters(inputs, rank=rank, full=full, parameters=parameters, weights_given=weights_given,
                               **common)
     else:
@@ -304,9 +302,9 @@ def _plan_adapters(inputs, *, method, rank, full, parameters, weights_given, **c
             raise MergeError(f"--full needs the base model as a local folder; {first.base_model} is not one "
                              "(pass --base-model PATH)")
         _check_usable(base)
-        if base.kind != "full":
+        if base.format.is_adapter:
             raise MergeError(f"base model {base.path}: a LoRA adapter, not a full model")
-    return MergePlan(inputs=tuple(inputs), kind="adapter", output="full" if full else "adapter", method=method,
+    return MergePlan(inputs=tuple(inputs), adapters=True, output="full" if full else "adapter", method=method,
                      base_model=first.base_model, base=base, rank=rank, **common)
 
 
@@ -342,7 +340,7 @@ def _plan_full(inputs, *, method, base_model, parameters, rank, full, weights, w
         if any(os.path.realpath(c.path) == os.path.realpath(base.path) for c in inputs):
             raise MergeError(f"--base-model {base_model} is also one of the checkpoints; "
                              f"{method} takes task vectors against it, so list only the fine-tuned ones")
-        if base.kind != "full":
+        if base.format.is_adapter:
             raise MergeError(f"--base-model {base_model}: a LoRA adapter, not a full model")
         if base.num_parameters not in sizes:
             raise MergeError(f"--base-model {base_model}: {base.num_parameters} parameters, "
@@ -356,7 +354,7 @@ def _plan_full(inputs, *, method, base_model, parameters, rank, full, weights, w
     if unknown:
         raise MergeError(f"--param {unknown[0]}: not a parameter of {method} "
                          f"(its parameters: {', '.join(sorted(known)) or 'none'})")
-    return MergePlan(inputs=tuple(inputs), kind="full", output="full", base_model=base_model, base=base,
+    return MergePlan(inputs=tuple(inputs), adapters=False, output="full", base_model=base_model, base=base,
                      parameters=params, weights=weights, method=method, **common)
 
 

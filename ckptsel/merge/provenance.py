@@ -49,13 +49,13 @@ def reproduce_command(plan: MergePlan, out: str = "OUT") -> str:
     args = ["ckptsel", "merge", *(str(c.path) for c in plan.inputs), "--method", plan.method]
     if plan.weighted and any(w != 1.0 for w in plan.weights):
         args += ["--weights", ",".join(f"{w:g}" for w in plan.weights)]
-    if plan.base_model is not None and (plan.kind == "full" or plan.output == "full"):
+    if plan.base_model is not None and (not plan.adapters or plan.output == "full"):
         args += ["--base-model", plan.base_model]
     for key, value in plan.parameters.items():
         args += ["--param", f"{key}={json.dumps(value)}"]
     if plan.rank is not None:
         args += ["--rank", str(plan.rank)]
-    if plan.output == "full" and plan.kind == "adapter":
+    if plan.output == "full" and plan.adapters:
         args.append("--full")
     if plan.dtype is not None:
         args += ["--dtype", plan.dtype]

@@ -265,7 +265,7 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
     ranking, collected = run.ranking, run.collected
     stage = on_stage or (lambda line: None)
     flagged = [None if c.error or c.fingerprint is None else c.flag is not None for c in ranking.checkpoints]
-    adapters = any(c.kind == "adapter" for c in collected.checkpoints)
+    adapters = any(c.format.is_adapter for c in collected.checkpoints)
     # An adapter names its base, and model_stock of adapters is computed on their ΔW (lora.py).
     specs, notes = plan_candidates(flagged, ranking.recommended, base_known=adapters or base_model is not None,
                                    lean_share=lean_share)
@@ -352,7 +352,7 @@ def _build(candidates: list[Candidate], work: Path, stage: Stage) -> list:
             c.error = str(exc)
             log.info("candidate %s: %s", c.label, exc)
             continue
-        base = c.plan.base_model if c.plan.kind == "adapter" else None
+        base = c.plan.base_model if c.plan.adapters else None
         c.checkpoint = describe(folder, base)
         built.append(c.checkpoint)
     return built
@@ -371,7 +371,7 @@ def _measure(run, built: list, store, *, engine, proxy_settings, tokenizer, on_p
     collected = run.collected
     harvest_fixed = collected.harvest is not None and collected.harvest.fixed
     kinds = [k for k in DEFAULT_KINDS if harvest_fixed or k != "alt"]
-    usable = [c for c in collected.checkpoints if c.kind != "error"]
+    usable = [c for c in collected.checkpoints if c.format.usable]
     tokenizer = tokenizer or load_tokenizer(usable[0], trust_remote_code=engine.trust_remote_code)
     return collect([*collected.checkpoints, *built], collected.examples, run.recipe, store, tokenizer=tokenizer,
                    engine=engine, kinds=kinds, heldout=collected.heldout, proxy_settings=proxy_settings,

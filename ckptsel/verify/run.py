@@ -166,7 +166,7 @@ def verify_file(
     uids = [ex.uid for ex in examples]
     by_uid = {ex.uid: ex for ex in examples}
     fps = fingerprints(checkpoints, store)
-    rows = [Measured(i, str(c.path), c.step, fps[i], error=c.error if c.kind == "error" else None)
+    rows = [Measured(i, str(c.path), c.step, fps[i], error=None if c.format.usable else c.error)
             for i, c in enumerate(checkpoints)]
 
     def missing(i: int) -> list[Example]:
@@ -336,7 +336,7 @@ def verify_tasks(
     fps = fingerprints(checkpoints, store)
     keys = {name: task_settings_key(name, engine, limit, num_fewshot, seed) for name in names}
     found: dict[tuple[int, str], dict] = {}
-    errors: dict[int, str] = {i: c.error or "unreadable" for i, c in enumerate(checkpoints) if c.kind == "error"}
+    errors: dict[int, str] = {i: c.error or "unreadable" for i, c in enumerate(checkpoints) if not c.format.usable}
     manager = None
     with CheckpointLoader.for_engine(engine) as loader:
         for i, ckpt in enumerate(checkpoints):
