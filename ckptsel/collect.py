@@ -33,15 +33,20 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ckptsel import proxies
+from ckptsel import proxies, store_keys
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, fingerprint
 from ckptsel.errors import CheckpointError
+from ckptsel.measure.protocols import LoadedCheckpoint, Loader
 from ckptsel.proxies import Harvest
 from ckptsel.settings import EngineSettings, ProxySettings, Recipe, SelectionSettings
 from ckptsel.store import Record, Store, StoreError
+
+if TYPE_CHECKING:
+    from ckptsel.graders.base import Grader
+    from ckptsel.measure.protocols import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +87,10 @@ class MeasureContext:
     sampling budgets, the vLLM sampler (``--backend vllm``) and the alternative-solution harvest."""
 
     engine: EngineSettings
-    grader: object
+    grader: Grader
     proxies: ProxySettings
     budgets: dict[str, int]
-    vllm: object | None = None
+    vllm: Sampler | None = None  # --backend vllm; else measure.sampling.TransformersSampler
     harvest: Harvest | None = None
 
 
@@ -149,7 +154,7 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: MeasureConte
 def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
                      ctx: MeasureContext) -> dict[str, Record]:
     """k graded samples per question (ckptsel/DESIGN.md: sampled accuracy and copy rate)."""
-    from ckptsel.measure.sampling import copy_rate, sample_completions
+    from ckptsel.measure.sampling import TransformersSampler, copy_rate
 
     grader = ctx.grader
     prompts = [ex.prompt for ex in examples]
@@ -158,10 +163,9 @@ def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Reci
         "max_new_tokens": [ctx.budgets[ex.uid] for ex in examples],
         "keys": [ex.uid for ex in examples],
     }
-    if ctx.vllm is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
-        completions = ctx.vllm.sample(model, tokenizer, prompts, **request)
-    else:
-        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx.engine.batch_size, **request)
+    # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
+    sampler = ctx.vllm if ctx.vllm is not None else TransformersSampler(ctx.engine.batch_size)
+    completions = sampler.sample(model, tokenizer, prompts, **request)
     out = {}
     for ex, samples in zip(examples, completions):
         correct = sum(bool(grader(text, ex.reference)) for text in samples)
@@ -300,7 +304,7 @@ def collect(
     proxy_settings: ProxySettings = ProxySettings(),
     on_progress: Callable[[Progress], None] | None = None,
     sizes: dict[str, int] | None = None,
-    loader=None,
+    loader: Loader | None = None,
     executor=None,
 ) -> Collected:
     """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
@@ -313,9 +317,9 @@ def collect(
     examples are scored by the ``heldout`` kind (nothing to do when empty). One checkpoint
     failing to load or measure is recorded in ``Collected.failures``; the others go on.
 
-    ``loader`` replaces reading checkpoints from disk: an object whose ``load(checkpoint)``
-    returns ``(model, tokenizer)`` like :class:`ckptsel.measure.loading.CheckpointLoader`'s
-    (the Trainer callback hands over the model it is training; see
+    ``loader`` replaces reading checkpoints from disk (a :class:`~ckptsel.measure.protocols.Loader`
+    other than :class:`ckptsel.measure.loading.CheckpointLoader`: the Trainer callback hands over
+    the model it is training; see
     :mod:`ckptsel.integrations.transformers`). It is called only for what the store lacks.
     ``executor`` (a :class:`ckptsel.distributed.RayExecutor`) measures the checkpoints as Ray
     tasks instead, in parallel; this process alone writes the store, and the results are the
@@ -350,7 +354,7 @@ def collect(
     result.series = {k: proxies.perturb_series(proxy_settings.perturbations) if k == "perturb" else k for k in plain}
     harvest_key = None
     if "alt" in kinds and pending:
-        harvest_key = Harvest.key(key, fps[pending[0]], proxy_settings)
+        harvest_key = store_keys.alt_harvest(key, fps[pending[0]], proxy_settings)
         stored = store.get_value(harvest_key)
         result.harvest = Harvest.from_json(stored) if stored is not None else Harvest()
         ctx.harvest = result.harvest
@@ -389,7 +393,7 @@ def collect(
                 if i not in result.failures:
                     with _recording_failure(result, i):
                         state.run(_Session(loader, checkpoints[i], i, result, on_progress), i, "alt")
-        result.base_loads = getattr(loader, "base_loads", 0)
+        result.base_loads = loader.base_loads
     return result
 
 
@@ -411,7 +415,7 @@ class _RunState:
     pools: dict[str, list[Example]]
     key: str
     harvest_key: str | None
-    alt_grader: object
+    alt_grader: Grader
     on_progress: Callable[[Progress], None] | None
 
     @property
@@ -475,7 +479,7 @@ def measure_chunks(model, tokenizer, kind: str, todo: Sequence[Example], recipe:
         yield KINDS[kind].measure(model, tokenizer, todo[start : start + size], recipe, ctx)
 
 
-class _LazyLoader:
+class _LazyLoader(Loader):
     """A :class:`ckptsel.measure.loading.CheckpointLoader` made on the first load, so that a run
     served from the store never imports torch."""
 
@@ -494,7 +498,7 @@ class _LazyLoader:
     def base_loads(self) -> int:
         return 0 if self._loader is None else self._loader.base_loads
 
-    def load(self, ckpt: Checkpoint):
+    def load(self, ckpt: Checkpoint) -> LoadedCheckpoint:
         if self._loader is None:
             from ckptsel.measure.loading import CheckpointLoader
 
@@ -505,7 +509,7 @@ class _LazyLoader:
 class _Session:
     """One checkpoint's turn in the loop: the model is loaded on first use, at most once."""
 
-    def __init__(self, loader, ckpt: Checkpoint, index: int, result: Collected, on_progress):
+    def __init__(self, loader: Loader, ckpt: Checkpoint, index: int, result: Collected, on_progress):
         self._loader, self._ckpt, self._index = loader, ckpt, index
         self._result, self._on_progress = result, on_progress
         self._loaded = None

@@ -70,10 +70,15 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
 from ckptsel.errors import CkptselError
+from ckptsel.measure.protocols import LoadedCheckpoint, Loader
+
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ class SaveReport:
     measured: int  # checkpoints measured (0: all came from the store)
     stop: bool = False  # the callback asked the Trainer to stop here
     failure: str | None = None  # the checkpoint could not be measured (one line)
-    ranking: object = field(default=None, repr=False)  # ckptsel.select.Ranking of the run so far
+    ranking: Ranking | None = field(default=None, repr=False)  # the run so far
 
     def line(self) -> str:
         """One console line: the numbers, the stage by name, and the flag's reason."""
@@ -351,8 +356,8 @@ def _print_line(report: SaveReport) -> None:
     tqdm.write(report.line(), file=sys.stderr)
 
 
-class _InMemoryLoader:
-    """The :class:`ckptsel.measure.loading.CheckpointLoader` interface for :func:`ckptsel.collect.collect`:
+class _InMemoryLoader(Loader):
+    """The :class:`~ckptsel.measure.protocols.Loader` for :func:`ckptsel.collect.collect` in the Trainer:
     the checkpoint at ``path`` is the model in memory; any other is read from disk (made on first need)."""
 
     def __init__(self, path: Path, model, tokenizer, engine):
@@ -366,8 +371,8 @@ class _InMemoryLoader:
             self._tokenizer = load_tokenizer(ckpt, trust_remote_code=self._engine.trust_remote_code)
         return self._tokenizer
 
-    def load(self, ckpt):
-        from ckptsel.measure.loading import CheckpointLoader, LoadedCheckpoint
+    def load(self, ckpt) -> LoadedCheckpoint:
+        from ckptsel.measure.loading import CheckpointLoader
 
         if ckpt.path.resolve() == self._path:
             return LoadedCheckpoint(self._model, self.tokenizer_for(ckpt))
