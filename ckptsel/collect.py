@@ -45,8 +45,9 @@ import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ckptsel import proxies
+from ckptsel import proxies, store_keys
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CheckpointError, CkptselError
@@ -54,10 +55,14 @@ from ckptsel.execution import Executor, InProcessExecutor
 from ckptsel.fingerprints import fingerprints
 from ckptsel.kinds import DEFAULT_KINDS, KINDS, measure_chunks
 from ckptsel.measure.context import MeasureContext
+from ckptsel.measure.protocols import LoadedCheckpoint, Loader
 from ckptsel.progress import ProgressFn, emit
 from ckptsel.proxies import Harvest
 from ckptsel.settings import EngineSettings, ProxySettings, Recipe, SelectionSettings
 from ckptsel.store import Record, Store, StoreError
+
+if TYPE_CHECKING:
+    from ckptsel.graders.base import Grader
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +165,7 @@ def collect(
     proxy_settings: ProxySettings = ProxySettings(),
     on_progress: ProgressFn | None = None,
     sizes: dict[str, int] | None = None,
-    loader=None,
+    loader: Loader | None = None,
     executor: Executor | None = None,
 ) -> Collected:
     """Measure ``kinds`` for every checkpoint x example the store does not hold yet.
@@ -173,7 +178,7 @@ def collect(
     examples are scored by the ``heldout`` kind (nothing to do when empty). One checkpoint
     failing to load or measure is recorded in ``Collected.failures``; the others go on.
 
-    ``loader`` replaces reading checkpoints from disk: an object whose ``load(checkpoint)``
+    ``loader`` replaces reading checkpoints from disk: a :class:`~ckptsel.measure.protocols.Loader` whose ``load(checkpoint)``
     returns ``(model, tokenizer)`` like :class:`ckptsel.measure.loading.CheckpointLoader`'s
     (the Trainer callback hands over the model it is training; see
     :mod:`ckptsel.integrations.transformers`). It is called only for what the store lacks.
@@ -211,7 +216,7 @@ def collect(
     result.series = {k: proxies.perturb_series(proxy_settings.perturbations) if k == "perturb" else k for k in plain}
     harvest_key = None
     if "alt" in kinds and pending:
-        harvest_key = Harvest.key(key, fps[pending[0]], proxy_settings)
+        harvest_key = store_keys.alt_harvest(key, fps[pending[0]], proxy_settings)
         stored = store.get_value(harvest_key)
         result.harvest = Harvest.from_json(stored) if stored is not None else Harvest()
         ctx.harvest = result.harvest
@@ -249,7 +254,7 @@ class _RunState:
     pools: dict[str, list[Example]]
     key: str
     harvest_key: str | None
-    alt_grader: object
+    alt_grader: Grader
     on_progress: ProgressFn | None
 
     @property
@@ -343,7 +348,7 @@ def _collect_here(state: _RunState, pending: list[int], plain: list[str], execut
         result.base_loads = getattr(loader, "base_loads", 0)
 
 
-class _LazyLoader:
+class _LazyLoader(Loader):
     """A :class:`ckptsel.measure.loading.CheckpointLoader` made on the first load, so that a run
     served from the store never imports torch."""
 
@@ -362,7 +367,7 @@ class _LazyLoader:
     def base_loads(self) -> int:
         return 0 if self._loader is None else self._loader.base_loads
 
-    def load(self, ckpt: Checkpoint):
+    def load(self, ckpt: Checkpoint) -> LoadedCheckpoint:
         if self._loader is None:
             from ckptsel.measure.loading import CheckpointLoader
 
@@ -373,7 +378,7 @@ class _LazyLoader:
 class _Session:
     """One checkpoint's turn in the loop: the model is loaded on first use, at most once."""
 
-    def __init__(self, loader, ckpt: Checkpoint, index: int, result: Collected, on_progress):
+    def __init__(self, loader: Loader, ckpt: Checkpoint, index: int, result: Collected, on_progress):
         self._loader, self._ckpt, self._index = loader, ckpt, index
         self._result, self._on_progress = result, on_progress
         self._loaded = None

@@ -79,7 +79,8 @@ class Column:
     "always", or "json" -- in ``--json`` and the ranking rows only; ``cell``: how a table
     renders it -- "value", "ci" (with the interval ``premem_ci``) or "band:<key>" (this value to
     the other column's, one cell); ``log``: logged by the Trainer callback at each measured save;
-    ``chart``: drawn in the report's chart of further metrics.
+    ``chart``: drawn in the report's chart of further metrics; ``long_header``: the report's header, where
+    it differs from the terminal table's.
     """
 
     key: str
@@ -92,6 +93,11 @@ class Column:
     cell: str = "value"
     log: bool = False
     chart: bool = False
+    long_header: str | None = None  # the report's header where its wider page takes a longer one
+
+    @property
+    def report_header(self) -> str:
+        return self.long_header or self.header
 
 
 def _mean(name: str) -> Callable[[Inputs], np.ndarray]:
@@ -129,20 +135,21 @@ COLUMNS: tuple[Column, ...] = (
            higher_is_better=False, compute=lambda x: metrics.memorized_fraction(x.memorised & x.measured, x.measured),
            show="always", log=True),
     Column("copy_rate", "copy", "fraction of samples that reproduce the training solution verbatim",
-           higher_is_better=False, compute=lambda x: metrics.copy_rate(x.m["copy"]), show="always"),
+           higher_is_better=False, compute=lambda x: metrics.copy_rate(x.m["copy"]), show="always",
+           long_header="copy rate"),
     Column("target_nll", "target NLL", "teacher-forced NLL of the training targets, nats per token",
            higher_is_better=False, compute=_mean("nll"), show="always"),
     Column("alt_nll", "alt NLL", "NLL of correct solutions other than the target; rises with over-memorization",
-           higher_is_better=False, compute=_mean("alt"), show="always"),
+           higher_is_better=False, compute=_mean("alt"), show="always", long_header="alt-solution NLL"),
     Column("perturb_nll", "perturb NLL", "target NLL under perturbed prompts; rises with over-memorization",
            higher_is_better=False, compute=_mean("perturb"), show="json"),
     Column("perturb_gap", "perturb gap", "target NLL under perturbed prompts minus plain target NLL", fmt="+.3f",
            higher_is_better=False, compute=lambda x: metrics.per_checkpoint_mean(x.m["perturb"] - x.m["nll"]),
            show="always"),
-    Column("entropy", "entropy", "mean predictive entropy over target tokens; collapse: over-sharp memorisation",
-           higher_is_better=True, compute=_mean("entropy"), show="always"),
     Column("heldout_nll", "held-out NLL", "NLL of held-out reference solutions (when a held-out file is given)",
            higher_is_better=False, compute=_mean("heldout")),
+    Column("entropy", "entropy", "mean predictive entropy over target tokens; collapse: over-sharp memorisation",
+           higher_is_better=True, compute=_mean("entropy"), show="always"),
     # Ruan et al.: over-memorized checkpoints lose generation diversity at comparable accuracy.
     Column("sample_diversity", "sample diversity",
            "mean pairwise edit distance of a question's k samples (normalised: 0 identical, 1 nothing shared)",

@@ -86,7 +86,7 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: MeasureConte
 def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Recipe,
                      ctx: MeasureContext) -> dict[str, Record]:
     """k graded samples per question (ckptsel/DESIGN.md: sampled accuracy and copy rate)."""
-    from ckptsel.measure.sampling import copy_rate, sample_completions
+    from ckptsel.measure.sampling import TransformersSampler, copy_rate
 
     grader = ctx.grader
     prompts = [ex.prompt for ex in examples]
@@ -95,10 +95,9 @@ def _measure_samples(model, tokenizer, examples: Sequence[Example], recipe: Reci
         "max_new_tokens": [ctx.budgets[ex.uid] for ex in examples],
         "keys": [ex.uid for ex in examples],
     }
-    if ctx.vllm is not None:  # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
-        completions = ctx.vllm.sample(model, tokenizer, prompts, **request)
-    else:
-        completions = sample_completions(model, tokenizer, prompts, batch_size=ctx.engine.batch_size, **request)
+    # --backend vllm: the checkpoint's vLLM engine (see VllmSampler.use)
+    sampler = ctx.vllm if ctx.vllm is not None else TransformersSampler(ctx.engine.batch_size)
+    completions = sampler.sample(model, tokenizer, prompts, **request)
     out = {}
     for ex, samples in zip(examples, completions):
         correct = sum(bool(grader(text, ex.reference)) for text in samples)

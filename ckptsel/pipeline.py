@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
+from ckptsel import store_keys
 from ckptsel.collect import Collected
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint, Run
@@ -36,6 +37,11 @@ from ckptsel.execution import Executor, executor_for
 from ckptsel.progress import ProgressFn
 from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
 from ckptsel.tokenizers import tokenizer_digest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ckptsel.select import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +96,16 @@ class Plan:
                 + f", k={self.k}, cache {self.store}")
 
 
+class RunJob(NamedTuple):
+    """One run to measure (``measure(*job, store, executor)`` in :func:`rank_runs`): its examples (None: no
+    checkpoint of it can be read), its held-out examples, and its first checkpoint's position in the sweep."""
+
+    run: Run
+    examples: list[Example] | None
+    heldout: list[Example]
+    offset: int
+
+
 @dataclass
 class MeasuredRun:
     """One run of the request: what was found, the data it was measured on, what was measured."""
@@ -104,7 +120,7 @@ class MeasuredRun:
 class RankResult:
     """What :func:`rank_runs` returns."""
 
-    ranking: "Ranking"  # noqa: F821  (ckptsel.select.Ranking; imported late)
+    ranking: Ranking
     runs: list[MeasuredRun]
     recipe: Recipe
     usable: int  # checkpoints that could be read (the rest were broken on disk)
@@ -226,17 +242,19 @@ def rank_runs(
 
     measured: list[MeasuredRun] = []
     with Store.open(request.cache_dir) as store:
-        plans = []
+        jobs: list[RunJob] = []
         for run in runs:
+            offset = sum(len(job.run.checkpoints) for job in jobs)
             if not any(c.format.usable for c in run.checkpoints):
-                plans.append((run, None, [], []))  # nothing to measure: reported as failures
+                jobs.append(RunJob(run, None, [], offset))  # nothing to measure: reported as failures
                 continue
             examples = examples_of(data_files[run.name], run, "training")
             heldout = examples_of(request.heldout, run, "held-out") if request.heldout is not None else []
-            plans.append((run, examples, heldout, None))
+            jobs.append(RunJob(run, examples, heldout, offset))
         if on_start is not None:
-            on_start(Plan(len(checkpoints), len(runs), tuple(sorted({len(p[1]) for p in plans if p[1] is not None})),
-                          tuple(sorted({len(p[2]) for p in plans if p[2]})), recipe.sampling.k, store.path))
+            sizes = tuple(sorted({len(j.examples) for j in jobs if j.examples is not None}))
+            heldout_sizes = tuple(sorted({len(j.heldout) for j in jobs if j.heldout}))
+            on_start(Plan(len(checkpoints), len(runs), sizes, heldout_sizes, recipe.sampling.k, store.path))
 
         def measure(run: Run, examples, heldout, offset: int, store: Store, executor: Executor) -> MeasuredRun:
             if examples is None:
@@ -248,11 +266,9 @@ def rank_runs(
             return MeasuredRun(run, data_files.get(run.name), collected,
                                loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].examples)
 
-        offsets = [sum(len(p[0].checkpoints) for p in plans[:n]) for n in range(len(plans))]
-        jobs = [(run, examples, heldout, offset) for (run, examples, heldout, _), offset in zip(plans, offsets)]
         executor = executor_for(request.engine) if executor is None else executor
         with executor:
-            if not executor.in_process and sum(examples is not None for _, examples, _, _ in jobs) > 1:
+            if not executor.in_process and sum(job.examples is not None for job in jobs) > 1:
                 measured = _measure_runs_at_once(jobs, measure, request, executor)
             else:
                 measured = [measure(*job, store, executor) for job in jobs]
@@ -276,9 +292,6 @@ class Rendered:
     lengths: dict[str, int]
 
 
-RENDER_SCHEME = "rendered/1"
-
-
 def render(path: Path, recipe: Recipe, store, *, tokenizer_identity: str, skip_bad: bool,
            tokenizer: Callable[[], object]) -> Rendered:
     """The rendered rows of ``path``, from the store when this file, tokenizer and rendering were seen before.
@@ -291,10 +304,8 @@ def render(path: Path, recipe: Recipe, store, *, tokenizer_identity: str, skip_b
     from ckptsel.collect import budgets
     from ckptsel.data import load_data, token_lengths
 
-    payload = {"scheme": RENDER_SCHEME, "data": _content_digest(path), "tokenizer": tokenizer_identity,
-               "rendering": recipe.data.model_dump(mode="json"), "max_new_tokens": recipe.sampling.max_new_tokens,
-               "skip_bad": skip_bad}
-    key = "rendered:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    key = store_keys.rendered_rows(_content_digest(path), tokenizer_identity, recipe.data.model_dump(mode="json"),
+                                   recipe.sampling.max_new_tokens, skip_bad)
     stored = store.get_value(key)
     if stored is not None:
         if stored["skipped"]:
@@ -345,7 +356,7 @@ class _Tokenizers:
 
     def __init__(self, engine: EngineSettings):
         self._engine = engine
-        self._by_identity: dict[str, object] = {}
+        self._by_identity: dict[str, PreTrainedTokenizerBase] = {}
         self._identities: dict[Path, str] = {}
 
     def identity(self, run: Run) -> str:
@@ -369,7 +380,7 @@ def _first_usable(run: Run) -> Checkpoint:
     return next(c for c in run.checkpoints if c.format.usable)
 
 
-def _measure_runs_at_once(jobs: list[tuple], measure: Callable, request: RankRequest,
+def _measure_runs_at_once(jobs: list[RunJob], measure: Callable, request: RankRequest,
                           executor: Executor) -> list[MeasuredRun]:
     """The runs of a sweep measured at once by workers outside this process: one driver thread per run,
     sharing one executor (one Ray cluster).

@@ -32,12 +32,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckptsel.errors import RecipeError
 from ckptsel.settings import OvermemSettings
+
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
 
 
 class PolicyError(RecipeError):
@@ -134,7 +137,7 @@ class Check:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
-def evaluate(ranking, candidate: int, rules: GateRules) -> list[Check]:
+def evaluate(ranking: Ranking, candidate: int, rules: GateRules) -> list[Check]:
     """Apply ``rules`` to checkpoint ``candidate`` (an index into ``ranking.checkpoints``).
 
     A rule whose number could not be measured fails: a gate passes on evidence, not on its absence.

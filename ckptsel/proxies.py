@@ -177,7 +177,7 @@ class Harvest:
     questions a source answers only by luck, and ``ProxySettings.alt_grader`` takes a stricter
     grader that checks the steps where one exists.
 
-    A fixed set is stored (``Store.put_value``) under :meth:`key` and reused by later runs:
+    A fixed set is stored (``Store.put_value``) under :func:`ckptsel.store_keys.alt_harvest` and reused by later runs:
     adding checkpoints never changes it. An example's solution is the first correct,
     non-target sample in source order (from a source that answers the question reliably:
     ``alt_min_accuracy``), decided only once the example has been looked at in
@@ -190,12 +190,6 @@ class Harvest:
     # source fingerprint -> example uid -> its first correct non-target sample, or None
     found: dict[str, dict[str, str | None]] = field(default_factory=dict)
     fixed: bool = False
-
-    @staticmethod
-    def key(settings_key: str, anchor: str, proxies: ProxySettings) -> str:
-        """Store key: measurement settings, the run's first checkpoint, and the harvest rule."""
-        rule = f"{proxies.alt_min_coverage}/{proxies.alt_max_sources}/{proxies.alt_min_accuracy}/{proxies.alt_grader}"
-        return f"alt-harvest/{settings_key}/{anchor}/{rule}"
 
     @classmethod
     def from_json(cls, value: Mapping) -> Harvest:

@@ -4,7 +4,8 @@ Reads each run's ``(checkpoints, examples)`` matrices from the store, hands them
 rule over arrays (:func:`ckptsel.sweep.rank_sweep`: the formulas of :mod:`ckptsel.metrics`,
 the stage rule of :mod:`ckptsel.stages`, one recommendation per run and one for the sweep), and
 returns plain data (:class:`Ranking`) that the CLI prints and serialises. Nothing here loads a
-model.
+model. :meth:`Ranking.from_json` reads ``ckptsel rank --json`` back, so the report, verify and
+the gate read a ranking file as the same typed object.
 
 The over-memorized flag and the recommendation's tie-break use one perplexity proxy
 (:func:`choose_proxy`): the held-out NLL when a held-out file was given (the real thing),
@@ -19,13 +20,15 @@ memorised examples, from the routing weights the scoring pass stored; how pathwa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from ckptsel import columns, pathways, stages, sweep
 from ckptsel.collect import Collected
+from ckptsel.errors import CkptselError
 from ckptsel.settings import MemorizationSettings, OvermemSettings, PathwaySettings
 from ckptsel.store import Record, Store
 from ckptsel.sweep import PROXIES, Threshold, choose_proxy  # noqa: F401  (re-exported)
@@ -55,6 +58,20 @@ class PathwayMetrics:
     distance_exact: bool = True
     distance_stderr: float = 0.0
 
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "pathways") -> PathwayMetrics:
+        read = _Fields(data, where)
+        return cls(distance=read.number("distance", required=True),
+                   consistency=read.number("consistency", required=True),
+                   complexity=read.number("complexity", required=True),
+                   n_examples=read.integer("n_examples", required=True),
+                   n_compared=read.integer("n_compared", required=True),
+                   n_unique=read.integer("n_unique", required=True),
+                   mean_length=read.number("mean_length", required=True),
+                   per_layer=read.number_lists("per_layer", required=True),
+                   distance_exact=read.boolean("distance_exact", True),
+                   distance_stderr=read.number("distance_stderr", default=0.0))
+
 
 @dataclass
 class CheckpointMetrics:
@@ -75,6 +92,9 @@ class CheckpointMetrics:
     run: str | None = None  # the run it belongs to
     recommended_in_run: bool = False  # its run's own recommendation
 
+    def __post_init__(self):  # every column, NaN where not measured
+        self.values = {key: float(self.values.get(key, math.nan)) for key in columns.KEYS}
+
     def __getattr__(self, name: str):  # only called when normal lookup fails: the columns
         if name in columns.BY_KEY:
             return self.values.get(name, math.nan)
@@ -91,6 +111,24 @@ class CheckpointMetrics:
         row.update({key: self.values.get(key, math.nan) for key in columns.KEYS})
         return {k: _clean(v) for k, v in row.items()}
 
+    @classmethod
+    def from_json(cls, data: Mapping, index: int, where: str = "checkpoint") -> CheckpointMetrics:
+        """One row of :meth:`Ranking.to_json`; ``index`` (its position) where the row does not say."""
+        read = _Fields(data, where)
+        flag, moe = data.get("flag"), data.get("pathways")
+        return cls(
+            index=read.integer("index", index), path=read.text("path", ""), step=read.integer("step"),
+            epoch=read.optional_number("epoch"), train_loss=read.optional_number("train_loss"),
+            fingerprint=read.text("fingerprint"),
+            values={key: read.number(key) for key in columns.KEYS},
+            premem_ci=read.pair("premem_ci"), stage=read.text("stage"),
+            flag=None if flag is None else _flag_from_json(flag, f"{where}.flag"),
+            error=read.text("error"),
+            pathways=None if moe is None else PathwayMetrics.from_json(moe, f"{where}.pathways"),
+            run=read.text("run"), recommended_in_run=read.boolean("recommended_in_run", False),
+        )
+
+
 
 @dataclass
 class RunSummary:
@@ -105,7 +143,7 @@ class RunSummary:
     threshold: float | None = None  # the nu it used (differs between runs only with auto per run)
     warnings: list[str] = field(default_factory=list)
     # Per-example arrays, for --export-examples: (checkpoints, examples), measured rows only.
-    per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self, checkpoints: list[CheckpointMetrics]) -> dict:
         rec = checkpoints[self.recommended] if self.recommended is not None else None
@@ -119,6 +157,15 @@ class RunSummary:
             "threshold": _clean(self.threshold),
             "warnings": self.warnings,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping, indices: list[int], where: str = "run") -> RunSummary:
+        """One run of :meth:`Ranking.to_json`; ``indices``: its rows in the ranking (the rows name their run)."""
+        read = _Fields(data, where)
+        return cls(name=read.text("name", ""), path=read.text("path"), indices=indices,
+                   recommended=read.recommended("recommended"), n_examples=read.integer("n_examples", 0),
+                   proxy=read.text("proxy"), threshold=read.optional_number("threshold"),
+                   warnings=read.texts("warnings"))
 
 
 @dataclass
@@ -137,7 +184,7 @@ class Ranking:
     pathway_rule: str | None = None  # MoE runs only: how the pathway metrics were computed
     runs: list[RunSummary] = field(default_factory=list)
     # One run: its per-example arrays (RunSummary.per_example); empty for a sweep.
-    per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_sweep(self) -> bool:
@@ -166,6 +213,175 @@ class Ranking:
             "runs": [r.to_json(self.checkpoints) for r in self.runs],
             **moe,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Ranking:
+        """The ranking :meth:`to_json` (``ckptsel rank --json``) wrote: ``from_json(r.to_json())`` equals ``r``
+        but for the per-example arrays, which the JSON does not carry.
+
+        Keys the JSON leaves out take their defaults (NaN for a number), so a ranking from an
+        older version still reads; keys it does not know (``settings_key``, ``cache``) are
+        ignored. A value of the wrong type raises :class:`~ckptsel.errors.CkptselError` naming the
+        field (``checkpoints[2].premem_acc: expected a number, got 'x'``).
+        """
+        read = _Fields(data)
+        rows = [CheckpointMetrics.from_json(row, i, f"checkpoints[{i}]")
+                for i, row in enumerate(read.items("checkpoints"))]
+        runs = read.items("runs")
+        summaries = []
+        for n, run in enumerate(runs):
+            name = run.get("name") if isinstance(run, Mapping) else None
+            indices = [i for i, c in enumerate(rows) if c.run == name]
+            if not indices and len(runs) == 1:  # rows that do not name their run: the only run's
+                indices = list(range(len(rows)))
+            summaries.append(RunSummary.from_json(run, indices, f"runs[{n}]"))
+        ranking = cls(rows, _threshold_from_json(data.get("threshold") or {}), read.integer("n_examples", 0),
+                      read.recommended("recommended"), read.text("rule", ""), proxy=read.text("proxy"),
+                      stage_rule=read.text("stage_rule", ""), alt_coverage=read.number("alt_coverage"),
+                      alt_sources=_indices_of_steps(rows, read.items("alt_sources"), "alt_sources"),
+                      n_heldout=read.integer("n_heldout", 0), warnings=read.texts("warnings"),
+                      pathway_rule=read.text("pathway_rule"), runs=summaries)
+        for where, index in [("recommended", ranking.recommended),
+                             *((f"runs[{n}].recommended", s.recommended) for n, s in enumerate(summaries))]:
+            if index is not None and not 0 <= index < len(rows):
+                raise CkptselError(f"{where}.index: {index} is not a checkpoint of the ranking "
+                                   f"({len(rows)} checkpoints)")
+        return ranking
+
+
+def _flag_from_json(data: Mapping, where: str) -> stages.Flag:
+    """A :class:`ckptsel.stages.Flag` from its ``to_json`` (its ``reason`` is recomputed from the numbers)."""
+    read = _Fields(data, where)
+    return stages.Flag(**{f.name: read.text(f.name, required=True) if f.name == "proxy" else
+                          read.number(f.name, required=True) for f in fields(stages.Flag)})
+
+
+def _threshold_from_json(data: Mapping) -> Threshold:
+    read = _Fields(data, "threshold")
+    return Threshold(rule=read.text("rule", "nll"), used=read.optional_number("used"),
+                     recipe_default=read.optional_number("recipe_default"), auto=read.optional_number("auto"),
+                     auto_auc=read.optional_number("auto_auc"), auto_note=read.text("auto_note"),
+                     scope=read.text("scope", "sweep"), fell_back=read.boolean("fell_back", False),
+                     per_run=read.numbers("per_run"))
+
+
+def _indices_of_steps(rows: list[CheckpointMetrics], steps: list, where: str) -> list[int]:
+    """The rows holding ``steps``, in order (``to_json`` writes the alternative solutions' sources by step)."""
+    out: list[int] = []
+    for step in steps:
+        i = next((i for i, c in enumerate(rows) if c.step == step and i not in out), None)
+        if i is None:
+            raise CkptselError(f"{where}: step {step!r} is not a checkpoint of the ranking")
+        out.append(i)
+    return out
+
+
+class _Fields:
+    """Typed reads from one JSON object: a missing key gives the default, a value of the wrong type one
+    line naming its field (``checkpoints[2].premem_acc: expected a number, got 'x'``)."""
+
+    def __init__(self, data: Any, where: str = ""):
+        if not isinstance(data, Mapping):
+            raise CkptselError(f"{where or 'ranking'}: expected an object, got {_shown(data)}")
+        self.data, self.where = data, where
+
+    def at(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def value(self, name: str, default: Any = None, required: bool = False) -> Any:
+        if name not in self.data:
+            if required:
+                raise CkptselError(f"{self.where or 'ranking'}: no {name!r}")
+            return default
+        return self.data[name]
+
+    def _bad(self, name: str, expected: str) -> CkptselError:
+        return CkptselError(f"{self.at(name)}: expected {expected}, got {_shown(self.data[name])}")
+
+    def number(self, name: str, default: float = math.nan, required: bool = False) -> float:
+        """A float; null is NaN (how :func:`_clean` writes it)."""
+        return _number(self.value(name, default, required), self.at(name))
+
+    def optional_number(self, name: str) -> float | None:
+        return None if self.value(name) is None else self.number(name)
+
+    def integer(self, name: str, default: int | None = None, required: bool = False) -> int | None:
+        """An integer; null or missing: ``default``."""
+        value = self.value(name, None, required)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(name, "an integer")
+        return value
+
+    def text(self, name: str, default: str | None = None, required: bool = False) -> str | None:
+        """A string; null or missing: ``default``."""
+        value = self.value(name, None, required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.value(name, default)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false")
+        return value
+
+    def items(self, name: str) -> list:
+        """A list (null or missing: empty); its elements are checked where they are read."""
+        value = self.value(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._bad(name, "a list")
+        return value
+
+    def texts(self, name: str) -> list[str]:
+        values = self.items(name)
+        if not all(isinstance(v, str) for v in values):
+            raise self._bad(name, "a list of strings")
+        return list(values)
+
+    def pair(self, name: str) -> tuple[float, float]:
+        """An interval: two numbers (null: NaN); missing, both NaN."""
+        values = self.items(name) or [None, None]
+        if len(values) != 2:
+            raise self._bad(name, "two numbers")
+        return _number(values[0], self.at(name)), _number(values[1], self.at(name))
+
+    def numbers(self, name: str) -> dict[str, float]:
+        """An object of numbers (null: NaN)."""
+        value = self.value(name) or {}
+        if not isinstance(value, Mapping):
+            raise self._bad(name, "an object of numbers")
+        return {str(k): _number(v, f"{self.at(name)}.{k}") for k, v in value.items()}
+
+    def number_lists(self, name: str, required: bool = False) -> dict[str, list[float]]:
+        """An object of lists of numbers (null: NaN)."""
+        value = self.value(name, {}, required)
+        if not isinstance(value, Mapping) or not all(isinstance(v, list) for v in value.values()):
+            raise self._bad(name, "an object of lists of numbers")
+        return {str(k): [_number(x, f"{self.at(name)}.{k}") for x in v] for k, v in value.items()}
+
+    def recommended(self, name: str) -> int | None:
+        """``{"index": i, "path": ..., "step": ...}`` -> i; null -> None."""
+        value = self.value(name)
+        return None if value is None else _Fields(value, self.at(name)).integer("index", required=True)
+
+
+def _number(value: Any, where: str) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CkptselError(f"{where}: expected a number, got {_shown(value)}")
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _clean(value):
@@ -302,7 +518,7 @@ def rank(collected: Collected | Sequence[Collected], store: Store, memorization:
         ranking.warnings.extend(prefix + w for w in ranked.warnings)
         for r, i in enumerate(where):
             row = rows[i]
-            row.values = {name: float(values[r]) for name, values in ranked.columns.items()}
+            row.values.update({name: float(values[r]) for name, values in ranked.columns.items()})
             row.premem_ci = (float(ranked.premem_ci[0][r]), float(ranked.premem_ci[1][r]))
             row.stage, row.flag = ranked.stages[r], ranked.flags[r]
         if ranked.recommended is not None:

@@ -34,7 +34,8 @@ processes may share a cache, and the standard library has it. Design:
   ckptsel is refused with one line rather than misread.
 
 Besides results the store keeps the checkpoint registry (fingerprint -> last path, step,
-time seen), a JSON key-value table (calibrated thresholds, merge comparisons) and the
+time seen), a JSON key-value table (rendered rows, alternative-solution sets, verify results, merge
+comparisons; its keys are made in :mod:`ckptsel.store_keys`) and the
 fingerprint cache ((path, size, mtime_ns) -> fingerprint) so repeat runs do not re-hash.
 SQL NULL and NaN are the same thing here: a NaN float reads back as None.
 """
@@ -499,7 +500,7 @@ class Store:
         rows = self._db.execute("SELECT fingerprint, path, step, seen FROM checkpoints ORDER BY seen DESC")
         return [CheckpointEntry(*row) for row in rows]
 
-    # -- key-value (calibrated thresholds, merge comparisons) -------------------------
+    # -- key-value (keys: ckptsel.store_keys) ------------------------------------------
 
     @_sqlite_errors
     def put_value(self, key: str, value: Any) -> None:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ckptsel import store_keys
 from ckptsel.cli import main
-from ckptsel.merge.recommend import LEAN_SHARE, STORE_KEY, CandidateSpec, RecommendError, choose, plan_candidates
+from ckptsel.merge.recommend import LEAN_SHARE, CandidateSpec, RecommendError, choose, plan_candidates
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -130,15 +131,16 @@ def test_recommend_writes_the_winner_with_the_comparison(tiny_run, first_recomme
     # (from the store for the ranking's recommended checkpoint, or from the merge's sidecar).
     from ckptsel.report import build_inputs
     from ckptsel.report.inputs import merge_comparison
+    from ckptsel.select import Ranking
     from ckptsel.store import Store
 
     labels = [r["candidate"] for r in rows]
     ranking = {"recommended": {"index": 1},
                "checkpoints": [{"fingerprint": "0" * 64}, {"fingerprint": rows[0]["fingerprint"]}]}
     with Store.open(tmp_path / "cache") as store:
-        stored = store.get_value(STORE_KEY.format(fingerprint=rows[0]["fingerprint"]))
-        shown = build_inputs(ranking, store=store).merges
-        assert build_inputs({**ranking, "recommended": {"index": 0}}, store=store).merges == []
+        stored = store.get_value(store_keys.merge_recommendation(rows[0]["fingerprint"]))
+        shown = build_inputs(Ranking.from_json(ranking), store=store).merges
+        assert build_inputs(Ranking.from_json({**ranking, "recommended": {"index": 0}}), store=store).merges == []
     assert stored["chosen"] == chosen["candidate"] and stored["output"] == str(out.absolute())
     assert [[r["candidate"] for r in m["rows"]] for m in shown] == [labels]
     assert [r["candidate"] for r in merge_comparison(out)["rows"]] == labels

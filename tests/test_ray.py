@@ -105,6 +105,7 @@ def test_checkpoints_saved_since_the_last_rank_are_measured_on_ray(learning_run,
     assert CliRunner().invoke(main, _args(run, tmp_path / "cache")).exit_code == 0
     # The tiny run's samples give no alternative solution, so the set stays open: fix it as a run
     # that had found them at its first checkpoint would have.
+    from ckptsel import store_keys
     from ckptsel.proxies import Harvest
     from ckptsel.recipes import load_recipe
 
@@ -112,7 +113,7 @@ def test_checkpoints_saved_since_the_last_rank_are_measured_on_ray(learning_run,
     ((settings,),) = db.execute("SELECT DISTINCT settings FROM series").fetchall()
     ((anchor,),) = db.execute("SELECT fingerprint FROM checkpoints WHERE path = ?",
                               (str(run / steps[0].name),)).fetchall()
-    key = Harvest.key(settings, anchor, load_recipe(run / "recipe.yaml").proxies)
+    key = store_keys.alt_harvest(settings, anchor, load_recipe(run / "recipe.yaml").proxies)
     assert not db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchall()  # never fixed by itself
     fixed = Harvest(sources=[anchor], found={anchor: {}}, fixed=True)
     db.execute("INSERT INTO kv (key, value, updated) VALUES (?, ?, 0)", (key, json.dumps(fixed.to_json())))

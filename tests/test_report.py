@@ -16,12 +16,14 @@ from ckptsel.cli import main
 from ckptsel.report import build_inputs, render_report, write_report
 from ckptsel.report.charts import build_charts, stage_bands
 from ckptsel.report.svg import nice_step, ticks
+from ckptsel.select import Ranking
+from ckptsel.stages import Flag
 
 STEPS = [100, 200, 300, 400, 500]
 PM = [0.12, 0.31, 0.45, 0.52, 0.50]
 
 
-def ranking(**extra_columns) -> dict:
+def rank_json(**extra_columns) -> dict:
     """A hand-made `ckptsel rank --json` result: five checkpoints, the last one over-memorized."""
     rows = []
     for j, (step, pm) in enumerate(zip(STEPS, PM)):
@@ -29,7 +31,7 @@ def ranking(**extra_columns) -> dict:
                "fingerprint": f"fp{j}", "train_acc": 0.2 * (j + 1), "premem_acc": pm, "premem_ci": [pm - 0.04, pm + 0.05],
                "memorized_frac": 0.2 * j, "copy_rate": 0.1 * j, "target_nll": 1.0 / (j + 1), "entropy": 0.5,
                "stage": ["underfit", "generalizing", "generalizing", "generalizing", "over-memorized"][j],
-               "flag": {"reason": "train acc 1.000 ≥ 1.000 − 0.05; memorised 0.80 ≥ 0.5"} if j == 4 else None,
+               "flag": Flag(1.0, 1.0, 0.05, 0.8, 0.5, "alt_nll", 1.2, 0.8, 1.5, 0.25).to_json() if j == 4 else None,
                "error": None}
         for key, values in extra_columns.items():
             row[key] = values[j]
@@ -37,6 +39,11 @@ def ranking(**extra_columns) -> dict:
     return {"checkpoints": rows, "recommended": {"index": 3, "path": rows[3]["path"], "step": 400},
             "rule": "highest pre-memorization accuracy among unflagged checkpoints", "stage_rule": "a stage rule",
             "threshold": {"rule": "nll", "used": 0.1}, "n_examples": 200, "warnings": ["few checkpoints"]}
+
+
+def ranking(**extra_columns) -> Ranking:
+    """The same, read back as the report takes it."""
+    return Ranking.from_json(rank_json(**extra_columns))
 
 
 def svgs(html: str) -> dict[str, str]:
@@ -115,7 +122,8 @@ def test_optional_plots_appear_with_their_numbers():
     # MoE pathway metrics nested per row, as Ranking.to_json writes them
     extra = ranking(alt_nll=[1.0, 0.9, 0.8, 0.85, 1.2], perturb_gap=[0.1, 0.2, 0.3, 0.5, 0.9],
                     pathways=[{"distance": d, "consistency": 1 - c, "complexity": c, "distance_exact": j != 4,
-                               "distance_stderr": 0.0 if j != 4 else 0.031}
+                               "distance_stderr": 0.0 if j != 4 else 0.031, "n_examples": 10, "n_compared": 10,
+                               "n_unique": 8, "mean_length": 4.0, "per_layer": {}}
                               for j, (d, c) in enumerate(zip([9.0, 7.0, 5.0, 4.0, 4.5], [0.37, 0.3, 0.2, 0.1, 0.1]))])
     verification = {"source": "test.jsonl", "mode": "greedy",
                     "checkpoints": [{"fingerprint": f"fp{j}", "accuracy": PM[j] + 0.02, "ci": [PM[j] - 0.05, PM[j] + 0.07]}
@@ -173,7 +181,7 @@ def test_write_report_and_pngs(tmp_path):
 
 
 def test_cli_report_from_rank_json(tmp_path):
-    (tmp_path / "rank.json").write_text(json.dumps(ranking()))
+    (tmp_path / "rank.json").write_text(json.dumps(rank_json()))
     result = CliRunner().invoke(main, ["report", str(tmp_path / "rank.json"), "-o", str(tmp_path / "out.html"),
                                        "--cache-dir", str(tmp_path / "cache"), "--json"])
     assert result.exit_code == 0, result.output
@@ -186,6 +194,16 @@ def test_cli_report_bad_ranking_file_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "rank.json"), "-o", str(tmp_path / "out.html")])
     assert result.exit_code == 2
     assert "rank.json: line 1: not valid JSON" in result.output and "Traceback" not in result.output
+
+
+def test_cli_report_names_the_bad_field_of_a_ranking_file(tmp_path):
+    data = rank_json()
+    data["checkpoints"][2]["premem_acc"] = "high"
+    (tmp_path / "rank.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "rank.json"), "-o", str(tmp_path / "out.html")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "rank.json: checkpoints[2].premem_acc: expected a number, got 'high'" in " ".join(result.output.split())
+    assert not (tmp_path / "out.html").exists()
 
 
 @pytest.mark.slow

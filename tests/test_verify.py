@@ -260,11 +260,14 @@ def test_interval_is_a_bootstrap_over_questions():
 
 
 def test_predictions_pair_by_fingerprint_before_path(tmp_path):
-    ranking = {"checkpoints": [{"path": str(tmp_path / "a"), "fingerprint": "f1", "premem_acc": 0.3},
-                               {"path": str(tmp_path / "b"), "fingerprint": "f2", "premem_acc": 0.4}]}
+    from ckptsel.select import Ranking
+
+    rows = [{"path": str(tmp_path / "a"), "fingerprint": "f1", "premem_acc": 0.3},
+            {"path": str(tmp_path / "b"), "fingerprint": "f2", "premem_acc": 0.4}]
+    ranking = Ranking.from_json({"checkpoints": rows})
     index = compare.predictions_from_ranking(ranking)
-    assert compare.lookup(index, "f2", tmp_path / "moved")["premem_acc"] == 0.4
-    assert compare.lookup(index, None, tmp_path / "a")["premem_acc"] == 0.3
+    assert compare.lookup(index, "f2", tmp_path / "moved").premem_acc == 0.4
+    assert compare.lookup(index, None, tmp_path / "a").premem_acc == 0.3
     assert compare.lookup(index, "unknown", tmp_path / "c") is None
 
 

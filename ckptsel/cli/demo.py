@@ -141,7 +141,7 @@ def _report(ranked, truth: dict, run_dir: Path, out: Path) -> Path:
 
     with Store.open(out / CACHE) as store:
         return write_report(
-            ranked.to_json(), out / REPORT, ground_truth=truth, store=store, title=f"ckptsel demo: {run_dir.name}",
+            ranked.ranking, out / REPORT, ground_truth=truth, store=store, title=f"ckptsel demo: {run_dir.name}",
             provenance=[f"training data: {run_dir / 'train.jsonl'} ({DEMO_EXAMPLES} examples)",
                         f"recipe: {run_dir / 'recipe.yaml'}", f"lab ground truth: {run_dir / 'ground_truth.json'}"],
         )

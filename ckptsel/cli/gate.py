@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,9 @@ from ckptsel.cli.options import (
     stdout_console,
 )
 from ckptsel.cli.measuring import measurement_options
+
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
 
 EXIT_PASS, EXIT_FAIL = 0, 1  # usage and data errors exit 2, a pass with unmeasured checkpoints 3 (ckptsel.cli)
 
@@ -169,7 +173,7 @@ def _candidate(path: Path, candidate: str | None, base_model: str | None):
     raise CkptselError(f"--candidate {candidate}: not a checkpoint of {path} (found {len(found)})")
 
 
-def _last_measured(ranking) -> int | None:
+def _last_measured(ranking: Ranking) -> int | None:
     """The last checkpoint of the run (in training order), even if it failed: the gate must not skip it.
     For a sweep: the last checkpoint of the recommended checkpoint's run."""
     if not ranking.checkpoints:

@@ -174,14 +174,9 @@ def nothing_measured(rows) -> None:
 
 
 def unmeasured(rows) -> list[str]:
-    """One line per checkpoint that could not be measured, naming it: ``rows`` are ranking rows
-    (:class:`ckptsel.select.CheckpointMetrics`, or ``rank --json``'s dicts) with ``path`` and ``error``."""
-    lines = []
-    for row in rows:
-        path, error = (row.get("path"), row.get("error")) if isinstance(row, dict) else (row.path, row.error)
-        if error:
-            lines.append(error if str(path) in error else f"{path}: {error}")
-    return lines
+    """One line per checkpoint that could not be measured, naming it: ``rows`` have a ``path`` and an
+    ``error`` (a ranking's :class:`ckptsel.select.CheckpointMetrics`, verify's ``Measured``)."""
+    return [row.error if str(row.path) in row.error else f"{row.path}: {row.error}" for row in rows if row.error]
 
 
 def exit_partial(failures: list[str], command: str) -> None:

@@ -58,7 +58,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     from ckptsel.cli.measuring import exit_partial, nothing_measured, run_ranking, unmeasured
     from ckptsel.errors import CkptselError
     from ckptsel.outputs import check_writable
-    from ckptsel.report import write_report
+    from ckptsel.report import read_ranking, write_report
     from ckptsel.report.inputs import read_json
     from ckptsel.store import Store
 
@@ -68,8 +68,8 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
         check_writable(Path(png_dir) / "plot.png", "plots")
     provenance = []
     if path.is_file():
-        ranking = read_json(path, "ranking")
-        nothing_measured(ranking.get("checkpoints") or [])  # exit 2: nothing to report
+        ranking = read_ranking(path)
+        nothing_measured(ranking.checkpoints)  # exit 2: nothing to report
         provenance.append(f"ranking: {path}")
         run_dir = _run_dir(ranking)
     else:
@@ -85,7 +85,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
             recipe = load_recipe(path / RUN_RECIPE)
             provenance.append(f"recipe: {path / RUN_RECIPE}")
         request = measurement.request([path], recipe, engine=engine, cache_dir=cache_dir)
-        ranking = run_ranking(request, command="report", quiet=quiet).to_json()
+        ranking = run_ranking(request, command="report", quiet=quiet).ranking
         data = measurement.data if measurement.data is not None else f"RUN/{measurement.data_per_run} of each run"
         provenance.append(f"training data: {data} (ranked from the cache at report time)")
 
@@ -98,11 +98,11 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     if ground_truth is not None:
         provenance.append(f"lab ground truth: {ground_truth}")
     truth_by_run = {}
-    if ground_truth is None and len(ranking.get("runs") or []) > 1:  # a sweep: each run's own, when there
-        for run in ranking["runs"]:
-            found = Path(run["path"]) / RUN_TRUTH if run.get("path") else None
+    if ground_truth is None and ranking.is_sweep:  # a sweep: each run's own, when there
+        for run in ranking.runs:
+            found = Path(run.path) / RUN_TRUTH if run.path else None
             if found is not None and found.is_file():
-                truth_by_run[run["name"]] = read_json(found, "ground truth")
+                truth_by_run[run.name] = read_json(found, "ground truth")
         if truth_by_run:
             provenance.append(f"lab ground truth: {RUN_TRUTH} of {len(truth_by_run)} run(s)")
     provenance += [f"merge: {m}" for m in merges]
@@ -119,12 +119,13 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
         print_json({"report": str(written), "png": pngs})
     else:
         err.print(f"report written to [bold]{written}[/]" + (f"; plots as PNG in {png_dir}" if png_dir else ""))
-    exit_partial(unmeasured(ranking.get("checkpoints") or []), "report")
+    exit_partial(unmeasured(ranking.checkpoints), "report")
 
 
-def _run_dir(ranking: dict) -> Path | None:
-    """The folder holding the ranked checkpoints, when they share one (where ground_truth.json would be)."""
-    parents = {Path(r["path"]).parent for r in ranking.get("checkpoints", []) if r.get("path")}
+def _run_dir(ranking) -> Path | None:
+    """The folder holding the ranked checkpoints (of a :class:`ckptsel.select.Ranking`), when they share one
+    (where ground_truth.json would be)."""
+    parents = {Path(r.path).parent for r in ranking.checkpoints if r.path}
     return parents.pop() if len(parents) == 1 else None
 
 

@@ -117,7 +117,7 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
 
     if as_json:
         print_json({"verifications": [r.to_json() for r in results],
-                    "predictions": str(ranking_path or data_path) if ranking else None})
+                    "predictions": str(ranking_path or data_path) if ranking is not None else None})
     else:
         out = stdout_console()
         if not out.is_terminal:  # piped or redirected: keep the table unsqueezed
@@ -128,18 +128,19 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
     if len(failures) == len(checkpoints):  # not one checkpoint measured: exit 2, not 3
         nothing_measured(failures.values())
     reasons = unmeasured(failures.values())
-    reasons += [f"prediction: {line}" for line in unmeasured((ranking or {}).get("checkpoints", []))
+    reasons += [f"prediction: {line}" for line in unmeasured(ranking.checkpoints if ranking is not None else [])
                 if line not in reasons]
     exit_partial(reasons, "verify")
 
 
 def _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed, skip_bad,
-                 base_model, engine, cache_dir, quiet) -> dict | None:
-    """The ranking to compare against: a rank --json file, or computed now from the cache (measuring what it lacks)."""
+                 base_model, engine, cache_dir, quiet):
+    """The ranking to compare against (a :class:`ckptsel.select.Ranking`, or None): a rank --json file, or
+    computed now from the cache (measuring what it lacks)."""
     if ranking_path is not None:
-        from ckptsel.report.inputs import read_json
+        from ckptsel.report.inputs import read_ranking
 
-        return read_json(ranking_path, "ranking")
+        return read_ranking(ranking_path)
     if data_path is None and data_per_run is None:
         return None
     from ckptsel.cli.measuring import run_ranking
@@ -148,7 +149,7 @@ def _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max
     request = RankRequest(paths=tuple(paths), recipe=recipe, data=data_path, data_per_run=data_per_run,
                           base_model=base_model, max_examples=max_examples, examples_seed=examples_seed,
                           skip_bad=skip_bad, engine=engine, cache_dir=cache_dir, runs=tuple(runs))
-    return run_ranking(request, command="verify (ranking)", quiet=quiet).to_json()
+    return run_ranking(request, command="verify (ranking)", quiet=quiet).ranking
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -71,12 +71,17 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import TrainerCallback
 
 from ckptsel.columns import COLUMNS
 from ckptsel.errors import CkptselError
+from ckptsel.measure.protocols import LoadedCheckpoint, Loader
+
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +109,7 @@ class SaveReport:
     stop: bool = False  # the callback asked the Trainer to stop here
     failure: str | None = None  # the checkpoint could not be measured (one line)
     memorised_rows: list[int] = field(default_factory=list)  # training-file rows memorised at this save
-    ranking: object = field(default=None, repr=False)  # ckptsel.select.Ranking of the run so far
+    ranking: Ranking | None = field(default=None, repr=False)  # the run so far
 
     def line(self) -> str:
         """One console line: the numbers, the stage by name, and the flag's reason."""
@@ -406,8 +411,8 @@ def _print_line(report: SaveReport) -> None:
     tqdm.write(report.line(), file=sys.stderr)
 
 
-class _InMemoryLoader:
-    """The :class:`ckptsel.measure.loading.CheckpointLoader` interface for :func:`ckptsel.collect.collect`:
+class _InMemoryLoader(Loader):
+    """The :class:`~ckptsel.measure.protocols.Loader` for :func:`ckptsel.collect.collect` in the Trainer:
     the checkpoint at ``path`` is the model in memory; any other is read from disk (made on first need)."""
 
     def __init__(self, path: Path, model, tokenizer, engine):
@@ -421,8 +426,8 @@ class _InMemoryLoader:
             self._tokenizer = load_tokenizer(ckpt, trust_remote_code=self._engine.trust_remote_code)
         return self._tokenizer
 
-    def load(self, ckpt):
-        from ckptsel.measure.loading import CheckpointLoader, LoadedCheckpoint
+    def load(self, ckpt) -> LoadedCheckpoint:
+        from ckptsel.measure.loading import CheckpointLoader
 
         if ckpt.path.resolve() == self._path:
             return LoadedCheckpoint(self._model, self.tokenizer_for(ckpt))

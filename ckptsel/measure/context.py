@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ckptsel.settings import EngineSettings, ProxySettings
+
+if TYPE_CHECKING:
+    from ckptsel.graders.base import Grader
+    from ckptsel.measure.protocols import Sampler
 
 
 @dataclass
@@ -13,13 +18,13 @@ class MeasureContext:
     (``--backend vllm``; a :class:`ckptsel.measure.vllm_backend.VllmSampler`) and the run's
     alternative-solution harvest (a :class:`ckptsel.proxies.Harvest`, read by the ``alt`` kind).
 
-    The sampler and the harvest are typed loosely so that ``ckptsel.measure`` stays below the
-    proxies that use it (ckptsel/DESIGN.md, "Layers").
+    The harvest is typed loosely so that ``ckptsel.measure`` stays below the proxies that use it
+    (ckptsel/DESIGN.md, "Layers").
     """
 
     engine: EngineSettings
-    grader: object
+    grader: Grader
     proxies: ProxySettings
     budgets: dict[str, int]
-    vllm: object | None = None
+    vllm: Sampler | None = None  # --backend vllm; else measure.sampling.TransformersSampler
     harvest: object | None = None

@@ -29,12 +29,13 @@ import gc
 import logging
 import weakref
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from ckptsel.errors import CheckpointError, CkptselError
 from ckptsel.formats import Checkpoint, LoadOptions
+from ckptsel.measure.protocols import LoadedCheckpoint, Loader
 from ckptsel.tokenizers import load_tokenizer, tokenizer_digest
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-
-
-class LoadedCheckpoint(NamedTuple):
-    """A model ready for scoring and sampling (eval mode, no grad) and its tokenizer."""
-
-    model: Any
-    tokenizer: Any
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -82,8 +76,9 @@ def dtype_name(engine) -> str:
     return str(resolve_dtype(engine.dtype, resolve_device(engine.device))).removeprefix("torch.")
 
 
-class CheckpointLoader:
-    """Yields (model, tokenizer) per checkpoint, loading each once and every base model once.
+class CheckpointLoader(Loader):
+    """Yields (model, tokenizer) per checkpoint, loading each once and every base model once (a
+    :class:`~ckptsel.measure.protocols.Loader`).
 
     Use as a context manager; a yielded model is valid until the next :meth:`load` (an
     adapter swap changes the same module in place)::

@@ -15,8 +15,10 @@ longest budget and written in place; rows leave the batch when they emit EOS or 
 budget, so a long straggler doesn't keep finished rows alive.
 Temperature 0 is greedy decoding and yields one completion per prompt.
 
-Also here: the generation budget (:func:`max_new_tokens_for`) and the copy rate, whose
-text normalisation lives in one function (:func:`normalize_solution`).
+:class:`TransformersSampler` is this decoding as a :class:`~ckptsel.measure.protocols.Sampler`,
+the one measurement uses unless ``--backend vllm``. Also here: the generation budget
+(:func:`max_new_tokens_for`) and the copy rate, whose text normalisation lives in one function
+(:func:`normalize_solution`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ckptsel.measure.protocols import Sampler
 from ckptsel.measure.text import copy_rate, max_new_tokens_for, normalize_solution, sample_seed  # noqa: F401
 from ckptsel.settings import SamplingSettings
 
@@ -136,6 +139,19 @@ def sample_completions(
     )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+class TransformersSampler(Sampler):
+    """:func:`sample_completions` on the checkpoint's transformers model, ``batch_size`` rows at a time
+    (None: automatic)."""
+
+    def __init__(self, batch_size: int | None = None):
+        self.batch_size = batch_size
+
+    def sample(self, model, tokenizer, prompts: Sequence[str], *, sampling: SamplingSettings,
+               max_new_tokens: Sequence[int], keys: Sequence[str]) -> list[list[str]]:
+        return sample_completions(model, tokenizer, prompts, sampling=sampling, max_new_tokens=max_new_tokens,
+                                  keys=keys, batch_size=self.batch_size)
 
 
 def sample_token_ids(

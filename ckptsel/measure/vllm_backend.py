@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CkptselError
+from ckptsel.measure.protocols import Sampler
 from ckptsel.settings import EngineSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def require_vllm():
     return vllm
 
 
-class VllmSampler:
-    """k completions per prompt from one checkpoint at a time, on a vLLM engine.
+class VllmSampler(Sampler):
+    """k completions per prompt from one checkpoint at a time, on a vLLM engine (a
+    :class:`~ckptsel.measure.protocols.Sampler`).
 
     Use as a context manager; call :meth:`use` with each checkpoint before its transformers
     model loads (a previous engine that cannot serve it is freed then, not after the next

@@ -47,17 +47,24 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ckptsel import store_keys
 from ckptsel.columns import COLUMNS
 from ckptsel.errors import CkptselError
+
+if TYPE_CHECKING:
+    from ckptsel.discover import Checkpoint
+    from ckptsel.merge import MergeResult
+    from ckptsel.merge.plan import MergePlan
+    from ckptsel.select import CheckpointMetrics
 
 log = logging.getLogger(__name__)
 
 TOLERANCE = 0.01  # pre-memorization accuracy a candidate may lose against the recommended checkpoint
 LEAN_SHARE = 2 / 3  # the recommended checkpoint's share in the lean pair
-STORE_KEY = "merge-recommend:{fingerprint}"  # the comparison, keyed by the recommended checkpoint
 RULE = ("among the candidates whose pre-memorization accuracy (the predictor of test accuracy) is at most {tol:g} "
         "below the recommended checkpoint's, the lowest {proxy} (the over-memorization proxy; Ruan et al. 2025: "
         "merging checkpoints lowers held-out perplexity at equal accuracy); ties go to the earlier candidate")
@@ -151,9 +158,9 @@ class Candidate:
 
     spec: CandidateSpec
     label: str
-    plan: object  # ckptsel.merge.MergePlan
-    checkpoint: object | None = None  # the measured Checkpoint: the run's own, or the built merge
-    metrics: object | None = None  # ckptsel.select.CheckpointMetrics
+    plan: MergePlan
+    checkpoint: Checkpoint | None = None  # the measured checkpoint: the run's own, or the built merge
+    metrics: CheckpointMetrics | None = None
     error: str | None = None
 
 
@@ -170,7 +177,7 @@ class Recommendation:
     n_examples: int
     notes: list[str] = field(default_factory=list)
     measured: int = 0  # checkpoint loads this call needed (0 on a cached rerun)
-    result: object | None = None  # ckptsel.merge.MergeResult
+    result: MergeResult | None = None
 
     def rows(self) -> list[dict]:
         """One row per candidate: what it is, its metrics, whether it qualified, whether it won."""
@@ -256,7 +263,7 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
     built in a temporary folder in ``work_dir`` (default: beside ``out``), removed afterwards.
     ``on_progress`` receives :class:`ckptsel.progress.Progress`; ``on_stage`` a line per step.
     ``executor`` measures the candidates (:func:`ckptsel.collect.collect`'s; default: this process).
-    The comparison is also stored under :data:`STORE_KEY`.
+    The comparison is also stored, under :func:`ckptsel.store_keys.merge_recommendation`.
     """
     from ckptsel.merge import merge
     from ckptsel.merge.output import check_free_space, check_target, clean_leftovers, leftover_name
@@ -298,7 +305,7 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
                          proxy, tolerance, len(collected.examples), notes, measured=combined.loaded)
     stage(f"writing {rec.winner.label} to {out}")
     rec.result = merge(rec.winner.plan, out, force=force, justification=rec.justification())
-    store.put_value(STORE_KEY.format(fingerprint=ranking.checkpoints[ranking.recommended].fingerprint),
+    store.put_value(store_keys.merge_recommendation(ranking.checkpoints[ranking.recommended].fingerprint),
                     {**rec.justification(), "output": str(out), "settings_key": collected.settings_key})
     return rec
 

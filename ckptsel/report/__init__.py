@@ -5,10 +5,10 @@ INTERFACE:
     write_report(ranking, out_path, *, verification=None, ground_truth=None, merges=(), store=None,
                  title=None, png_dir=None, provenance=(), ground_truth_by_run=None) -> Path
     render_report(...same inputs...) -> str          the HTML, written nowhere
+    read_ranking(path) -> Ranking                    ``ckptsel rank --json`` output, read back
 
-``ranking`` is a :class:`ckptsel.select.Ranking`, its ``to_json()`` dict, or a path to
-``ckptsel rank --json`` output. Measured accuracy comes from ``verification`` (``ckptsel
-verify --json`` output, a dict) or else from the verify summaries in ``store``.
+``ranking`` is a :class:`ckptsel.select.Ranking`. Measured accuracy comes from ``verification``
+(``ckptsel verify --json`` output, a dict) or else from the verify summaries in ``store``.
 
 Modules: :mod:`.inputs` (gather and match), :mod:`.charts` (which plots), :mod:`.svg`,
 :mod:`.html`, :mod:`.png` (drawing).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptsel.report import charts as _charts
 from ckptsel.report import html as _html
@@ -27,16 +28,19 @@ from ckptsel.report.inputs import (
     measured_from_summaries,
     measured_from_verification,
     merge_comparison,
-    ranking_json,
+    read_ranking,
     stored_merge_comparison,
     truth_from_ground_truth,
 )
 
-__all__ = ["ReportInputs", "build_inputs", "render_report", "write_report"]
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
+
+__all__ = ["ReportInputs", "build_inputs", "read_ranking", "render_report", "write_report"]
 
 
 def build_inputs(
-    ranking,
+    ranking: Ranking,
     *,
     verification: Mapping | None = None,
     ground_truth: Mapping | None = None,
@@ -48,12 +52,10 @@ def build_inputs(
 ) -> ReportInputs:
     """Gather the report's inputs and match them to the ranking's checkpoints (``ground_truth_by_run``:
     a sweep's, run name -> that run's ground truth)."""
-    data = ranking_json(ranking)
-    rows = data.get("checkpoints", [])
-    if len(data.get("runs") or []) > 1:  # a sweep: checkpoint names repeat across runs
-        for row in rows:
-            row["label"] = f"{row.get('run')}/{Path(str(row.get('path', ''))).name}"
-    inputs = ReportInputs(ranking=data, title=title or "ckptsel report", provenance=list(provenance))
+    rows = ranking.checkpoints
+    inputs = ReportInputs(ranking=ranking, title=title or "ckptsel report", provenance=list(provenance))
+    if ranking.is_sweep:  # checkpoint names repeat across runs
+        inputs.labels = {i: f"{row.run}/{Path(row.path).name}" for i, row in enumerate(rows)}
     if verification is not None:
         # ckptsel verify --json: {"verifications": [...]} or one verification object
         for v in verification.get("verifications", [verification]):
@@ -64,25 +66,26 @@ def build_inputs(
     elif store is not None:
         from ckptsel.verify import stored_summaries
 
-        summaries = {i: stored_summaries(store, r["fingerprint"]) for i, r in enumerate(rows) if r.get("fingerprint")}
-        inputs.measured, inputs.measured_source = measured_from_summaries(rows, summaries)
+        summaries = {i: stored_summaries(store, r.fingerprint) for i, r in enumerate(rows) if r.fingerprint}
+        inputs.measured, inputs.measured_source = measured_from_summaries(summaries)
     if ground_truth is not None:
         inputs.truth = truth_from_ground_truth(rows, ground_truth)
     for run, truth in (ground_truth_by_run or {}).items():
         inputs.truth.update(truth_from_ground_truth(rows, truth, run))
     inputs.merges = [m if isinstance(m, Mapping) else merge_comparison(Path(m)) for m in merges]
     if store is not None and not inputs.merges:  # what `ckptsel merge --recommend` compared, if it ran
-        inputs.merges = [m for m in [stored_merge_comparison(store, data)] if m is not None]
+        inputs.merges = [m for m in [stored_merge_comparison(store, ranking)] if m is not None]
     return inputs
 
 
-def render_report(ranking, **kwargs) -> str:
+def render_report(ranking: Ranking, **kwargs) -> str:
     """The report's HTML for ``ranking`` (see :func:`build_inputs` for the other inputs)."""
     inputs = build_inputs(ranking, **kwargs)
     return _html.page(inputs, _charts.build_charts(inputs))
 
 
-def write_report(ranking, out_path: str | os.PathLike, *, png_dir: str | os.PathLike | None = None, **kwargs) -> Path:
+def write_report(ranking: Ranking, out_path: str | os.PathLike, *, png_dir: str | os.PathLike | None = None,
+                 **kwargs) -> Path:
     """Write the HTML report to ``out_path`` (atomically: temp file, then rename); PNGs too with ``png_dir``."""
     from ckptsel.outputs import write_errors, write_text_atomic
 

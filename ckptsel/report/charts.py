@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ckptsel.columns import COLUMNS
-from ckptsel.report.inputs import ReportInputs
+from ckptsel.report.inputs import ReportInputs, interval, number
+
+if TYPE_CHECKING:
+    from ckptsel.select import CheckpointMetrics
 
 # role -> (light, dark) colour. Colour-blind-safe hues (Okabe-Ito), one role per quantity.
 PALETTE: dict[str, tuple[str, str]] = {
@@ -76,14 +80,14 @@ class Chart:
 
 
 def _value(row: dict, key: str) -> float | None:
-    v = row.get(key)
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    """A number of a merge candidate's row (a dict: a merge sidecar's comparison)."""
+    return number(row.get(key))
 
 
-def x_positions(rows: Sequence[dict]) -> tuple[list[float], str]:
+def x_positions(rows: Sequence[CheckpointMetrics]) -> tuple[list[float], str]:
     """Training steps when every row has one, else checkpoint order."""
-    if rows and all(r.get("step") is not None for r in rows):
-        return [float(r["step"]) for r in rows], "training step"
+    if rows and all(r.step is not None for r in rows):
+        return [float(r.step) for r in rows], "training step"
     return [float(i) for i in range(len(rows))], "checkpoint (training order)"
 
 
@@ -102,63 +106,66 @@ def stage_bands(xs: Sequence[float], stages: Sequence[str | None]) -> list[tuple
     return bands
 
 
-def _series(name, role, xs, rows, key, style="line", ci_key=None, labels=None) -> Series | None:
-    ys = [_value(r, key) for r in rows]
+def _series(name, role, xs, values, style="line", cis=None, labels=None) -> Series | None:
+    """One line (or points) through ``values`` (None, or NaN: no point), with its intervals ``cis`` when given;
+    None when there is no point at all."""
+    ys = [number(v) for v in values]
     if all(y is None for y in ys):
         return None
     lo = hi = None
-    if ci_key:
-        cis = [r.get(ci_key) or [None, None] for r in rows]
-        lo, hi = [c[0] for c in cis], [c[1] for c in cis]
+    if cis is not None:
+        pairs = [interval(c) for c in cis]
+        lo, hi = [c[0] for c in pairs], [c[1] for c in pairs]
     return Series(name, role, list(xs), ys, lo, hi, style, labels)
 
 
 def build_charts(inputs: ReportInputs) -> list[Chart]:
     """Every chart the inputs support, in reading order (checkpoints that failed are left out)."""
-    kept = [i for i, r in enumerate(inputs.rows) if not r.get("error")]
+    kept = [i for i, r in enumerate(inputs.rows) if not r.error]
     if not kept:
         return []
-    if len(inputs.ranking.get("runs") or []) > 1:
+    if inputs.ranking.is_sweep:
         return sweep_charts(inputs, kept)
     rows = [inputs.rows[i] for i in kept]
     xs, x_label = x_positions(rows)
     labels = [_label(r) for r in rows]
-    rec = (inputs.ranking.get("recommended") or {}).get("index")
+    rec = inputs.ranking.recommended
     marker = next((x for x, i in zip(xs, kept) if i == rec), None)
-    common = {"x_label": x_label, "bands": stage_bands(xs, [r.get("stage") for r in rows]), "marker_x": marker}
+    common = {"x_label": x_label, "bands": stage_bands(xs, [r.stage for r in rows]), "marker_x": marker}
     charts = []
 
-    measured_rows = [inputs.measured.get(i, {}) for i in kept]
-    truth_rows = [inputs.truth.get(i, {}) for i in kept]
+    measured = [inputs.measured.get(i, {}) for i in kept]
+    truth = [inputs.truth.get(i, {}) for i in kept]
     acc = [
-        _series("train accuracy", "train", xs, rows, "train_acc", labels=labels),
-        _series("pre-memorization accuracy (predicted test)", "pm", xs, rows, "premem_acc", ci_key="premem_ci",
+        _series("train accuracy", "train", xs, [r.train_acc for r in rows], labels=labels),
+        _series("pre-memorization accuracy (predicted test)", "pm", xs, [r.premem_acc for r in rows],
+                cis=[r.premem_ci for r in rows], labels=labels),
+        _series(f"measured test accuracy ({inputs.measured_label or 'verify'})", "measured", xs,
+                [m.get("accuracy") for m in measured], style="points", cis=[m.get("ci") for m in measured],
                 labels=labels),
-        _series(f"measured test accuracy ({inputs.measured_label or 'verify'})", "measured", xs, measured_rows,
-                "accuracy", style="points", ci_key="ci", labels=labels),
-        _series("held-out accuracy (lab ground truth)", "truth", xs, truth_rows, "test_accuracy", style="dashed",
-                labels=labels),
+        _series("held-out accuracy (lab ground truth)", "truth", xs, [t.get("test_accuracy") for t in truth],
+                style="dashed", labels=labels),
     ]
     charts.append(Chart("accuracy", "Accuracy over training",
                         "Pre-memorization train accuracy (band: 95% interval) is ckptsel's prediction of test "
                         "accuracy; train accuracy keeps rising as examples are memorised.",
                         y_label="accuracy", series=[s for s in acc if s], y_range=(0.0, 1.0), **common))
 
-    mem = [_series("memorised fraction", "mem", xs, rows, "memorized_frac", labels=labels),
-           _series("copy rate", "copy", xs, rows, "copy_rate", style="dashed", labels=labels)]
+    mem = [_series("memorised fraction", "mem", xs, [r.memorized_frac for r in rows], labels=labels),
+           _series("copy rate", "copy", xs, [r.copy_rate for r in rows], style="dashed", labels=labels)]
     if any(mem):
         charts.append(Chart("memorisation", "Memorisation",
                             "Fraction of training examples whose target is reproduced near-certainly, and of "
                             "samples that copy the training solution word for word.",
                             y_label="fraction", series=[s for s in mem if s], y_range=(0.0, 1.0), **common))
 
-    nll = [_series("target NLL", "nll", xs, rows, "target_nll", labels=labels),
-           _series("alternative-solution NLL", "alt", xs, rows, "alt_nll", labels=labels),
-           _series("held-out NLL", "heldout", xs, rows, "heldout_nll", labels=labels),
-           _series("held-out NLL (lab ground truth)", "truth", xs, truth_rows, "test_nll", style="dashed",
-                   labels=labels)]
+    nll = [_series("target NLL", "nll", xs, [r.target_nll for r in rows], labels=labels),
+           _series("alternative-solution NLL", "alt", xs, [r.alt_nll for r in rows], labels=labels),
+           _series("held-out NLL", "heldout", xs, [r.heldout_nll for r in rows], labels=labels),
+           _series("held-out NLL (lab ground truth)", "truth", xs, [t.get("test_nll") for t in truth],
+                   style="dashed", labels=labels)]
     if any(nll):
-        proxy = inputs.ranking.get("proxy")
+        proxy = inputs.ranking.proxy
         caption = ("Perplexity proxies for over-memorization (Ruan et al.): a checkpoint that grows sharp on its "
                    "own training phrasing pays for every other valid solution.")
         if proxy:
@@ -167,7 +174,7 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
                             series=[s for s in nll if s], **common))
 
     # Its own axis: NLL under a changed prompt sits far above the others and would flatten them.
-    gap = _series("perturbed-prompt NLL − target NLL", "perturb", xs, rows, "perturb_gap", labels=labels)
+    gap = _series("perturbed-prompt NLL − target NLL", "perturb", xs, [r.perturb_gap for r in rows], labels=labels)
     if gap:
         charts.append(Chart("perturbation", "Prompt-perturbation gap",
                             "How much more the training target costs under lightly perturbed prompts (a neutral "
@@ -175,14 +182,15 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
                             y_label="nats per token", series=[gap], **common))
 
     for column in COLUMNS:  # the further metrics ckptsel.columns marks for a chart, one chart each
-        s = _series(column.header, "metric", xs, rows, column.key, labels=labels) if column.chart else None
+        s = _series(column.header, "metric", xs, [getattr(r, column.key) for r in rows], labels=labels) \
+            if column.chart else None
         if s:
             charts.append(Chart(column.key.replace("_", "-"), column.header[:1].upper() + column.header[1:],
                                 column.description[:1].upper() + column.description[1:] + ".", y_label=column.header,
                                 series=[s], **common))
 
-    for key, title, caption in PATHWAY_CHARTS:
-        s = _series(title.removeprefix("MoE "), "path", xs, rows, key, labels=labels)
+    for key, value, title, caption in PATHWAY_CHARTS:
+        s = _series(title.removeprefix("MoE "), "path", xs, [value(r) for r in rows], labels=labels)
         if s:
             charts.append(Chart(key.replace("_", "-"), title, caption, y_label=key.split("_")[1], series=[s],
                                 **common))
@@ -194,13 +202,14 @@ def build_charts(inputs: ReportInputs) -> list[Chart]:
     return charts
 
 
+# (chart id, a row's value, title, y label, y range, caption)
 SWEEP_CHARTS = (
-    ("premem_acc", "Pre-memorization accuracy by run", "accuracy", (0.0, 1.0),
+    ("premem_acc", lambda r: r.premem_acc, "Pre-memorization accuracy by run", "accuracy", (0.0, 1.0),
      "Each run's predicted test accuracy over its own training (band: 95% interval); its history never "
      "crosses runs. ★ marks the sweep's recommendation, ☆ each run's own."),
-    ("memorized_frac", "Memorised fraction by run", "fraction", (0.0, 1.0),
+    ("memorized_frac", lambda r: r.memorized_frac, "Memorised fraction by run", "fraction", (0.0, 1.0),
      "Fraction of training examples whose target each run reproduces near-certainly."),
-    ("proxy_ratio", "Over-memorization proxy: rise over the run's own minimum", "ratio", None,
+    ("proxy_ratio", lambda r: r.proxy_ratio, "Over-memorization proxy: rise over the run's own minimum", "ratio", None,
      "The flag's perplexity proxy over its minimum since the run left stage (a); runs harvest their own "
      "alternative solutions, so across runs the sweep compares this rise rather than raw NLLs."),
 )
@@ -208,19 +217,20 @@ SWEEP_CHARTS = (
 
 def sweep_charts(inputs: ReportInputs, kept: list[int]) -> list[Chart]:
     """A sweep: one line per run on each chart, then predicted vs measured over every checkpoint."""
-    runs = inputs.ranking["runs"]
-    rec = (inputs.ranking.get("recommended") or {}).get("index")
-    labels = {i: f"{inputs.rows[i].get('run')} {_label(inputs.rows[i])}" for i in kept}
+    runs = inputs.ranking.runs
+    rec = inputs.ranking.recommended
+    labels = {i: f"{inputs.rows[i].run} {_label(inputs.rows[i])}" for i in kept}
     charts = []
-    for key, title, y_label, y_range, caption in SWEEP_CHARTS:
+    for key, value, title, y_label, y_range, caption in SWEEP_CHARTS:
         series = []
         for r, run in enumerate(runs):
-            idx = [i for i in kept if inputs.rows[i].get("run") == run["name"]]
+            idx = [i for i in kept if inputs.rows[i].run == run.name]
             rows = [inputs.rows[i] for i in idx]
             xs, _ = x_positions(rows)
-            mark = " ★" if rec in idx else " ☆" if run.get("recommended") else ""
-            s = _series(f"{run['name']}{mark}", f"run{r % RUN_ROLES}", xs, rows, key,
-                        ci_key="premem_ci" if key == "premem_acc" else None, labels=[labels[i] for i in idx])
+            mark = " ★" if rec in idx else " ☆" if run.recommended is not None else ""
+            s = _series(f"{run.name}{mark}", f"run{r % RUN_ROLES}", xs, [value(row) for row in rows],
+                        cis=[row.premem_ci for row in rows] if key == "premem_acc" else None,
+                        labels=[labels[i] for i in idx])
             if s is not None:
                 series.append(s)
         if series:
@@ -236,19 +246,20 @@ def sweep_charts(inputs: ReportInputs, kept: list[int]) -> list[Chart]:
     return charts
 
 
+# (chart id, a row's value, title, caption): MoE rows only
 PATHWAY_CHARTS = (
-    ("pathway_distance", "MoE pathway distance",
+    ("pathway_distance", lambda r: r.pathways and r.pathways.distance, "MoE pathway distance",
      "Mean pairwise edit distance between memorised examples' expert pathways; Li, Fan & Zhou saw it fall as "
      "routing turned from sample-specific to shared (OLMoE pretraining). On ckptsel's small from-scratch lab "
      "MoEs it rises with accuracy instead: read where it levels off, not its direction."),
-    ("pathway_complexity", "MoE pathway complexity",
+    ("pathway_complexity", lambda r: r.pathways and r.pathways.complexity, "MoE pathway complexity",
      "1 − consistency: how much the routing-weighted expert vectors of consecutive layers disagree; Li, Fan & "
      "Zhou saw it fall as the model generalised."),
 )
 
 
-def _label(row: dict) -> str:
-    return f"step {row['step']}" if row.get("step") is not None else str(row.get("path", "")).rsplit("/", 1)[-1]
+def _label(row: CheckpointMetrics) -> str:
+    return f"step {row.step}" if row.step is not None else row.path.rsplit("/", 1)[-1]
 
 
 def _scatter(inputs: ReportInputs, kept: list[int], labels: list[str]) -> Chart | None:
@@ -256,8 +267,8 @@ def _scatter(inputs: ReportInputs, kept: list[int], labels: list[str]) -> Chart 
     from ckptsel.verify.compare import agreement
 
     rows = [inputs.rows[i] for i in kept]
-    predicted = [_value(r, "premem_acc") for r in rows]
-    pm_ci = [r.get("premem_ci") or [None, None] for r in rows]
+    predicted = [number(r.premem_acc) for r in rows]
+    pm_ci = [interval(r.premem_ci) for r in rows]
     sources = (
         (f"ckptsel verify ({inputs.measured_label or 'test set'})", "measured", inputs.measured),
         ("lab ground truth (held-out)", "truth",

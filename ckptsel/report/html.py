@@ -9,26 +9,41 @@ inputs came from. Light and dark follow the reader's system setting
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from html import escape
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ckptsel import __version__
 from ckptsel.columns import BY_KEY, table_columns
 from ckptsel.report import svg
 from ckptsel.report.charts import PALETTE, STAGE_COLORS, Chart
-from ckptsel.report.inputs import ReportInputs
+from ckptsel.report.inputs import ReportInputs, interval, number
 
-# (key in a ranking row, header, format) -- a column appears when any row has a value: the checkpoint's
-# own fields, every ckptsel.columns column a table shows ("ci" and "band:<key>" cells as the column says),
-# and the MoE pathway metrics.
+if TYPE_CHECKING:
+    from ckptsel.select import CheckpointMetrics
+
+
+class Column(NamedTuple):
+    """A column of the table of every number: it appears when any row has a value."""
+
+    key: str
+    header: str
+    spec: str  # a format spec, "ci" (the value and its interval) or "band:<key>" (this value to the other's)
+    value: Callable[[CheckpointMetrics], Any]
+
+
+# A column appears when any row has a value: the checkpoint's own fields, every ckptsel.columns column a
+# table shows ("ci" and "band:<key>" cells as the column says), and the MoE pathway metrics.
 COLUMNS = (
-    ("step", "step", "d"),
-    ("epoch", "epoch", ".2f"),
-    ("train_loss", "train loss", ".4f"),
-    ("stage", "stage", "s"),
-    *((c.key, c.header, c.fmt if c.cell == "value" else c.cell) for c in table_columns(lambda key: True)),
-    ("pathway_distance", "pathway distance", ".3f"),
-    ("pathway_complexity", "pathway complexity", ".3f"),
+    Column("step", "step", "d", lambda r: r.step),
+    Column("epoch", "epoch", ".2f", lambda r: r.epoch),
+    Column("train_loss", "train loss", ".4f", lambda r: r.train_loss),
+    Column("stage", "stage", "s", lambda r: r.stage),
+    *(Column(c.key, c.report_header, c.fmt if c.cell == "value" else c.cell, lambda r, key=c.key: getattr(r, key))
+      for c in table_columns(lambda key: True)),
+    Column("pathway_distance", "pathway distance", ".3f", lambda r: r.pathways and r.pathways.distance),
+    Column("pathway_complexity", "pathway complexity", ".3f", lambda r: r.pathways and r.pathways.complexity),
 )
 
 
@@ -98,59 +113,58 @@ def _f(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def _ci(value, ci) -> str:
+    value, (lo, hi) = number(value), interval(ci)
     if value is None:
         return "—"
-    if not ci or ci[0] is None or ci[1] is None:
+    if lo is None or hi is None:
         return _f(value)
-    return f"{_f(value)} <span class='muted'>({_f(ci[0], '.2f')}–{_f(ci[1], '.2f')})</span>"
+    return f"{_f(value)} <span class='muted'>({_f(lo, '.2f')}–{_f(hi, '.2f')})</span>"
 
 
 def _nobreak(text: str) -> str:
     return text.replace("-", "\u2011")
 
 
-def _name(row: dict) -> str:
-    path = str(row.get("path", ""))
-    name = path.rstrip("/").rsplit("/", 1)[-1] or path
-    return row.get("label") or name  # a sweep's rows are labelled run/checkpoint (build_inputs)
-
-
 def headline(inputs: ReportInputs) -> str:
     ranking, rows = inputs.ranking, inputs.rows
-    rec = ranking.get("recommended")
+    rec = ranking.recommended
     out = ['<section class="headline">']
     if rec is None:
         out.append('<p class="big">No checkpoint could be recommended.</p>')
     else:
-        row = rows[rec["index"]]
-        step = f" (step {row['step']})" if row.get("step") is not None else ""
-        out.append(f'<p class="big">★ Recommended: {escape(_name(row))}{escape(step)}</p>')
-        ci = row.get("premem_ci") or [None, None]
-        out.append(f'<p>Predicted test accuracy <b class="num">{_f(row.get("premem_acc"))}</b> '
-                   f'(95% interval {_f(ci[0], ".2f")}–{_f(ci[1], ".2f")}): pre-memorization train accuracy over '
-                   f'{ranking.get("n_examples", "?")} training examples.</p>')
-        measured = inputs.measured.get(rec["index"])
+        row = rows[rec]
+        step = f" (step {row.step})" if row.step is not None else ""
+        out.append(f'<p class="big">★ Recommended: {escape(inputs.name(rec))}{escape(step)}</p>')
+        lo, hi = row.premem_ci
+        out.append(f'<p>Predicted test accuracy <b class="num">{_f(row.premem_acc)}</b> '
+                   f'(95% interval {_f(lo, ".2f")}–{_f(hi, ".2f")}): pre-memorization train accuracy over '
+                   f'{ranking.n_examples} training examples.</p>')
+        measured = inputs.measured.get(rec)
         if measured:
             mci = measured.get("ci") or [None, None]
             out.append(f'<p>Measured with lm-eval on {escape(str(measured.get("source")))} '
                        f'({escape(str(measured.get("mode")))}): <b class="num">{_f(measured["accuracy"])}</b> '
                        f'({_f(mci[0], ".2f")}–{_f(mci[1], ".2f")}).</p>')
-        truth = inputs.truth.get(rec["index"])
+        truth = inputs.truth.get(rec)
         if truth and truth.get("test_accuracy") is not None:
             best = max((t.get("test_accuracy") or 0.0 for t in inputs.truth.values()), default=0.0)
-            scope = "sweep" if len(ranking.get("runs") or []) > 1 else "run"
+            scope = "sweep" if ranking.is_sweep else "run"
             out.append(f'<p>Lab ground truth: held-out accuracy <b class="num">{_f(truth["test_accuracy"])}</b> '
                        f'(best checkpoint of the {scope}: {_f(best)}).</p>')
-        out.append(f'<p><b>Why:</b> {escape(ranking.get("rule", ""))}.</p>')
-    for row in rows:
-        flag = row.get("flag")
-        if flag:
-            out.append(f'<div class="callout bad"><b>Over-memorized: {escape(_name(row))}</b>'
-                       f'{escape(flag.get("reason", ""))}</div>')
-        if row.get("error"):
-            out.append(f'<div class="callout bad"><b>Not measured: {escape(_name(row))}</b>{escape(row["error"])}</div>')
-    for warning in ranking.get("warnings", []):
+        out.append(f'<p><b>Why:</b> {escape(ranking.rule)}.</p>')
+    for i, row in enumerate(rows):
+        if row.flag is not None:
+            out.append(f'<div class="callout bad"><b>Over-memorized: {escape(inputs.name(i))}</b>'
+                       f'{escape(row.flag.reason())}</div>')
+        if row.error:
+            out.append(f'<div class="callout bad"><b>Not measured: {escape(inputs.name(i))}</b>'
+                       f'{escape(row.error)}</div>')
+    for warning in ranking.warnings:
         out.append(f'<div class="callout warn"><b>Warning</b>{escape(warning)}</div>')
     out.append("</section>")
     return "".join(out)
@@ -170,29 +184,29 @@ def figure(chart: Chart) -> str:
 
 def runs_table(inputs: ReportInputs) -> str:
     """A sweep's runs side by side: each run's own recommendation, and the truth where the lab knows it."""
-    runs = inputs.ranking.get("runs") or []
+    runs = inputs.ranking.runs
     if len(runs) < 2:
         return ""
-    rows, rec = inputs.rows, (inputs.ranking.get("recommended") or {}).get("index")
+    rows, rec = inputs.rows, inputs.ranking.recommended
     truth = any(t.get("test_accuracy") is not None for t in inputs.truth.values())
     head = ("<tr><th>run</th><th>checkpoints</th><th>its pick</th><th>pre&#8209;mem acc (95% CI)</th>"
             "<th>stage</th><th>memorised</th><th>proxy rise</th>"
             + ("<th>lab held&#8209;out acc</th><th>run's best (lab)</th>" if truth else "") + "</tr>")
     body = []
     for run in runs:
-        pick = (run.get("recommended") or {}).get("index")
-        own = [i for i, r in enumerate(rows) if r.get("run") == run["name"]]
-        cells = [f"<td>{'★ ' if pick is not None and pick == rec else ''}{escape(run['name'])}</td>",
-                 f'<td class="num">{len(run.get("steps") or own)}</td>']
+        pick = run.recommended
+        own = [i for i, r in enumerate(rows) if r.run == run.name]
+        cells = [f"<td>{'★ ' if pick is not None and pick == rec else ''}{escape(run.name)}</td>",
+                 f'<td class="num">{len(run.indices or own)}</td>']
         if pick is None:
             cells.append(f'<td colspan="{5 + 2 * truth}">nothing measured</td>')
         else:
             row = rows[pick]
-            cells += [f'<td class="num">{escape(_f(row.get("step"), "s"))}</td>',
-                      f'<td class="num">{_ci(row.get("premem_acc"), row.get("premem_ci"))}</td>',
-                      f'<td>{escape(_f(row.get("stage"), "s"))}</td>',
-                      f'<td class="num">{_f(row.get("memorized_frac"))}</td>',
-                      f'<td class="num">{_f(row.get("proxy_ratio"), ".2f")}</td>']
+            cells += [f'<td class="num">{escape(_f(row.step, "s"))}</td>',
+                      f'<td class="num">{_ci(row.premem_acc, row.premem_ci)}</td>',
+                      f'<td>{escape(_f(row.stage, "s"))}</td>',
+                      f'<td class="num">{_f(row.memorized_frac)}</td>',
+                      f'<td class="num">{_f(row.proxy_ratio, ".2f")}</td>']
             if truth:
                 best = max((inputs.truth[i].get("test_accuracy") for i in own
                             if (inputs.truth.get(i) or {}).get("test_accuracy") is not None), default=None)
@@ -205,7 +219,7 @@ def runs_table(inputs: ReportInputs) -> str:
 
 def table(inputs: ReportInputs) -> str:
     rows = inputs.rows
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    columns = [c for c in COLUMNS if any(_has(c.value(r)) for r in rows)]
     extra = []
     if inputs.measured:
         extra.append(("measured", f"measured ({escape(inputs.measured_label or 'verify')})"))
@@ -213,31 +227,32 @@ def table(inputs: ReportInputs) -> str:
         extra.append(("truth_acc", "lab held-out acc"))
     if any(t.get("test_nll") is not None for t in inputs.truth.values()):
         extra.append(("truth_nll", "lab held-out NLL"))
-    rec = (inputs.ranking.get("recommended") or {}).get("index")
+    rec = inputs.ranking.recommended
     # Headers wrap at spaces only (a non-breaking hyphen keeps "held-out" whole): narrow columns, whole words.
-    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{_nobreak(escape(h))}</th>" for _, h, _ in columns)
+    head = "<tr><th>checkpoint</th>" + "".join(f"<th>{_nobreak(escape(c.header))}</th>" for c in columns)
     head += "".join(f"<th>{_nobreak(h)}</th>" for _, h in extra) + "</tr>"
     body = []
     for i, row in enumerate(rows):
         mark = "★ " if i == rec else ""
-        cells = [f"<td>{mark}{escape(_name(row))}</td>"]
-        if row.get("error"):
-            cells.append(f'<td class="error" colspan="{len(columns) + len(extra)}">{escape(row["error"])}</td>')
+        cells = [f"<td>{mark}{escape(inputs.name(i))}</td>"]
+        if row.error:
+            cells.append(f'<td class="error" colspan="{len(columns) + len(extra)}">{escape(row.error)}</td>')
         else:
-            for key, _, spec in columns:
+            for column in columns:
+                value, spec = column.value(row), column.spec
                 if spec == "ci":
-                    cells.append(f'<td class="num">{_ci(row.get(key), row.get("premem_ci"))}</td>')
+                    cells.append(f'<td class="num">{_ci(value, row.premem_ci)}</td>')
                 elif spec.startswith("band:"):
-                    band = f'{_f(row.get(key), ".2f")}–{_f(row.get(spec.split(":", 1)[1]), ".2f")}'
-                    cells.append(f'<td class="num" title="{escape(BY_KEY[key].description)}">{escape(band)}</td>')
-                elif key == "pathway_distance" and (row.get("pathways") or {}).get("distance_exact") is False:
-                    estimate = f'{_f(row.get(key), spec)} ± {_f(row["pathways"].get("distance_stderr"), spec)}'
+                    band = f'{_f(value, ".2f")}–{_f(getattr(row, spec.split(":", 1)[1]), ".2f")}'
+                    cells.append(f'<td class="num" title="{escape(BY_KEY[column.key].description)}">{escape(band)}</td>')
+                elif column.key == "pathway_distance" and row.pathways is not None and not row.pathways.distance_exact:
+                    estimate = f'{_f(value, spec)} ± {_f(row.pathways.distance_stderr, spec)}'
                     cells.append(f'<td class="num" title="estimated on sampled pairs">{escape(estimate)}</td>')
-                elif key == "stage" and row.get("stage"):
-                    cls = "stage-" + row["stage"].replace(" ", "-")
-                    cells.append(f'<td class="stage"><span class="{escape(cls)}">{escape(row["stage"])}</span></td>')
+                elif column.key == "stage" and row.stage:
+                    cls = "stage-" + row.stage.replace(" ", "-")
+                    cells.append(f'<td class="stage"><span class="{escape(cls)}">{escape(row.stage)}</span></td>')
                 else:
-                    cells.append(f'<td class="num">{escape(_f(row.get(key), spec))}</td>')
+                    cells.append(f'<td class="num">{escape(_f(value, spec))}</td>')
             for key, _ in extra:
                 if key == "measured":
                     m = inputs.measured.get(i) or {}
@@ -286,21 +301,21 @@ def merge_tables(inputs: ReportInputs) -> str:
 
 def rules(inputs: ReportInputs) -> str:
     ranking = inputs.ranking
-    t = ranking.get("threshold") or {}
-    if t.get("rule") == "copy":
+    t = ranking.threshold
+    if t.rule == "copy":
         memo = "an example is memorised when at least half of its samples copy the training solution"
     else:
-        memo = f"an example is memorised when its target NLL is below ν = {_f(t.get('used'))} nats/token"
-        if t.get("auto") is not None:
-            memo += f" (calibrated from copy rates: {_f(t['auto'])}, AUC {_f(t.get('auto_auc'), '.2f')})"
+        memo = f"an example is memorised when its target NLL is below ν = {_f(t.used)} nats/token"
+        if t.auto is not None:
+            memo += f" (calibrated from copy rates: {_f(t.auto)}, AUC {_f(t.auto_auc, '.2f')})"
     items = [("Pre-memorization accuracy", "PM_i(J) = min(max_{j≤J} acc_ij · m_ij, acc_iJ), averaged over training "
               "examples (Kang et al. 2024), read as predicted test accuracy; interval: bootstrap over examples."),
              ("Memorised", memo + ".")]
-    if ranking.get("stage_rule"):
-        items.append(("Stages", ranking["stage_rule"] + "."))
-    if ranking.get("pathway_rule"):
-        items.append(("MoE pathways", ranking["pathway_rule"] + "."))
-    items.append(("Recommendation", (ranking.get("rule") or "") + "."))
+    if ranking.stage_rule:
+        items.append(("Stages", ranking.stage_rule + "."))
+    if ranking.pathway_rule:
+        items.append(("MoE pathways", ranking.pathway_rule + "."))
+    items.append(("Recommendation", ranking.rule + "."))
     items += [("Input", p) for p in inputs.provenance]
     items.append(("Written", f"ckptsel {__version__}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"))
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items) + "</dl>"
@@ -309,11 +324,11 @@ def rules(inputs: ReportInputs) -> str:
 def page(inputs: ReportInputs, charts: list[Chart]) -> str:
     """The whole HTML document."""
     rows = inputs.rows
-    n_runs = len(inputs.ranking.get("runs") or [])
+    n_runs = len(inputs.ranking.runs)
     runs = f" in {n_runs} runs" if n_runs > 1 else ""
-    sub = f"{len(rows)} checkpoint(s){runs} · {inputs.ranking.get('n_examples', '?')} training examples"
-    if inputs.ranking.get("n_heldout"):
-        sub += f" · {inputs.ranking['n_heldout']} held-out examples"
+    sub = f"{len(rows)} checkpoint(s){runs} · {inputs.ranking.n_examples} training examples"
+    if inputs.ranking.n_heldout:
+        sub += f" · {inputs.ranking.n_heldout} held-out examples"
     figures = "".join(figure(c) for c in charts)
     stages = list(dict.fromkeys(b[2] for c in charts for b in c.bands))
     stage_legend = ""

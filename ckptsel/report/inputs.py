@@ -1,6 +1,7 @@
 """What a report is made of, gathered into one plain object: the ranking and what sits beside it.
 
-* the ranking (``ckptsel rank --json``, or a :class:`ckptsel.select.Ranking`);
+* the ranking: a :class:`ckptsel.select.Ranking` (``ckptsel rank --json`` output is read into
+  one by :func:`read_ranking`);
 * measured test accuracy from ``ckptsel verify`` (its ``--json`` output, or the summaries
   verify keeps in the result store);
 * the lab's ground truth (``RUN/ground_truth.json``): true held-out accuracy and NLL;
@@ -14,16 +15,22 @@ path), ground truth by training step. Nothing here measures anything.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ckptsel import store_keys
 from ckptsel.errors import CkptselError
+
+if TYPE_CHECKING:
+    from ckptsel.select import CheckpointMetrics, Ranking
 
 
 @dataclass
 class ReportInputs:
-    ranking: dict
+    ranking: Ranking
     title: str = "ckptsel report"
     # ranking row index -> {"accuracy", "ci", "source", "mode"}: ckptsel verify's measurement
     measured: dict[int, dict] = field(default_factory=dict)
@@ -32,10 +39,16 @@ class ReportInputs:
     truth: dict[int, dict] = field(default_factory=dict)
     merges: list[dict] = field(default_factory=list)  # {"name", "rows": [{"candidate", metrics...}], "rule"}
     provenance: list[str] = field(default_factory=list)  # where each input came from
+    labels: dict[int, str] = field(default_factory=dict)  # ranking row index -> "run/checkpoint" (a sweep's)
 
     @property
-    def rows(self) -> list[dict]:
-        return self.ranking.get("checkpoints", [])
+    def rows(self) -> list[CheckpointMetrics]:
+        return self.ranking.checkpoints
+
+    def name(self, index: int) -> str:
+        """Row ``index`` as the page names it: its folder's name, or run/folder in a sweep."""
+        path = self.rows[index].path
+        return self.labels.get(index) or path.rstrip("/").rsplit("/", 1)[-1] or path
 
     @property
     def measured_label(self) -> str | None:
@@ -43,29 +56,27 @@ class ReportInputs:
         return None if self.measured_source is None else Path(self.measured_source).name
 
 
-# The MoE pathway metrics a ranking row nests under "pathways", and the flat keys the report reads.
-PATHWAY_KEYS = ("distance", "consistency", "complexity")
+def number(value) -> float | None:
+    """A number to show or plot, or None where there is none (not measured: None in JSON, NaN in a ranking)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def ranking_json(ranking) -> dict:
-    """A ranking as JSON data: a ``Ranking`` object, a dict already, or a path to ``rank --json`` output.
-
-    Each row's nested ``pathways`` metrics (MoE runs) are also given flat, as
-    ``pathway_distance`` and so on, so charts and table read every metric the same way.
-    """
-    if hasattr(ranking, "to_json"):
-        data = ranking.to_json()
-    elif isinstance(ranking, Mapping):
-        data = dict(ranking)
-    else:
-        data = read_json(Path(ranking), "ranking")
-    data["checkpoints"] = [_flat_pathways(row) for row in data.get("checkpoints", [])]
-    return data
+def interval(pair) -> tuple[float | None, float | None]:
+    """An interval's two ends as :func:`number` gives them; no interval at all is two Nones."""
+    lo, hi = pair or (None, None)
+    return number(lo), number(hi)
 
 
-def _flat_pathways(row: Mapping) -> dict:
-    nested = row.get("pathways") or {}
-    return {**row, **{f"pathway_{k}": nested[k] for k in PATHWAY_KEYS if nested.get(k) is not None}}
+def read_ranking(path: Path) -> Ranking:
+    """``ckptsel rank --json`` output as a :class:`~ckptsel.select.Ranking`; a bad file is one line naming
+    the file (and the field: ``rank.json: checkpoints[2].premem_acc: expected a number, got 'x'``)."""
+    from ckptsel.select import Ranking
+
+    data = read_json(Path(path), "ranking")
+    try:
+        return Ranking.from_json(data)
+    except CkptselError as err:
+        raise CkptselError(f"{path}: {err}") from None
 
 
 def read_json(path: Path, what: str):
@@ -77,19 +88,19 @@ def read_json(path: Path, what: str):
         raise CkptselError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
-def _row_index(rows: Sequence[Mapping], fingerprint: str | None, path: str | None) -> int | None:
+def _row_index(rows: Sequence[CheckpointMetrics], fingerprint: str | None, path: str | None) -> int | None:
     for i, row in enumerate(rows):
-        if fingerprint and row.get("fingerprint") == fingerprint:
+        if fingerprint and row.fingerprint == fingerprint:
             return i
     if path:
         target = Path(path).resolve()
         for i, row in enumerate(rows):
-            if row.get("path") and Path(row["path"]).resolve() == target:
+            if row.path and Path(row.path).resolve() == target:
                 return i
     return None
 
 
-def measured_from_verification(rows: Sequence[Mapping], verification: Mapping) -> dict[int, dict]:
+def measured_from_verification(rows: Sequence[CheckpointMetrics], verification: Mapping) -> dict[int, dict]:
     """Measured accuracy per ranking row from one ``ckptsel verify --json`` result."""
     out = {}
     for c in verification.get("checkpoints", []):
@@ -100,8 +111,7 @@ def measured_from_verification(rows: Sequence[Mapping], verification: Mapping) -
     return out
 
 
-def measured_from_summaries(rows: Sequence[Mapping],
-                            summaries: Mapping[int, list[dict]]) -> tuple[dict[int, dict], str | None]:
+def measured_from_summaries(summaries: Mapping[int, list[dict]]) -> tuple[dict[int, dict], str | None]:
     """Measured accuracy per row from the store's verify summaries (row index -> newest first).
 
     Several test sets may have been verified; the report shows one: the one verified most
@@ -119,15 +129,16 @@ def measured_from_summaries(rows: Sequence[Mapping],
     return out, source
 
 
-def truth_from_ground_truth(rows: Sequence[Mapping], ground_truth: Mapping, run: str | None = None) -> dict[int, dict]:
+def truth_from_ground_truth(rows: Sequence[CheckpointMetrics], ground_truth: Mapping,
+                            run: str | None = None) -> dict[int, dict]:
     """The lab's held-out numbers per ranking row, matched by training step (within ``run`` when given:
     a sweep has one ground truth per run)."""
     by_step = {point.get("step"): point for point in ground_truth.get("checkpoints", {}).values()}
     out = {}
     for i, row in enumerate(rows):
-        if run is not None and row.get("run") != run:
+        if run is not None and row.run != run:
             continue
-        point = by_step.get(row.get("step"))
+        point = by_step.get(row.step)
         if point is not None:
             out[i] = {k: v for k, v in point.items() if k != "per_example"}
     return out
@@ -160,15 +171,11 @@ def merge_comparison(path: Path) -> dict:
     return {"name": name, "rows": rows, "rule": rule}
 
 
-def stored_merge_comparison(store, ranking: Mapping) -> dict | None:
+def stored_merge_comparison(store, ranking: Ranking) -> dict | None:
     """The comparison ``ckptsel merge --recommend`` stored for the ranking's recommended checkpoint, if any."""
-    from ckptsel.merge.recommend import STORE_KEY
-
-    recommended = ranking.get("recommended") or {}
-    rows = ranking.get("checkpoints", [])
-    index = recommended.get("index")
-    fingerprint = rows[index].get("fingerprint") if index is not None and index < len(rows) else None
-    stored = store.get_value(STORE_KEY.format(fingerprint=fingerprint)) if fingerprint else None
+    index = ranking.recommended
+    fingerprint = ranking.checkpoints[index].fingerprint if index is not None else None
+    stored = store.get_value(store_keys.merge_recommendation(fingerprint)) if fingerprint else None
     if not stored or not _candidate_rows(stored):
         return None
     return {"name": Path(stored.get("output") or "merge --recommend").name, "rows": _candidate_rows(stored),

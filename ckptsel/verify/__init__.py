@@ -4,7 +4,7 @@ INTERFACE:
 
     verify_file(checkpoints, examples, recipe, store, *, source, engine, max_new_tokens, seed, executor) -> Verification
     verify_tasks(checkpoints, names, store, *, engine, limit, num_fewshot, include_path, seed) -> [Verification]
-    Verification.attach_predictions(ranking_json)   pair with pre-memorization accuracy; R², Spearman
+    Verification.attach_predictions(ranking)   pair with pre-memorization accuracy (a select.Ranking); R², Spearman
     stored_summaries(store, fingerprint) -> [dict]  measured accuracies kept for ``ckptsel report``
 
 Modules: :mod:`~ckptsel.verify.harness` (the lm-eval task and model wrapper),

@@ -11,10 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ckptsel import metrics
+
+if TYPE_CHECKING:
+    from ckptsel.select import CheckpointMetrics, Ranking
 
 # Correlations over fewer checkpoints than this are noise; they are reported as None.
 MIN_CHECKPOINTS = 3
@@ -76,28 +81,23 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def predictions_from_ranking(ranking: Mapping) -> dict[str, dict]:
-    """Index a ranking (``ckptsel rank --json``) by fingerprint and by resolved path.
+def predictions_from_ranking(ranking: Ranking) -> dict[str, CheckpointMetrics]:
+    """Index a ranking's checkpoints by fingerprint and by resolved path.
 
-    Each value has ``premem_acc`` and ``premem_ci``; verify pairs its checkpoints to a
-    ranking by content fingerprint first (a moved run still pairs), by path otherwise.
+    Verify pairs its checkpoints to a ranking by content fingerprint first (a moved run still
+    pairs), by path otherwise (:func:`lookup`).
     """
-    from pathlib import Path
-
-    index: dict[str, dict] = {}
-    for row in ranking.get("checkpoints", []):
-        entry = {"premem_acc": row.get("premem_acc"), "premem_ci": row.get("premem_ci"), "step": row.get("step")}
-        if row.get("fingerprint"):
-            index[f"fp:{row['fingerprint']}"] = entry
-        if row.get("path"):
-            index[f"path:{Path(row['path']).resolve()}"] = entry
+    index: dict[str, CheckpointMetrics] = {}
+    for row in ranking.checkpoints:
+        if row.fingerprint:
+            index[f"fp:{row.fingerprint}"] = row
+        if row.path:
+            index[f"path:{Path(row.path).resolve()}"] = row
     return index
 
 
-def lookup(index: Mapping[str, dict], fingerprint: str | None, path) -> dict | None:
-    """The ranking entry for one checkpoint: by fingerprint, else by path."""
-    from pathlib import Path
-
+def lookup(index: Mapping[str, CheckpointMetrics], fingerprint: str | None, path) -> CheckpointMetrics | None:
+    """The ranking's row for one checkpoint: by fingerprint, else by path."""
     if fingerprint and f"fp:{fingerprint}" in index:
         return index[f"fp:{fingerprint}"]
     return index.get(f"path:{Path(path).resolve()}")

@@ -7,7 +7,7 @@ checkpoint does not lose the others. Named lm-eval tasks: lm-eval owns the docum
 store keeps each task's summary and per-document values per checkpoint and settings.
 
 Each checkpoint's summary also goes to the store's key-value table under
-``verify/<fingerprint>`` (one entry per settings key), which is where ``ckptsel report``
+``verify/<fingerprint>`` (one entry per settings key; :mod:`ckptsel.store_keys`), which is where ``ckptsel report``
 finds measured accuracy to put beside the prediction.
 """
 
@@ -21,9 +21,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ckptsel import store_keys
 from ckptsel.data import Example
 from ckptsel.discover import Checkpoint
 from ckptsel.errors import CheckpointError, CkptselError
@@ -34,10 +36,12 @@ from ckptsel.settings import EngineSettings, Recipe, SamplingSettings
 from ckptsel.store import Record, Store, StoreError
 from ckptsel.verify import compare, harness
 
+if TYPE_CHECKING:
+    from ckptsel.select import Ranking
+
 log = logging.getLogger(__name__)
 
 KIND = "verify"
-SUMMARY_PREFIX = "verify/"
 
 
 @dataclass
@@ -84,17 +88,16 @@ class Verification:
         out["agreement"] = None if self.agreement is None else self.agreement.to_json()
         return out
 
-    def attach_predictions(self, ranking: Mapping | None) -> None:
+    def attach_predictions(self, ranking: Ranking | None) -> None:
         """Pair each checkpoint with its pre-memorization accuracy from a ranking, and score the pairs."""
         if ranking is None:
             return
         index = compare.predictions_from_ranking(ranking)
         for m in self.checkpoints:
-            entry = compare.lookup(index, m.fingerprint, m.path)
-            if entry is not None:
-                m.predicted = entry["premem_acc"]
-                ci = entry.get("premem_ci")
-                m.predicted_ci = tuple(ci) if ci else None
+            row = compare.lookup(index, m.fingerprint, m.path)
+            if row is not None:
+                m.predicted = _num(row.premem_acc)
+                m.predicted_ci = (_num(row.premem_ci[0]), _num(row.premem_ci[1]))
         self.agreement = compare.agreement([m.predicted for m in self.checkpoints],
                                            [m.accuracy for m in self.checkpoints])
 
@@ -283,8 +286,8 @@ def _num(value) -> float | None:
 
 
 def save_summary(store: Store, row: Measured, verification: Verification) -> None:
-    """Record one checkpoint's measured accuracy under ``verify/<fingerprint>`` for ``ckptsel report``."""
-    key = SUMMARY_PREFIX + row.fingerprint
+    """Record one checkpoint's measured accuracy for ``ckptsel report`` (:func:`ckptsel.store_keys.verify_summary`)."""
+    key = store_keys.verify_summary(row.fingerprint)
     entries = store.get_value(key, {})
     entries[verification.settings_key + ":" + verification.source] = {
         "source": verification.source,
@@ -301,7 +304,7 @@ def save_summary(store: Store, row: Measured, verification: Verification) -> Non
 
 def stored_summaries(store: Store, fingerprint: str) -> list[dict]:
     """Every verify summary stored for one checkpoint, newest first."""
-    entries = store.get_value(SUMMARY_PREFIX + fingerprint, {})
+    entries = store.get_value(store_keys.verify_summary(fingerprint), {})
     return sorted(entries.values(), key=lambda e: e.get("time", 0), reverse=True)
 
 
@@ -343,7 +346,7 @@ def verify_tasks(
             if fps[i] is None:
                 continue
             for name in names:
-                cached = store.get_value(f"verify-task/{fps[i]}/{keys[name]}")
+                cached = store.get_value(store_keys.verify_task(fps[i], keys[name]))
                 if cached is not None:
                     found[i, name] = {**cached, "from_cache": True}
             todo = [name for name in names if (i, name) not in found]
@@ -363,7 +366,7 @@ def verify_tasks(
                     metric, _ = harness.headline_metric(results["results"][name])
                     values = harness.task_doc_values(results, name, metric)
                     entry = {"metric": metric, "values": [values[d] for d in sorted(values)]}
-                    store.put_value(f"verify-task/{fps[i]}/{keys[name]}", entry)
+                    store.put_value(store_keys.verify_task(fps[i], keys[name]), entry)
                     found[i, name] = entry
                 emit(on_progress, ckpt, i, "lm-eval", 1, 1)
             except CheckpointError as err:
