@@ -236,3 +236,26 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "svg elements: 4" in done.stdout and "console errors: 0" in done.stdout
     assert (tmp_path / "shot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_example_groups_follow_pre_memorization_credit():
+    from ckptsel.report.html import example_groups
+
+    groups = example_groups(premem=[0.6, 0.0, 0.4, 0.0], acc=[1.0, 1.0, 0.8, 0.0],
+                            memorised_so_far=[True, True, False, True])
+    assert groups == ["learned before memorising", "only by copying", "solved, not memorised", "not solved"]
+
+
+def test_report_of_a_run_folder_shows_which_examples_were_learned_before_memorising(learning_run, tmp_path):
+    import re
+
+    page = tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["report", str(learning_run), "--data", str(learning_run / "train.jsonl"),
+                                       "--max-examples", "8", "-k", "3", "--cache-dir", str(tmp_path / "cache"),
+                                       "--quiet", "-o", str(page)])
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    assert "<h2>Examples at checkpoint-" in html and "only by copying" in html
+    section = html[html.index("<h2>Examples at"):]
+    counts = [int(c) for c in re.findall(r'<td class="num">(\d+)</td>', section[: section.index("</table>")])]
+    assert len(counts) == 4 and sum(counts) == 8  # every measured example in exactly one group

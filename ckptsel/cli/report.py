@@ -67,6 +67,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
     if png_dir is not None:
         check_writable(Path(png_dir) / "plot.png", "plots")
     provenance = []
+    examples = None  # a run ranked here: its measured examples, for the per-example view
     if path.is_file():
         ranking = read_ranking(path)
         nothing_measured(ranking.checkpoints)  # exit 2: nothing to report
@@ -85,7 +86,9 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
             recipe = load_recipe(path / RUN_RECIPE)
             provenance.append(f"recipe: {path / RUN_RECIPE}")
         request = measurement.request([path], recipe, engine=engine, cache_dir=cache_dir)
-        ranking = run_ranking(request, command="report", quiet=quiet).ranking
+        result = run_ranking(request, command="report", quiet=quiet)
+        ranking = result.ranking
+        examples = None if ranking.is_sweep else result.collected.examples
         data = measurement.data if measurement.data is not None else f"RUN/{measurement.data_per_run} of each run"
         provenance.append(f"training data: {data} (ranked from the cache at report time)")
 
@@ -112,7 +115,7 @@ def report(ctx, path, out, recipe, measurement, verify_path, ground_truth, merge
             ranking, out, verification=verification, ground_truth=truth, ground_truth_by_run=truth_by_run,
             merges=merges,
             store=store if verification is None else None, title=title or f"ckptsel report: {_name(run_dir, path)}",
-            provenance=provenance, png_dir=png_dir,
+            provenance=provenance, png_dir=png_dir, examples=examples,
         )
     pngs = sorted(str(p) for p in Path(png_dir).glob("*.png")) if png_dir is not None else []
     if as_json:

@@ -49,11 +49,16 @@ def build_inputs(
     title: str | None = None,
     provenance: Sequence[str] = (),
     ground_truth_by_run: Mapping[str, Mapping] | None = None,
+    examples: Sequence | None = None,
 ) -> ReportInputs:
     """Gather the report's inputs and match them to the ranking's checkpoints (``ground_truth_by_run``:
-    a sweep's, run name -> that run's ground truth)."""
+    a sweep's, run name -> that run's ground truth; ``examples``: the measured training examples of a run
+    ranked here, in the ranking's per-example order, for the page's per-example view)."""
     rows = ranking.checkpoints
     inputs = ReportInputs(ranking=ranking, title=title or "ckptsel report", provenance=list(provenance))
+    if examples is not None:
+        inputs.example_uids = [ex.uid for ex in examples]
+        inputs.questions = {ex.uid: ex.question for ex in examples}
     if ranking.is_sweep:  # checkpoint names repeat across runs
         inputs.labels = {i: f"{row.run}/{Path(row.path).name}" for i, row in enumerate(rows)}
     if verification is not None:

@@ -264,6 +264,63 @@ def table(inputs: ReportInputs) -> str:
     return f'<div class="table-wrap"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
+EXAMPLE_GROUPS = (
+    ("learned before memorising", "answered correctly at some checkpoint before its target was memorised: the "
+                                  "credit pre-memorization accuracy keeps"),
+    ("only by copying", "answered correctly now, but only once memorised: no credit (Kang et al.) -- the examples "
+                        "new data helps most (`ckptsel curate`)"),
+    ("solved, not memorised", "answered correctly and not memorised"),
+    ("not solved", "no correct sample at this checkpoint"),
+)
+SHOWN_PER_GROUP = 6
+
+
+def example_groups(premem, acc, memorised_so_far) -> list[str]:
+    """Each example's group at one checkpoint (:data:`EXAMPLE_GROUPS`), from its PM, sampled accuracy and
+    whether it has been memorised at or before that checkpoint."""
+    out = []
+    for pm, a, mem in zip(premem, acc, memorised_so_far):
+        if not a > 0:
+            out.append("not solved")
+        elif not mem:
+            out.append("solved, not memorised")
+        else:
+            out.append("learned before memorising" if pm > 0 else "only by copying")
+    return out
+
+
+def examples_section(inputs: ReportInputs) -> str:
+    """Per example, at the recommended checkpoint of a run ranked here: which it learned before memorising and
+    which it answers only by copying (nothing for a sweep or a ranking read from a file)."""
+    import numpy as np
+
+    pe, rec = inputs.ranking.per_example, inputs.ranking.recommended
+    if not pe or rec is None or not inputs.example_uids or "measured_index" not in pe:
+        return ""
+    measured = [int(i) for i in pe["measured_index"]]
+    if rec not in measured or len(inputs.example_uids) != np.shape(pe["premem"])[1]:
+        return ""
+    j = measured.index(rec)
+    memorised = np.asarray(pe["memorized"][: j + 1], dtype=bool) & ~np.isnan(np.asarray(pe["nll"][: j + 1]))
+    groups = example_groups(pe["premem"][j], pe["acc"][j], memorised.any(axis=0))
+    body = []
+    for name, meaning in EXAMPLE_GROUPS:
+        members = sorted((n for n, g in enumerate(groups) if g == name), key=lambda n: float(pe["premem"][j][n]))
+        shown = "; ".join(escape(_short(inputs.questions.get(inputs.example_uids[n], inputs.example_uids[n])))
+                          for n in members[:SHOWN_PER_GROUP])
+        more = f" … and {len(members) - SHOWN_PER_GROUP} more" if len(members) > SHOWN_PER_GROUP else ""
+        body.append(f"<tr><td>{escape(name)}</td><td class=\"num\">{len(members)}</td><td>{escape(meaning)}</td>"
+                    f"<td>{shown}{escape(more)}</td></tr>")
+    head = "<tr><th>examples</th><th>count</th><th>what it means</th><th>which (lowest pre-memorization accuracy first)</th></tr>"
+    return (f"<h2>Examples at {escape(inputs.name(rec))}</h2><div class=\"table-wrap\"><table><thead>{head}</thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _short(text: str, width: int = 48) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 # (key in a merge candidate row, header, format): the numbers the choice was made on.
 MERGE_COLUMNS = (
     ("train_acc", "train acc", ".3f"),
@@ -345,6 +402,7 @@ def page(inputs: ReportInputs, charts: list[Chart]) -> str:
         f"{headline(inputs)}{runs_table(inputs)}"
         f'<h2>Over training</h2>{stage_legend}<div class="grid">{figures}</div>'
         f"<h2>Every number</h2>{table(inputs)}"
+        f"{examples_section(inputs)}"
         f"{merge_tables(inputs)}"
         f"<h2>How these were computed</h2>{rules(inputs)}"
         "</main></body></html>\n"

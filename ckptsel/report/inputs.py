@@ -40,6 +40,8 @@ class ReportInputs:
     merges: list[dict] = field(default_factory=list)  # {"name", "rows": [{"candidate", metrics...}], "rule"}
     provenance: list[str] = field(default_factory=list)  # where each input came from
     labels: dict[int, str] = field(default_factory=dict)  # ranking row index -> "run/checkpoint" (a sweep's)
+    questions: dict[str, str] = field(default_factory=dict)  # example uid -> its question (a run ranked here)
+    example_uids: list[str] = field(default_factory=list)  # the measured examples, in the per-example arrays' order
 
     @property
     def rows(self) -> list[CheckpointMetrics]:
