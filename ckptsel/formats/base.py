@@ -40,6 +40,7 @@ class Checkpoint:
     path: Path                       # absolute
     format: CheckpointFormat         # how it is laid out, read, loaded and merged
     step: int | None = None
+    tokens: str | None = None            # tokens seen, as a stepN-tokensXM folder name says ("1248M")
     epoch: float | None = None
     train_loss: float | None = None
     error: str | None = None
