@@ -240,7 +240,9 @@ def _expand(root: Path, base_model: str | None) -> tuple[bool, list[Checkpoint]]
         ckpt = describe(folder, base_model)
         _training_state(ckpt, pos, run_state)
         found.append(ckpt)
-    if _has_weights(root):
+    # A final model at the root; not a lone config.json that the checkpoints read theirs from (FSDP runs).
+    lends_config = not claimed(root) and any(c.base_model == str(root) for c in found)
+    if _has_weights(root) and not lends_config:
         final = describe(root, base_model)
         _training_state(final, None, None)
         final.notes.append("final model at the run root")

@@ -103,3 +103,27 @@ def sweep(learning_run, tmp_path_factory):
         for f in ("train.jsonl", "recipe.yaml"):
             shutil.copy(learning_run / f, root / name / f)
     return root
+
+
+def _build_stack(what: str, tiny_run, tmp_path_factory, port: int):
+    """Run tests/stacks.py in a child process (distributed libraries set process-wide state)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp(f"stack-{what}") / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "stacks.py"), what, str(tiny_run), str(out),
+                           str(port)], capture_output=True, text=True, timeout=900, env=env, check=False)
+    if done.returncode == 77:  # the library is installed but does not import with this torch
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def fsdp_stack(tiny_run, tmp_path_factory):
+    """tiny_run's checkpoints trained one more step with FSDP2 on 2 gloo ranks, saved as accelerate does
+    (sharded/: pytorch_model_fsdp_0/ DCP folders; full/: pytorch_model_fsdp.bin) and as plain safetensors
+    (plain/): tests/stacks.py. Tests copy from it and never write into it."""
+    return _build_stack("fsdp", tiny_run, tmp_path_factory, 29500 + os.getpid() % 500)

@@ -1,7 +1,6 @@
-"""Checkpoints as training stacks write them: pretraining step folders, FSDP, DeepSpeed ZeRO, torchtune.
+"""Checkpoints as training stacks write them: pretraining step folders, FSDP.
 
-Each layout is built with the real library where it runs here (tests/stacks.py: FSDP2 and DeepSpeed ZeRO-2/3
-on two gloo ranks on CPU) from the lab's tiny Trainer run, and ranked; the numbers must equal those of the
+Each layout is built with the real library where it runs here (tests/stacks.py: FSDP2 on two gloo ranks on CPU) from the lab's tiny Trainer run, and ranked; the numbers must equal those of the
 same weights saved as plain safetensors.
 """
 
@@ -60,3 +59,100 @@ def test_a_pretraining_sweep_of_step_folders_ranks_as_one_run_in_step_order(tiny
     assert len({c["run"] for c in ranked["checkpoints"]}) == 1
     assert numbers(ranked) == numbers(original)
     assert len({c["target_nll"] for c in ranked["checkpoints"]}) == len(steps)  # the checkpoints differ
+
+
+# --- FSDP ----------------------------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its size: what a command must leave as it found it."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def count_conversions(monkeypatch):
+    """How many converted copies are made (each conversion goes through converted_copy's ``convert``)."""
+    import ckptsel.formats.converted as converted
+
+    made = []
+    original = converted.converted_copy
+
+    def counting(ckpt, cache_dir, convert, *, what):
+        def counted(folder):
+            made.append(ckpt.path.name)
+            convert(folder)
+
+        return original(ckpt, cache_dir, counted, what=what)
+
+    monkeypatch.setattr("ckptsel.formats.fsdp.converted_copy", counting)
+    return made
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_ranks_like_the_same_weights_in_safetensors(fsdp_stack, tmp_path, count_conversions):
+    """accelerate's SHARDED_STATE_DICT layout (pytorch_model_fsdp_0/, 2 ranks' .distcp shards, no config.json in
+    the checkpoint: the run folder's is used) ranks with the numbers of the same weights saved as safetensors;
+    the conversion happens once, into the cache, and nothing is written into the run."""
+    run = shutil.copytree(fsdp_stack / "sharded", tmp_path / "sharded")
+    before = tree(run)
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert [(r["format"], r["weight_format"], r["error"]) for r in listed] == [("fsdp-sharded", "dcp", None)] * 3
+    assert listed[0]["base_model"] == str(run)  # config.json and tokenizer from the run folder
+    table = CliRunner().invoke(main, ["ls", str(run)], env={"COLUMNS": "200"}).output
+    assert "FSDP sharded (DCP, 2 shards) → converted copy" in table and "3 checkpoints, 0 broken" in table
+
+    cache = tmp_path / "cache"
+    ranked = rank(run, cache)
+    reference = rank(fsdp_stack / "plain", tmp_path / "cache-plain")
+    assert numbers(ranked) == numbers(reference)
+    assert len({c["target_nll"] for c in ranked["checkpoints"]}) == 3
+    assert sorted(count_conversions) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    copies = sorted(p.name for p in (cache / "converted").iterdir() if p.is_dir())
+    assert copies == sorted(c["fingerprint"] for c in ranked["checkpoints"])  # keyed by content fingerprint
+
+    again = rank(run, cache, "-k", "3")  # new measurements (other settings): the copies are read, not made again
+    assert len(count_conversions) == 3 and again["checkpoints"][0]["fingerprint"] == ranked["checkpoints"][0]["fingerprint"]
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_fsdp_full_state_bin_needs_allow_pickle_and_a_config(fsdp_stack, tmp_path):
+    """FULL_STATE_DICT's pytorch_model_fsdp.bin with no config anywhere: one line naming --base-model; with it but
+    without --allow-pickle nothing loads; with both, the numbers of the same weights in safetensors."""
+    run = shutil.copytree(fsdp_stack / "full", tmp_path / "full")
+    base = fsdp_stack / "sharded"  # a folder with the model's config.json and tokenizer
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert {r["error"] for r in listed} == {"no config.json here or in the run folder (full/); pass --base-model PATH "
+                                            "(the model's folder: config.json and tokenizer)"}
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json", "--base-model", str(base)]).stdout)
+    assert [(r["format"], r["weight_format"], r["error"]) for r in listed] == [("fsdp-full", "pickle", None)] * 3
+
+    refused = CliRunner().invoke(main, ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe",
+                                        str(run / "recipe.yaml"), "--cache-dir", str(tmp_path / "cache"),
+                                        "--base-model", str(base), *FAST])
+    assert refused.exit_code == 2 and "pytorch_model_fsdp.bin is pickled; pass --allow-pickle" in refused.output
+    assert not (tmp_path / "cache" / "converted").exists() or not any((tmp_path / "cache" / "converted").iterdir())
+    ranked = rank(run, tmp_path / "cache", "--base-model", str(base), "--allow-pickle")
+    reference = rank(fsdp_stack / "plain", tmp_path / "cache-plain")
+    assert numbers(ranked) == numbers(reference)
+
+
+@pytest.mark.slow
+def test_the_cache_command_reports_and_clears_converted_copies(fsdp_stack, tmp_path, count_conversions):
+    run = shutil.copytree(fsdp_stack / "sharded", tmp_path / "sharded")
+    cache = tmp_path / "cache"
+    rank(run, cache)
+    shown = json.loads(CliRunner().invoke(main, ["cache", "--cache-dir", str(cache), "--json"]).stdout)
+    sizes = [sum(f.stat().st_size for f in p.iterdir()) for p in (cache / "converted").iterdir() if p.is_dir()]
+    assert shown["converted"]["copies"] == 3 and shown["converted"]["bytes"] == sum(sizes) > 3 * 100_000
+    assert {i["source"] for i in shown["converted"]["items"]} == {str(run / f"checkpoint-{s}") for s in (2, 4, 6)}
+    assert shown["store"]["bytes"] > 0
+    table = CliRunner().invoke(main, ["cache", "--cache-dir", str(cache)]).output
+    assert "converted copies  3, " in table and "KiB" in table
+
+    cleared = json.loads(CliRunner().invoke(main, ["cache", "--cache-dir", str(cache), "--clear", "--json"]).stdout)
+    assert cleared["cleared"] == {"copies": 3, "bytes": sum(sizes)} and cleared["converted"]["copies"] == 0
+    assert [p for p in (cache / "converted").iterdir()] == []
+    assert (cache / "results.sqlite3").is_file()  # the results stay
+    rank(run, cache, "-k", "3")  # measured again: converted again
+    assert len(count_conversions) == 6

@@ -10,6 +10,7 @@ format, never a kind string:
     model_config(ckpt)      the model's config.json (an adapter's: its base's)
     fingerprint(ckpt, h)    what goes into its content hash (ckptsel/discover.py adds an adapter's base)
     check_load / load       whether it can be loaded with these options, and the model
+    model_folder            a Hugging Face model folder with its weights (a converted copy for some formats)
     is_adapter              a delta on a base model: loaded onto one shared base, merged in ΔW space
     merge_refusal(ckpt)     why ``ckptsel merge`` cannot take it (None: it can)
 
@@ -51,7 +52,7 @@ class Checkpoint:
     num_parameters: int | None = None
     num_experts: int | None = None       # None for dense models
     experts_per_token: int | None = None
-    base_model: str | None = None        # adapters: base path or id
+    base_model: str | None = None        # adapters: base path or id; others: where config.json and tokenizer come from
     lora_rank: int | None = None
     lora_alpha: float | None = None
     target_modules: list[str] | None = None
@@ -83,6 +84,7 @@ class LoadOptions:
     device: Any                      # a torch.device
     trust_remote_code: bool = False
     allow_pickle: bool = False       # pickled weights load (with weights_only=True) only when set
+    cache_dir: Any = None            # where converted copies live (ckptsel/formats/converted.py); None: the default
 
 
 class CheckpointFormat(Protocol):
@@ -128,6 +130,13 @@ class CheckpointFormat(Protocol):
         """The model (a transformers causal LM on ``options.device`` in ``options.dtype``); the loader puts it in
         eval mode. For an adapter format: the base model, which the loader wraps with the adapter (PEFT) and then
         hot-swaps the next adapters on."""
+
+    def model_folder(self, ckpt: Checkpoint, options: LoadOptions) -> Path:
+        """A Hugging Face model folder (``config.json`` beside safetensors weights) with this checkpoint's
+        weights, for what reads folders (mergekit): the checkpoint's own by default; formats that
+        transformers cannot read as they lie return their converted copy (ckptsel/formats/converted.py),
+        made on first use."""
+        return ckpt.path
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
         """Why ``ckptsel merge`` cannot take ``ckpt``, or None when it can. Adapters (``is_adapter``) merge as

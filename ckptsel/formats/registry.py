@@ -14,6 +14,7 @@ from pathlib import Path
 from ckptsel.errors import CheckpointError
 from ckptsel.formats.base import CheckpointFormat
 from ckptsel.formats.broken import BROKEN
+from ckptsel.formats.fsdp import FSDP_FULL, FSDP_SHARDED
 from ckptsel.formats.peft import PEFT_ADAPTER
 from ckptsel.formats.pickle import PICKLE
 from ckptsel.formats.safetensors import SAFETENSORS
@@ -22,9 +23,12 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     PEFT_ADAPTER,   # adapter_config.json (+ adapter_model.safetensors / .bin)
     SAFETENSORS,    # model.safetensors, its shards, its index
     PICKLE,         # pytorch_model.bin, its shards, its index (loads only with --allow-pickle)
+    FSDP_FULL,      # pytorch_model_fsdp.bin (FSDP FULL_STATE_DICT; --allow-pickle), converted into the cache
+    FSDP_SHARDED,   # pytorch_model_fsdp_0/ or a folder of .distcp shards (FSDP SHARDED_STATE_DICT), converted
 )
 
-__all__ = ["BROKEN", "FORMATS", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "claimed", "format_of", "no_weights"]
+__all__ = ["BROKEN", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "claimed",
+           "format_of", "no_weights"]
 
 
 def format_of(folder: Path) -> CheckpointFormat:
@@ -43,6 +47,6 @@ def claimed(folder: Path) -> bool:
 
 def no_weights() -> str:
     """The one line for a folder no format claims, naming what each looks for (model weights first)."""
-    wanted = [fmt.looks_for for fmt in sorted(FORMATS, key=lambda f: f.is_adapter)]
+    wanted = [fmt.looks_for for fmt in sorted(FORMATS, key=lambda f: f.is_adapter) if fmt.looks_for]
     listed = wanted[0] if len(wanted) == 1 else f"{', '.join(wanted[:-1])} or {wanted[-1]}"
     return f"no weights: no {listed}"
