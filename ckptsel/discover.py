@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ckptsel.errors import CheckpointError
-from ckptsel.formats import BROKEN, Checkpoint, claimed, format_of, no_weights
+from ckptsel.formats import BROKEN, Checkpoint, claimed, format_of, no_weights, owned
 from ckptsel.formats.files import is_number, moe_from_config, read_json, read_safetensors_header
 from ckptsel.formats.hashing import feed
 from ckptsel.formats.hf import base_model_missing, hf_hub_cache, names_local_path, resolve_base_model
@@ -227,6 +227,8 @@ def _expand(root: Path, base_model: str | None) -> tuple[bool, list[Checkpoint]]
     # A step-named folder that a format claims is one checkpoint, whatever step-named folders it holds
     # (a Trainer checkpoint-N/ with DeepSpeed's global_stepN/ inside).
     children = [] if named is not None and claimed(root) else step_dirs(root)
+    parts = set(owned(root)) if children else set()  # a final model's own subfolders (DeepSpeed's tag folder)
+    children = [(pos, folder) for pos, folder in children if folder not in parts]
     if not children:
         run_state = _read_state(root.parent / "trainer_state.json") if named is not None else None
         ckpt = describe(root, base_model)

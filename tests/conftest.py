@@ -127,3 +127,14 @@ def fsdp_stack(tiny_run, tmp_path_factory):
     (sharded/: pytorch_model_fsdp_0/ DCP folders; full/: pytorch_model_fsdp.bin) and as plain safetensors
     (plain/): tests/stacks.py. Tests copy from it and never write into it."""
     return _build_stack("fsdp", tiny_run, tmp_path_factory, 29500 + os.getpid() % 500)
+
+
+@pytest.fixture(scope="session")
+def zero_stack(tiny_run, tmp_path_factory):
+    """The same with DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks (zero2/, zero3/: Trainer-style checkpoint-N/
+    with global_stepN/ and latest; plain2/, plain3/: the same weights as safetensors). Skipped without DeepSpeed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install 'ckptsel[deepspeed]')")
+    return _build_stack("zero", tiny_run, tmp_path_factory, 30000 + os.getpid() % 500)

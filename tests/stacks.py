@@ -10,8 +10,13 @@ both the stack's own way and as a plain safetensors folder (the reference the te
                                                           no config.json (the run folder has it)
         OUT/full/checkpoint-N/pytorch_model_fsdp.bin      the full state dict, torch.save, no config at all
         OUT/plain/checkpoint-N/                           the same weights, save_pretrained (safetensors)
+    python tests/stacks.py zero SRC OUT       DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks:
+        OUT/zero2/checkpoint-N/global_stepN/ + latest     engine.save_checkpoint, the Trainer's layout
+        OUT/zero3/checkpoint-N/global_stepN/ + latest
+        OUT/plain2/, OUT/plain3/                          the same weights (ZeRO's fp32 masters), safetensors
 
-FSDP uses world size 2, so shards of two ranks are on disk.
+
+FSDP and ZeRO use world size 2, so shards of two ranks are on disk.
 """
 
 from __future__ import annotations
@@ -101,7 +106,63 @@ def build_fsdp(src: Path, out: Path, port: int) -> None:
         _copy(src, out / layout, RUN_FILES)
 
 
+# --- DeepSpeed ZeRO --------------------------------------------------------------------------------
+
+
+def _zero_worker(rank: int, src: str, out: str, port: int) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    import importlib
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce on first use (a C++ toolchain, 90 s);
+    # gloo does the same work without it. (deepspeed.comm.torch as an attribute is the torch package.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    _init(rank, port)
+    deepspeed.init_distributed(dist_backend="gloo")
+    src, out = Path(src), Path(out)
+    for stage in (2, 3):
+        for step in _steps(src):
+            name = f"checkpoint-{step}"
+            model = AutoModelForCausalLM.from_pretrained(src / name, dtype=torch.float32)
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                      "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                      "steps_per_print": 10**9}
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            loss = engine(**_batch(step + rank)).loss  # one real ZeRO training step
+            engine.backward(loss)
+            engine.step()
+            folder = out / f"zero{stage}" / name
+            engine.save_checkpoint(str(folder), tag=f"global_step{step}")
+            # The reference: the trained weights (fp32 training: the module's are ZeRO's fp32 masters),
+            # gathered from the ranks' partitions under ZeRO-3.
+            params = dict(engine.module.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+                state = {k: v.detach().clone() for k, v in params.items()}
+            if rank == 0:
+                plain = AutoModelForCausalLM.from_pretrained(src / name, dtype=torch.float32)
+                missing, unexpected = plain.load_state_dict(state, strict=False)
+                assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+                plain.save_pretrained(out / f"plain{stage}" / name)
+                _copy(src / name, out / f"plain{stage}" / name, MODEL_FILES[2:] + ("trainer_state.json",))
+                _copy(src / name, folder, MODEL_FILES + ("trainer_state.json",))  # the Trainer writes these
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def build_zero(src: Path, out: Path, port: int) -> None:
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    mp.spawn(_zero_worker, args=(str(src), str(out), port), nprocs=WORLD)
+    for layout in ("zero2", "zero3", "plain2", "plain3"):
+        _copy(src, out / layout, RUN_FILES)
+
+
 if __name__ == "__main__":
     what, src, out, port = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    {"fsdp": build_fsdp}[what](src, out, port)
+    {"fsdp": build_fsdp, "zero": build_zero}[what](src, out, port)
     print(json.dumps({"built": what, "out": str(out)}))

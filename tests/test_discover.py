@@ -378,8 +378,8 @@ def test_incomplete_folders_are_errors(tmp_path, tiny_llama_dir):
     found = discover([no_config, tmp_path / "empty"])
     assert [c.error for c in found] == [
         "no config.json next to the weights",
-        "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/ or adapter_config.json, "
-        "and no checkpoint-N/ folders",
+        "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/, global_stepN/ (DeepSpeed) "
+        "or adapter_config.json, and no checkpoint-N/ folders",
     ]
 
 

@@ -141,8 +141,8 @@ def test_registry_order_decides_overlapping_layouts(folders, tmp_path):
     assert format_of(both) is PEFT_ADAPTER  # adapter_config.json decides
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=re.escape(
-            "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/ or "
-            "adapter_config.json")):
+            "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/, global_stepN/ "
+            "(DeepSpeed) or adapter_config.json")):
         format_of(tmp_path / "empty")
 
 

@@ -1,6 +1,7 @@
-"""Checkpoints as training stacks write them: pretraining step folders, FSDP.
+"""Checkpoints as training stacks write them: pretraining step folders, FSDP, DeepSpeed ZeRO.
 
-Each layout is built with the real library where it runs here (tests/stacks.py: FSDP2 on two gloo ranks on CPU) from the lab's tiny Trainer run, and ranked; the numbers must equal those of the
+Each layout is built with the real library where it runs here (tests/stacks.py: FSDP2 and DeepSpeed ZeRO-2/3
+on two gloo ranks on CPU) from the lab's tiny Trainer run, and ranked; the numbers must equal those of the
 same weights saved as plain safetensors.
 """
 
@@ -84,7 +85,8 @@ def count_conversions(monkeypatch):
 
         return original(ckpt, cache_dir, counted, what=what)
 
-    monkeypatch.setattr("ckptsel.formats.fsdp.converted_copy", counting)
+    for module in ("fsdp", "zero"):
+        monkeypatch.setattr(f"ckptsel.formats.{module}.converted_copy", counting)
     return made
 
 
@@ -156,3 +158,51 @@ def test_the_cache_command_reports_and_clears_converted_copies(fsdp_stack, tmp_p
     assert (cache / "results.sqlite3").is_file()  # the results stay
     rank(run, cache, "-k", "3")  # measured again: converted again
     assert len(count_conversions) == 6
+
+
+# --- DeepSpeed ZeRO ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_ranks_like_the_same_weights_in_safetensors(zero_stack, tmp_path, stage, count_conversions):
+    """A real ZeRO-2 / ZeRO-3 run on 2 ranks (Trainer layout: checkpoint-N/ with config.json, latest and
+    global_stepN/ holding only the ranks' shards) is converted with DeepSpeed's zero_to_fp32 into the cache and
+    ranks with the numbers of its fp32 weights saved as safetensors."""
+    run = shutil.copytree(zero_stack / f"zero{stage}", tmp_path / "zero")
+    before = tree(run)
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert [(r["step"], r["format"], r["error"]) for r in listed] == [(2, "deepspeed-zero", None),
+                                                                     (4, "deepspeed-zero", None),
+                                                                     (6, "deepspeed-zero", None)]
+    reference = json.loads(CliRunner().invoke(main, ["ls", str(zero_stack / f"plain{stage}"), "--json"]).stdout)
+    assert listed[0]["num_parameters"] == reference[0]["num_parameters"]  # from the shards' pickles, not run
+    assert f"ZeRO-{stage}: converted once" in listed[0]["notes"][0]
+    table = CliRunner().invoke(main, ["ls", str(run)], env={"COLUMNS": "200"}).output
+    assert f"DeepSpeed ZeRO-{'3' if stage == 3 else '1/2'}, 2 ranks → converted copy" in table
+
+    refused = CliRunner().invoke(main, ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe",
+                                        str(run / "recipe.yaml"), "--cache-dir", str(tmp_path / "cache"), *FAST])
+    assert refused.exit_code == 2 and "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused.output
+    ranked = rank(run, tmp_path / "cache", "--allow-pickle")
+    assert numbers(ranked) == numbers(rank(zero_stack / f"plain{stage}", tmp_path / "cache-plain"))
+    assert len({c["target_nll"] for c in ranked["checkpoints"]}) == 3
+    rank(run, tmp_path / "cache", "--allow-pickle", "-k", "3")
+    assert len(count_conversions) == 3  # once per checkpoint
+    assert tree(run) == before
+
+
+def test_without_deepspeed_one_line_says_what_to_install(zero_stack, tmp_path, monkeypatch):
+    import ckptsel.formats.zero as zero
+
+    monkeypatch.setattr(zero, "deepspeed_installed", lambda: False)
+    run = zero_stack / "zero2"
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert "DeepSpeed is not installed: pip install 'ckptsel[deepspeed]'" in listed[0]["notes"]
+    result = CliRunner().invoke(main, ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe",
+                                       str(run / "recipe.yaml"), "--cache-dir", str(tmp_path / "cache"),
+                                       "--allow-pickle", *FAST])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "reading DeepSpeed ZeRO checkpoints needs DeepSpeed: pip install " \
+                                "'ckptsel[deepspeed]'" in errors[0]

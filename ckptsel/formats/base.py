@@ -7,6 +7,7 @@ format, never a kind string:
     detect(folder)          is this folder mine? (file names only: it runs for every folder listed)
     describe(ckpt, base)    fill in the record from configs and headers, no weights loaded
     label(ckpt)             how ``ckptsel ls`` says it will be read
+    owns(folder)            subfolders that belong to the checkpoint in ``folder`` (not checkpoints themselves)
     model_config(ckpt)      the model's config.json (an adapter's: its base's)
     fingerprint(ckpt, h)    what goes into its content hash (ckptsel/discover.py adds an adapter's base)
     check_load / load       whether it can be loaded with these options, and the model
@@ -110,6 +111,11 @@ class CheckpointFormat(Protocol):
     def label(self, ckpt: Checkpoint) -> str:
         """How ``ckptsel ls`` says the checkpoint will be read (its "format" cell)."""
         return self.name
+
+    def owns(self, folder: Path) -> list[Path]:
+        """Subfolders of ``folder`` that are part of the checkpoint this format reads there (DeepSpeed's tag
+        folder), so that ckptsel/discover.py does not take them for checkpoints of their own."""
+        return []
 
     def model_config(self, ckpt: Checkpoint) -> dict | None:
         """The model's ``config.json`` as a dict (context length, shape checks), None when not at hand."""

@@ -18,6 +18,7 @@ from ckptsel.formats.fsdp import FSDP_FULL, FSDP_SHARDED
 from ckptsel.formats.peft import PEFT_ADAPTER
 from ckptsel.formats.pickle import PICKLE
 from ckptsel.formats.safetensors import SAFETENSORS
+from ckptsel.formats.zero import DEEPSPEED_ZERO
 
 FORMATS: tuple[CheckpointFormat, ...] = (
     PEFT_ADAPTER,   # adapter_config.json (+ adapter_model.safetensors / .bin)
@@ -25,10 +26,11 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     PICKLE,         # pytorch_model.bin, its shards, its index (loads only with --allow-pickle)
     FSDP_FULL,      # pytorch_model_fsdp.bin (FSDP FULL_STATE_DICT; --allow-pickle), converted into the cache
     FSDP_SHARDED,   # pytorch_model_fsdp_0/ or a folder of .distcp shards (FSDP SHARDED_STATE_DICT), converted
+    DEEPSPEED_ZERO,  # global_stepN/ with ZeRO shards, a latest tag (--allow-pickle, DeepSpeed), converted
 )
 
-__all__ = ["BROKEN", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "claimed",
-           "format_of", "no_weights"]
+__all__ = ["BROKEN", "DEEPSPEED_ZERO", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "claimed",
+           "format_of", "no_weights", "owned"]
 
 
 def format_of(folder: Path) -> CheckpointFormat:
@@ -38,6 +40,11 @@ def format_of(folder: Path) -> CheckpointFormat:
         if fmt.detect(folder):
             return fmt
     raise CheckpointError(no_weights())
+
+
+def owned(folder: Path) -> list[Path]:
+    """The subfolders that belong to the checkpoint in ``folder`` (its format's ``owns``); none when no format claims it."""
+    return next((fmt.owns(folder) for fmt in FORMATS if fmt.detect(folder)), [])
 
 
 def claimed(folder: Path) -> bool:
