@@ -138,3 +138,14 @@ def zero_stack(tiny_run, tmp_path_factory):
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install 'ckptsel[deepspeed]')")
     return _build_stack("zero", tiny_run, tmp_path_factory, 30000 + os.getpid() % 500)
+
+
+@pytest.fixture(scope="session")
+def torchtune_stack(tiny_run, tmp_path_factory):
+    """tiny_run's checkpoints saved back by torchtune's FullModelHFCheckpointer as tune/epoch_0..2/ (its HF-format
+    shards, index and copied configs). Skipped without torchtune, or where it does not import."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchtune") is None:
+        pytest.skip("torchtune is not installed")
+    return _build_stack("torchtune", tiny_run, tmp_path_factory, 0)

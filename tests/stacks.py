@@ -14,6 +14,8 @@ both the stack's own way and as a plain safetensors folder (the reference the te
         OUT/zero2/checkpoint-N/global_stepN/ + latest     engine.save_checkpoint, the Trainer's layout
         OUT/zero3/checkpoint-N/global_stepN/ + latest
         OUT/plain2/, OUT/plain3/                          the same weights (ZeRO's fp32 masters), safetensors
+    python tests/stacks.py torchtune SRC OUT  torchtune's FullModelHFCheckpointer:
+        OUT/tune/epoch_I/                                 its HF-format shards, index and copied configs
 
 
 FSDP and ZeRO use world size 2, so shards of two ranks are on disk.
@@ -162,7 +164,33 @@ def build_zero(src: Path, out: Path, port: int) -> None:
         _copy(src, out / layout, RUN_FILES)
 
 
+# --- torchtune ------------------------------------------------------------------------------------------
+
+
+def build_torchtune(src: Path, out: Path, port: int) -> None:
+    """torchtune's FullModelHFCheckpointer: each checkpoint-N of SRC read into torchtune's format and saved back
+    as epoch_I/ (I = 0, 1, ...) of one output dir, as a full fine-tune recipe does at the end of each epoch."""
+    import torch
+
+    try:
+        from torchtune.training import FullModelHFCheckpointer
+    except ImportError as exc:  # torchtune pins torchao versions that may not import with this torch
+        print(f"torchtune does not import here: {exc}", file=sys.stderr)
+        sys.exit(77)
+
+    run = out / "tune"
+    for epoch, step in enumerate(_steps(src)):
+        checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(src / f"checkpoint-{step}"),
+                                               checkpoint_files=["model.safetensors"], model_type="LLAMA3",
+                                               output_dir=str(run))
+        state = checkpointer.load_checkpoint()
+        assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
+        checkpointer.save_checkpoint(state, epoch=epoch)
+        (run / f"epoch_{epoch}" / "trainer_state.json").unlink()  # copied from SRC; torchtune writes none
+    _copy(src, run, RUN_FILES)
+
+
 if __name__ == "__main__":
     what, src, out, port = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    {"fsdp": build_fsdp, "zero": build_zero}[what](src, out, port)
+    {"fsdp": build_fsdp, "zero": build_zero, "torchtune": build_torchtune}[what](src, out, port)
     print(json.dumps({"built": what, "out": str(out)}))

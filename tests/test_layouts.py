@@ -1,4 +1,4 @@
-"""Checkpoints as training stacks write them: pretraining step folders, FSDP, DeepSpeed ZeRO.
+"""Checkpoints as training stacks write them: pretraining step folders, FSDP, DeepSpeed ZeRO, torchtune.
 
 Each layout is built with the real library where it runs here (tests/stacks.py: FSDP2 and DeepSpeed ZeRO-2/3
 on two gloo ranks on CPU) from the lab's tiny Trainer run, and ranked; the numbers must equal those of the
@@ -206,3 +206,69 @@ def test_without_deepspeed_one_line_says_what_to_install(zero_stack, tmp_path, m
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "reading DeepSpeed ZeRO checkpoints needs DeepSpeed: pip install " \
                                 "'ckptsel[deepspeed]'" in errors[0]
+
+
+# --- torchtune -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchtune_epoch_folders_rank_as_one_run(torchtune_stack, tiny_run, tmp_path):
+    """torchtune's FullModelHFCheckpointer writes epoch_0/, epoch_1/, ... with HF-format shards and the base's
+    configs: one run in epoch order, ranked with the numbers of the Trainer checkpoints they were saved from."""
+    run = torchtune_stack / "tune"
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert [(Path(r["path"]).name, r["epoch"], r["format"], r["error"]) for r in listed] == [
+        ("epoch_0", 1.0, "safetensors", None), ("epoch_1", 2.0, "safetensors", None),
+        ("epoch_2", 3.0, "safetensors", None)]
+    ranked = rank(run, tmp_path / "cache")
+    assert [c["epoch"] for c in ranked["checkpoints"]] == [1.0, 2.0, 3.0]
+    assert numbers(ranked) == numbers(rank(tiny_run, tmp_path / "cache-trainer"))
+
+
+def test_torchtune_epoch_layout_without_torchtune(tiny_run, tmp_path):
+    """The layout torchtune 0.6.1's FullModelHFCheckpointer.save_checkpoint writes (read from its source; the test
+    above runs the real one where torchtune imports): epoch_N/ with model-00001-of-00001.safetensors, its index
+    and the base's configs and tokenizer, and recipe_state/ beside them. One run in epoch order, the same numbers."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "tune"
+    steps = sorted(int(p.name.split("-")[1]) for p in tiny_run.glob("checkpoint-*"))
+    for epoch, step in enumerate(steps):
+        src, folder = tiny_run / f"checkpoint-{step}", run / f"epoch_{epoch}"
+        folder.mkdir(parents=True)
+        tensors = load_file(src / "model.safetensors")
+        save_file(tensors, folder / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": dict.fromkeys(tensors, "model-00001-of-00001.safetensors")}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / name, folder / name)
+    (run / "recipe_state").mkdir()
+    (run / "recipe_state" / "recipe_state.pt").write_bytes(b"torch.save'd recipe state")
+    copy_run_files(tiny_run, run)
+    ranked = rank(run, tmp_path / "cache")
+    assert [(Path(c["path"]).name, c["epoch"]) for c in ranked["checkpoints"]] == [
+        ("epoch_0", 1.0), ("epoch_1", 2.0), ("epoch_2", 3.0)]
+    assert numbers(ranked) == numbers(rank(tiny_run, tmp_path / "cache-trainer"))
+
+
+def test_torchtune_lora_epoch_folders_take_their_base_from_the_option(lab_lora_run, tmp_path):
+    """A LoRA epoch_N/ as torchtune writes it (PEFT-format adapter_config.json and adapter_model.safetensors;
+    no base_model_name_or_path without an original_repo_id.json): one line naming --base-model, and with it the
+    numbers of the same adapters on their base. (The adapter files are the lab's PEFT ones renamed, not torchtune's.)"""
+    run = tmp_path / "tune-lora"
+    steps = sorted(int(p.name.split("-")[1]) for p in lab_lora_run.glob("checkpoint-*"))
+    base = json.loads((lab_lora_run / f"checkpoint-{steps[0]}" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+    for epoch, step in enumerate(steps):
+        folder = shutil.copytree(lab_lora_run / f"checkpoint-{step}", run / f"epoch_{epoch}",
+                                 ignore=shutil.ignore_patterns("trainer_state.json"))
+        config = json.loads((folder / "adapter_config.json").read_text())
+        del config["base_model_name_or_path"]
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    copy_run_files(lab_lora_run, run)
+    listed = json.loads(CliRunner().invoke(main, ["ls", str(run), "--json"]).stdout)
+    assert {r["error"] for r in listed} == {"adapter_config.json has no base_model_name_or_path; pass --base-model"}
+    ranked = rank(run, tmp_path / "cache", "--base-model", base)
+    assert [c["epoch"] for c in ranked["checkpoints"]] == [1.0, 2.0, 3.0]
+    assert numbers(ranked) == numbers(rank(lab_lora_run, tmp_path / "cache-lora"))
