@@ -17,7 +17,6 @@ both the stack's own way and as a plain safetensors folder (the reference the te
     python tests/stacks.py torchtune SRC OUT  torchtune's FullModelHFCheckpointer:
         OUT/tune/epoch_I/                                 its HF-format shards, index and copied configs
 
-
 FSDP and ZeRO use world size 2, so shards of two ranks are on disk.
 """
 
