@@ -66,7 +66,7 @@ from typing import NamedTuple
 from ckptsel.errors import CheckpointError
 from ckptsel.formats import BROKEN, Checkpoint, claimed, format_of, no_weights, owned
 from ckptsel.formats.files import is_number, moe_from_config, read_json, read_safetensors_header
-from ckptsel.formats.hashing import feed
+from ckptsel.formats.hashing import FINGERPRINT_SCHEME, feed
 from ckptsel.formats.hf import base_model_missing, hf_hub_cache, names_local_path, resolve_base_model
 
 __all__ = ["CHECKPOINT_DIR", "STEP_DIR", "Checkpoint", "Position", "Run", "base_model_missing", "describe",
@@ -385,7 +385,6 @@ def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model:
 
 # --- fingerprint ----------------------------------------------------------------------------
 
-FINGERPRINT_SCHEME = b"ckptsel-fingerprint/1"
 
 
 @functools.lru_cache(maxsize=64)

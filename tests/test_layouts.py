@@ -113,7 +113,8 @@ def test_fsdp_sharded_ranks_like_the_same_weights_in_safetensors(fsdp_stack, tmp
     assert copies == sorted(c["fingerprint"] for c in ranked["checkpoints"])  # keyed by content fingerprint
 
     again = rank(run, cache, "-k", "3")  # new measurements (other settings): the copies are read, not made again
-    assert len(count_conversions) == 3 and again["checkpoints"][0]["fingerprint"] == ranked["checkpoints"][0]["fingerprint"]
+    assert len(count_conversions) == 3
+    assert [c["fingerprint"] for c in again["checkpoints"]] == [c["fingerprint"] for c in ranked["checkpoints"]]
     assert tree(run) == before
 
 
@@ -272,3 +273,69 @@ def test_torchtune_lora_epoch_folders_take_their_base_from_the_option(lab_lora_r
     ranked = rank(run, tmp_path / "cache", "--base-model", base)
     assert [c["epoch"] for c in ranked["checkpoints"]] == [1.0, 2.0, 3.0]
     assert numbers(ranked) == numbers(rank(lab_lora_run, tmp_path / "cache-lora"))
+
+
+# --- converted copies ----------------------------------------------------------------------------------
+
+
+class _Stub:
+    """A checkpoint whose format hashes a name: enough for ckptsel/formats/converted.py."""
+
+    def __init__(self, path: Path, content: bytes):
+        self.path, self.content = path, content
+        self.format = self
+
+    name = "stub"
+
+    def fingerprint(self, ckpt, h):
+        h.update(self.content)
+
+
+def test_a_converted_copy_is_made_once_atomically_and_nothing_stays_of_a_failure(tmp_path):
+    import threading
+    import time
+
+    from ckptsel.errors import CheckpointError
+    from ckptsel.formats import converted
+
+    cache, made = tmp_path / "cache", []
+
+    def convert(folder: Path) -> None:
+        made.append(folder.name)
+        assert folder.parent == cache / "converted" and folder.name.startswith(".")  # written beside, hidden
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+        time.sleep(0.3)  # the other thread waits on the lock meanwhile
+
+    ckpt = _Stub(tmp_path / "run" / "checkpoint-1", b"one")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(converted.converted_copy(ckpt, cache, convert,
+                                                                                        what="test")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(set(results)) == 1 and results[0].name == converted.content_fingerprint(ckpt)
+    assert sorted(p.name for p in results[0].iterdir()) == ["ckptsel_converted.json", "model.safetensors"]
+    assert [p.name for p in (cache / "converted").iterdir()] == [results[0].name]  # no lock, no temporary left
+
+    def failing(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise CheckpointError("shard 2: unreadable")
+
+    broken = _Stub(tmp_path / "run" / "checkpoint-2", b"two")
+    with pytest.raises(CheckpointError, match="shard 2: unreadable"):
+        converted.converted_copy(broken, cache, failing, what="test")
+    assert [p.name for p in (cache / "converted").iterdir()] == [results[0].name]
+
+    # A conversion killed mid-way leaves its temporary folder: listed as partial, removed by the next
+    # conversion of that checkpoint or by clear().
+    stale = cache / "converted" / f".{converted.content_fingerprint(broken)}.tmp-dead0000"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    copies = converted.usage(cache)
+    assert sorted((c.partial, c.path.name) for c in copies) == [(False, results[0].name), (True, stale.name)]
+    sizes = {c.path.name: c.bytes for c in copies}
+    assert sizes[stale.name] == 4 and sizes[results[0].name] > 1000  # the weights and the provenance
+    assert converted.clear(cache) == (2, sum(sizes.values()))
+    assert converted.usage(cache) == [] and list((cache / "converted").iterdir()) == []

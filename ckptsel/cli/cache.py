@@ -1,4 +1,5 @@
-"""``ckptsel cache``: what the cache folder holds (the result store, converted checkpoint copies), and clearing the copies."""
+"""``ckptsel cache``: what the cache folder holds (the result store, converted copies of checkpoints);
+clearing the copies."""
 
 from __future__ import annotations
 

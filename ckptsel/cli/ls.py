@@ -74,9 +74,11 @@ def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
 def ls(paths, base_model, with_fingerprint, as_json):
     """List checkpoints under PATH... in training order, read from configs and headers only.
 
-    PATH is a Trainer run folder (checkpoint-N/ inside, plus a final model at its root),
-    a sweep (a folder of run folders), a single checkpoint folder, or several of these.
-    Checkpoints are grouped by run, each run in training order.
+    PATH is a run folder (Trainer checkpoint-N/ inside, or pretraining stepN/, stepN-tokensXM/,
+    global_stepN/, iter_N/, epoch_N/ folders, plus a final model at its root), a sweep (a folder
+    of run folders), a single checkpoint folder, or several of these. Checkpoints are grouped by
+    run, each run in training order; the format column says how each is read (safetensors, pickle,
+    PEFT, FSDP, DeepSpeed ZeRO: the last two through a converted copy in the cache).
 
     \b
     Example:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptsel.errors import CheckpointError
+from ckptsel.formats.hashing import FINGERPRINT_SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ CONVERTED = "converted"           # the folder of converted copies inside the ca
 PROVENANCE = "ckptsel_converted.json"
 _TMP = ".tmp-"
 _LOCK = ".lock"
-FINGERPRINT_SCHEME = b"ckptsel-fingerprint/1"  # the result store's fingerprint scheme (ckptsel/discover.py)
 
 
 def default_cache_dir() -> Path:
@@ -112,6 +112,7 @@ def converted_copy(ckpt, cache_dir, convert: Callable[[Path], None], *, what: st
             lock.unlink(missing_ok=True)  # held: a process waiting on it sees it gone, locks afresh, finds the copy
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            lock.unlink(missing_ok=True)  # held: nothing of this attempt stays in the cache
             if isinstance(exc, CheckpointError):
                 raise
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):

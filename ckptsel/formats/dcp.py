@@ -216,12 +216,12 @@ def convert(folder: Path, out: Path, *, max_shard_bytes: int = MAX_SHARD_BYTES) 
         try:
             with warnings.catch_warnings(), _dcp_logger_off():
                 warnings.simplefilter("ignore", UserWarning)  # "assuming ... load in a single process": it is
-                dcp.load(nested, storage_reader=_SafeReader(folder),
+                dcp.load(nested, storage_reader=_safe_reader(folder),
                          planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as exc:  # a torn chunk fails inside torch.load with many types
-            raise CheckpointError(f"{folder.name}: cannot read a tensor chunk ({_one_line(exc)})") from None
+            raise CheckpointError(f"{folder.name}: cannot read a tensor chunk ({_one_line(_cause(exc))})") from None
         save_file(flat, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(flat, name))
         del nested, flat
@@ -254,7 +254,7 @@ def _path(metadata, key: str) -> tuple[str, ...]:
     return tuple(str(p) for p in path) if path else (key,)
 
 
-def _SafeReader(folder: Path):
+def _safe_reader(folder: Path):
     """torch's FileSystemReader, with ``.metadata`` read through the allowlist."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -269,6 +269,17 @@ def _SafeReader(folder: Path):
             return metadata
 
     return SafeReader(folder)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside torch's CheckpointException (failures: rank -> (exception, trace))."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
 
 
 def _one_line(exc: BaseException) -> str:

@@ -104,18 +104,16 @@ def check_tensors(ckpt: Checkpoint, names: dict[str, tuple[int, ...]], options: 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
-                                                                    "tie_word_embeddings", False)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
     missing = [k for k in expected if k not in names and not (tied and k == "lm_head.weight")]
+    described = f"the {config.model_type} model that config.json ({source}) describes"
     if missing:
-        raise CheckpointError(f"{where}: no tensor {missing[0]} (and {len(missing) - 1} more) of the "
-                              f"{config.model_type} model that config.json ({source}) describes"
-                              if len(missing) > 1 else f"{where}: no tensor {missing[0]} of the "
-                              f"{config.model_type} model that config.json ({source}) describes")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: no tensor {missing[0]}{more} of {described}")
     for k, shape in names.items():
         if k in expected and expected[k] != tuple(shape):
-            raise CheckpointError(f"{where}: {k} has shape {list(shape)}, config.json ({source}) says "
-                                  f"{list(expected[k])}")
+            raise CheckpointError(f"{where}: {k} has shape {list(shape)}; {described} has {list(expected[k])}")
 
 
 def load_pretrained(path: Path | str, options: LoadOptions):

@@ -29,8 +29,8 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     DEEPSPEED_ZERO,  # global_stepN/ with ZeRO shards, a latest tag (--allow-pickle, DeepSpeed), converted
 )
 
-__all__ = ["BROKEN", "DEEPSPEED_ZERO", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "claimed",
-           "format_of", "no_weights", "owned"]
+__all__ = ["BROKEN", "DEEPSPEED_ZERO", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE",
+           "SAFETENSORS", "claimed", "format_of", "no_weights", "owned"]
 
 
 def format_of(folder: Path) -> CheckpointFormat:
@@ -43,7 +43,8 @@ def format_of(folder: Path) -> CheckpointFormat:
 
 
 def owned(folder: Path) -> list[Path]:
-    """The subfolders that belong to the checkpoint in ``folder`` (its format's ``owns``); none when no format claims it."""
+    """The subfolders that belong to the checkpoint in ``folder`` (its format's ``owns``); none when no
+    format claims it."""
     return next((fmt.owns(folder) for fmt in FORMATS if fmt.detect(folder)), [])
 
 

@@ -162,8 +162,12 @@ class DeepSpeedZero(CheckpointFormat):
         folder = self.tag_folder(ckpt)
 
         def convert(out: Path) -> None:
+            import inspect
+
             from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
+            if "safe_serialization" not in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
+                raise CkptselError(f"this DeepSpeed's zero_to_fp32 cannot write safetensors; upgrade it: {INSTALL}")
             try:
                 with _weights_only():
                     convert_zero_checkpoint_to_fp32_state_dict(str(folder.parent), str(out), max_shard_size="2GB",
