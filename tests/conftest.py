@@ -105,11 +105,22 @@ def sweep(learning_run, tmp_path_factory):
     return root
 
 
-def _build_stack(what: str, tiny_run, tmp_path_factory, port: int):
+def _free_port() -> int:
+    """A TCP port nobody listens on now, for a gloo process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_stack(what: str, tiny_run, tmp_path_factory):
     """Run tests/stacks.py in a child process (distributed libraries set process-wide state)."""
     import subprocess
     import sys
     from pathlib import Path
+
+    port = _free_port()
 
     out = tmp_path_factory.mktemp(f"stack-{what}") / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
@@ -126,7 +137,7 @@ def fsdp_stack(tiny_run, tmp_path_factory):
     """tiny_run's checkpoints trained one more step with FSDP2 on 2 gloo ranks, saved as accelerate does
     (sharded/: pytorch_model_fsdp_0/ DCP folders; full/: pytorch_model_fsdp.bin) and as plain safetensors
     (plain/): tests/stacks.py. Tests copy from it and never write into it."""
-    return _build_stack("fsdp", tiny_run, tmp_path_factory, 29500 + os.getpid() % 500)
+    return _build_stack("fsdp", tiny_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +148,7 @@ def zero_stack(tiny_run, tmp_path_factory):
 
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install 'ckptsel[deepspeed]')")
-    return _build_stack("zero", tiny_run, tmp_path_factory, 30000 + os.getpid() % 500)
+    return _build_stack("zero", tiny_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -148,4 +159,4 @@ def torchtune_stack(tiny_run, tmp_path_factory):
 
     if importlib.util.find_spec("torchtune") is None:
         pytest.skip("torchtune is not installed")
-    return _build_stack("torchtune", tiny_run, tmp_path_factory, 0)
+    return _build_stack("torchtune", tiny_run, tmp_path_factory)
