@@ -16,9 +16,15 @@ so listing costs grow with the number of tensors, not their size: 100 checkpoint
 
 Layouts understood, per argument:
 
-- a Trainer run: a folder with ``checkpoint-N/`` subfolders. They come in numeric order
-  (100 after 20); a final model saved at the run root comes after all of them, with the
-  step from the root ``trainer_state.json`` (``global_step``) or ``None``.
+- a run: a folder with subfolders named by where in training they were saved (:data:`STEP_DIR`):
+  Trainer ``checkpoint-N/``, pretraining ``stepN/`` and ``stepN-tokensXM/`` (OLMo, OLMoE, Pythia
+  revisions saved locally; the token count is kept as ``Checkpoint.tokens``), ``step_N/``
+  (torchtune), ``global_stepN/`` (DeepSpeed, GPT-NeoX), ``iter_NNNNNNN/`` (Megatron) and
+  ``epoch_N/`` (torchtune; ``epoch_0`` holds the model after the first epoch, so its ``epoch`` is
+  1). They come in numeric order (100 after 20); a final model saved at the run root comes after
+  all of them, with the step from the root ``trainer_state.json`` (``global_step``) or ``None``.
+  A step-named folder that a format claims as a whole (a Trainer ``checkpoint-N/`` holding a
+  DeepSpeed ``global_stepN/``) is one checkpoint, not a run.
 - a single checkpoint folder: full weights (``model.safetensors``, sharded safetensors with
   or without ``model.safetensors.index.json``, ``pytorch_model.bin`` shards) next to a
   ``config.json``, or a PEFT adapter (``adapter_config.json`` + ``adapter_model.*``): whatever
@@ -55,16 +61,18 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ckptsel.errors import CheckpointError
-from ckptsel.formats import BROKEN, Checkpoint, claimed, format_of, no_weights
+from ckptsel.formats import BROKEN, Checkpoint, claimed, format_of, no_weights, owned
 from ckptsel.formats.files import is_number, moe_from_config, read_json, read_safetensors_header
-from ckptsel.formats.hashing import feed
+from ckptsel.formats.hashing import FINGERPRINT_SCHEME, feed
 from ckptsel.formats.hf import base_model_missing, hf_hub_cache, names_local_path, resolve_base_model
 
-__all__ = ["CHECKPOINT_DIR", "Checkpoint", "Run", "base_model_missing", "describe", "discover", "discover_runs",
-           "epoch_and_loss", "fingerprint", "hf_hub_cache", "moe_from_config", "names_local_path",
-           "no_loadable_checkpoint", "nothing_found", "read_safetensors_header", "resolve_base_model"]
+__all__ = ["CHECKPOINT_DIR", "STEP_DIR", "Checkpoint", "Position", "Run", "base_model_missing", "describe",
+           "discover", "discover_runs", "epoch_and_loss", "fingerprint", "hf_hub_cache", "moe_from_config",
+           "names_local_path", "no_loadable_checkpoint", "nothing_found", "position", "read_safetensors_header",
+           "resolve_base_model", "step_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +116,40 @@ def _state_step(state: dict) -> int | None:
 
 # --- one checkpoint folder ----------------------------------------------------------------
 
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
-_STEP_IN_NAME = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)")
+# A folder named by where in training it was saved: Trainer checkpoint-N, DeepSpeed/GPT-NeoX
+# global_stepN, OLMo/Pythia stepN and stepN-tokensXM, torchtune step_N and epoch_N, Megatron
+# iter_NNNNNNN. Group "step" or "epoch" holds the number; "tokens" the token count as written.
+STEP_DIR = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(?P<step>\d+)(?:-tokens(?P<tokens>\d+[KMBT]?))?"
+                      r"|epoch[-_]?(?P<epoch>\d+)")
+CHECKPOINT_DIR = STEP_DIR  # the name other modules import
+
+
+class Position(NamedTuple):
+    """Where in training a folder's name says it was saved."""
+
+    step: int | None
+    epoch: int | None         # an epoch_N folder: N + 1 epochs done (torchtune counts from 0)
+    tokens: str | None        # "1248M" from step312-tokens1248M
+
+    @property
+    def order(self) -> int:
+        return self.step if self.step is not None else self.epoch
+
+
+def position(name: str) -> Position | None:
+    """The step (or epoch) and token count a folder's name gives, None for a name that gives none."""
+    m = STEP_DIR.fullmatch(name)
+    if m is None:
+        return None
+    if m["epoch"] is not None:
+        return Position(None, int(m["epoch"]) + 1, None)
+    return Position(int(m["step"]), None, m["tokens"])
+
+
+def step_dirs(folder: Path) -> list[tuple[Position, Path]]:
+    """``folder``'s subfolders named by a step or epoch (:data:`STEP_DIR`), in training order."""
+    found = [(pos, p) for p in folder.iterdir() if (pos := position(p.name)) is not None and p.is_dir()]
+    return sorted(found, key=lambda pp: (pp[0].order, pp[1].name))
 
 
 def describe(folder: Path, base_model: str | None = None) -> Checkpoint:
@@ -131,8 +171,11 @@ def describe(folder: Path, base_model: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def _training_state(ckpt: Checkpoint, name_step: int | None, run_state: dict | None) -> None:
-    """Set step, epoch and loss from the folder's own trainer_state.json, else the run's."""
+def _training_state(ckpt: Checkpoint, named: Position | None, run_state: dict | None) -> None:
+    """Set step, epoch and loss from the folder's name and its own trainer_state.json, else the run's."""
+    name_step = named.step if named is not None else None
+    if named is not None:
+        ckpt.tokens = named.tokens
     state, own_step = run_state, None
     own = ckpt.path / "trainer_state.json"
     if own.is_file():
@@ -143,13 +186,13 @@ def _training_state(ckpt: Checkpoint, name_step: int | None, run_state: dict | N
             reason = str(exc).removeprefix("trainer_state.json: ")
             ckpt.notes.append(f"trainer_state.json ignored: {reason}")
             log.warning("%s: corrupt, ignored (%s)", own, reason)
-    match = _STEP_IN_NAME.fullmatch(ckpt.path.name)
-    ckpt.step = name_step if name_step is not None else own_step if own_step is not None else (
-        int(match[1]) if match else None)
+    ckpt.step = name_step if name_step is not None else own_step
     if name_step is not None and own_step is not None and own_step != name_step:
         ckpt.notes.append(f"trainer_state.json says global_step {own_step}; using {name_step} from the folder name")
     if state is not None and ckpt.step is not None:
         ckpt.epoch, ckpt.train_loss = epoch_and_loss(state, ckpt.step)
+    if named is not None and named.epoch is not None and ckpt.epoch is None:
+        ckpt.epoch = float(named.epoch)
 
 
 # --- runs and argument lists ---------------------------------------------------------------
@@ -180,25 +223,28 @@ def _read_state(path: Path) -> dict | None:
 
 def _expand(root: Path, base_model: str | None) -> tuple[bool, list[Checkpoint]]:
     """(is_run, checkpoints) for one argument: a run's checkpoints in step order, or one checkpoint."""
-    children = sorted(
-        ((int(m[1]), p) for p in root.iterdir() if (m := CHECKPOINT_DIR.fullmatch(p.name)) and p.is_dir()),
-        key=lambda sp: sp[0],
-    )
+    named = position(root.name)
+    # A step-named folder that a format claims is one checkpoint, whatever step-named folders it holds
+    # (a Trainer checkpoint-N/ with DeepSpeed's global_stepN/ inside).
+    children = [] if named is not None and claimed(root) else step_dirs(root)
+    parts = set(owned(root)) if children else set()  # a final model's own subfolders (DeepSpeed's tag folder)
+    children = [(pos, folder) for pos, folder in children if folder not in parts]
     if not children:
-        match = CHECKPOINT_DIR.fullmatch(root.name)
-        run_state = _read_state(root.parent / "trainer_state.json") if match else None
+        run_state = _read_state(root.parent / "trainer_state.json") if named is not None else None
         ckpt = describe(root, base_model)
-        _training_state(ckpt, int(match[1]) if match else None, run_state)
+        _training_state(ckpt, named, run_state)
         if ckpt.error == no_weights():
             ckpt.error += NO_CHECKPOINT_DIRS
         return False, [ckpt]
     run_state = _read_state(root / "trainer_state.json")
     found = []
-    for step, folder in children:
+    for pos, folder in children:
         ckpt = describe(folder, base_model)
-        _training_state(ckpt, step, run_state)
+        _training_state(ckpt, pos, run_state)
         found.append(ckpt)
-    if _has_weights(root):
+    # A final model at the root; not a lone config.json that the checkpoints read theirs from (FSDP runs).
+    lends_config = not claimed(root) and any(c.base_model == str(root) for c in found)
+    if _has_weights(root) and not lends_config:
         final = describe(root, base_model)
         _training_state(final, None, None)
         final.notes.append("final model at the run root")
@@ -230,7 +276,7 @@ def _has_weights(folder: Path) -> bool:
 
 def _is_run_dir(folder: Path) -> bool:
     try:
-        return _has_weights(folder) or any(CHECKPOINT_DIR.fullmatch(p.name) and p.is_dir() for p in folder.iterdir())
+        return _has_weights(folder) or any(position(p.name) is not None and p.is_dir() for p in folder.iterdir())
     except OSError:
         return False
 
@@ -304,7 +350,7 @@ def discover_runs(paths: str | os.PathLike | Iterable[str | os.PathLike], base_m
         if sweep:
             for run_dir in sweep:
                 add(run_dir, _expand(run_dir, base_model)[1], True)
-        elif _STEP_IN_NAME.fullmatch(root.name):  # checkpoint-N, step_N...: a checkpoint of the run that holds it
+        elif position(root.name) is not None:  # checkpoint-N, step_N...: a checkpoint of the run that holds it
             add(root.parent, found, False)
         else:  # one model folder: a run of its own
             add(root, found, True)
@@ -323,6 +369,8 @@ def discover_runs(paths: str | os.PathLike | Iterable[str | os.PathLike], base_m
     for (run_dir, (found, whole)), name in zip(groups.items(), names):
         if not whole and all(c.step is not None for c in found):
             found.sort(key=lambda c: c.step)
+        elif not whole and all(c.step is None and c.epoch is not None for c in found):  # epoch_N folders
+            found.sort(key=lambda c: c.epoch)
         for ckpt in found:
             ckpt.run = name
         runs.append(Run(name, run_dir, found))
@@ -337,7 +385,6 @@ def discover(paths: str | os.PathLike | Iterable[str | os.PathLike], base_model:
 
 # --- fingerprint ----------------------------------------------------------------------------
 
-FINGERPRINT_SCHEME = b"ckptsel-fingerprint/1"
 
 
 @functools.lru_cache(maxsize=64)

@@ -20,7 +20,7 @@ def fingerprints(checkpoints: Sequence[Checkpoint], store: Store) -> list[str | 
         if not ckpt.format.usable:
             out.append(None)
             continue
-        files = [p for p in ckpt.path.iterdir() if p.is_file()]
+        files = {p for p in ckpt.path.iterdir() if p.is_file()} | set(ckpt.weight_files)  # weights may lie below
         size = sum(p.stat().st_size for p in files)
         mtime = max((p.stat().st_mtime_ns for p in files), default=0)
         cached = store.get_fingerprint(ckpt.path, size, mtime)

@@ -72,6 +72,8 @@ class RankRequest:
             raise CkptselError("give the training data: either --data FILE or --data-per-run FILENAME (not both)")
         if self.threshold not in (None, "auto", "auto-run") and not isinstance(self.threshold, (int, float)):
             raise CkptselError(f"threshold {self.threshold!r}: a number of nats/token, 'auto' or 'auto-run'")
+        if self.cache_dir is not None and self.engine.cache_dir is None:  # converted copies go beside the store
+            object.__setattr__(self, "engine", self.engine.model_copy(update={"cache_dir": str(self.cache_dir)}))
 
     @property
     def selection(self) -> SelectionSettings:

@@ -211,6 +211,10 @@ class EngineSettings(_Frozen):
     )
     ray_cpus: int = Field(1, ge=1, description="CPUs (and torch threads) per Ray task; tasks take one GPU each "
                           "where the cluster has GPUs.")
+    cache_dir: str | None = Field(
+        None, description="The cache folder (--cache-dir): converted copies of checkpoints that transformers cannot "
+        "read as they lie (FSDP, DeepSpeed ZeRO) are kept there; None: $CKPTSEL_CACHE or the user cache dir.",
+    )
 
 
 class SelectionSettings(_Frozen):

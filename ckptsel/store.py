@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsel.errors import CkptselError
+from ckptsel.formats.converted import default_cache_dir
 
 SCHEMA_VERSION = 1
 STORE_FILENAME = "results.sqlite3"
@@ -152,16 +153,6 @@ def _sqlite_errors(method):
         return self._retrying(lambda: method(self, *args, **kwargs))
 
     return wrapper
-
-
-def default_cache_dir() -> Path:
-    """``$CKPTSEL_CACHE`` when set, else the platform's user cache dir for ckptsel."""
-    env = os.environ.get("CKPTSEL_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("ckptsel"))
 
 
 def ensure_outside(cache_dir: Path, checkpoint_dirs: Iterable[Path]) -> None:

@@ -105,7 +105,7 @@ def has_tokenizer_files(folder: Path) -> bool:
 
 def _candidates(path: Path) -> Iterator[Path | str]:
     """The folder itself, an adapter's base model, then a run's checkpoints, latest first."""
-    from ckptsel.discover import CHECKPOINT_DIR, resolve_base_model
+    from ckptsel.discover import resolve_base_model, step_dirs
 
     yield path
     adapter_config = path / "adapter_config.json"
@@ -119,11 +119,7 @@ def _candidates(path: Path) -> Iterator[Path | str]:
             resolved = resolve_base_model(base, config.get("revision"))
             if resolved is not None:
                 yield resolved
-    steps = sorted(
-        ((int(m[1]), p) for p in path.iterdir() if (m := CHECKPOINT_DIR.fullmatch(p.name)) and p.is_dir()),
-        reverse=True,
-    )
-    for _, folder in steps:
+    for _, folder in reversed(step_dirs(path)):
         yield folder
 
 

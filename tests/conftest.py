@@ -103,3 +103,60 @@ def sweep(learning_run, tmp_path_factory):
         for f in ("train.jsonl", "recipe.yaml"):
             shutil.copy(learning_run / f, root / name / f)
     return root
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now, for a gloo process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_stack(what: str, tiny_run, tmp_path_factory):
+    """Run tests/stacks.py in a child process (distributed libraries set process-wide state)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+
+    out = tmp_path_factory.mktemp(f"stack-{what}") / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "stacks.py"), what, str(tiny_run), str(out),
+                           str(port)], capture_output=True, text=True, timeout=900, env=env, check=False)
+    if done.returncode == 77:  # the library is installed but does not import with this torch
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def fsdp_stack(tiny_run, tmp_path_factory):
+    """tiny_run's checkpoints trained one more step with FSDP2 on 2 gloo ranks, saved as accelerate does
+    (sharded/: pytorch_model_fsdp_0/ DCP folders; full/: pytorch_model_fsdp.bin) and as plain safetensors
+    (plain/): tests/stacks.py. Tests copy from it and never write into it."""
+    return _build_stack("fsdp", tiny_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def zero_stack(tiny_run, tmp_path_factory):
+    """The same with DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks (zero2/, zero3/: Trainer-style checkpoint-N/
+    with global_stepN/ and latest; plain2/, plain3/: the same weights as safetensors). Skipped without DeepSpeed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install 'ckptsel[deepspeed]')")
+    return _build_stack("zero", tiny_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def torchtune_stack(tiny_run, tmp_path_factory):
+    """tiny_run's checkpoints saved back by torchtune's FullModelHFCheckpointer as tune/epoch_0..2/ (its HF-format
+    shards, index and copied configs). Skipped without torchtune, or where it does not import."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchtune") is None:
+        pytest.skip("torchtune is not installed")
+    return _build_stack("torchtune", tiny_run, tmp_path_factory)

@@ -1,5 +1,6 @@
 """Bad inputs, as a hostile user gives them: every case ends in its documented exit code with one
-line naming the file, line or field at fault, no traceback, and the inputs byte-identical.
+line naming the file, line or field at fault, no traceback, and the inputs byte-identical. Checkpoints
+that are converted into the cache (FSDP, DeepSpeed ZeRO) leave no partial copy there when they fail.
 
 Exit codes (ckptsel.cli): 2 usage or input error, 3 some checkpoints could not be measured,
 4 internal error; 0 where the input is only suspicious and a warning names it. The cases marked
@@ -68,11 +69,18 @@ class Tools:
         self.limit_fsize: int | None = None
         self._mounts: list[Path] = []
         self._children: list[subprocess.Popen] = []
+        self.request = None  # pytest's, for the training-stack fixtures (built only when a case asks)
 
     # -- inputs
     def run(self, name: str = "run") -> Path:
         run = self.inputs / name
         shutil.copytree(self.tiny_run, run)
+        return run
+
+    def stack(self, fixture: str, layout: str) -> Path:
+        """A copy of a layout a training stack wrote (conftest.py's ``fsdp_stack``, ``zero_stack``), named ``run``."""
+        run = self.inputs / "run"
+        shutil.copytree(self.request.getfixturevalue(fixture) / layout, run)
         return run
 
     def jsonl(self, name: str, rows: list) -> Path:
@@ -123,6 +131,10 @@ def hold_lock(store: Path) -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     return child
+
+
+def truncate_to(path: Path, fraction: float) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
 
 
 def truncate_weights(ckpt: Path) -> None:
@@ -293,7 +305,61 @@ def _pass_with_unmeasured(t: Tools) -> list[str]:
     return t.rank(run, None, "--allow-overmemorized", command="gate")
 
 
+def _fsdp(t: Tools, damage: Callable[[Path], None]) -> list[str]:
+    """The FSDP sharded run (pytorch_model_fsdp_0/ DCP folders) with checkpoint-4's damaged."""
+    run = t.stack("fsdp_stack", "sharded")
+    damage(run / "checkpoint-4" / "pytorch_model_fsdp_0")
+    return t.rank(run)
+
+
+def _garble_middle(path: Path) -> None:
+    """Same size, garbage in the middle: passes every size check, fails when read."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4: len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)
+    path.write_bytes(bytes(data))
+
+
+def _zero(t: Tools, damage: Callable[[Path], None]) -> list[str]:
+    """The DeepSpeed ZeRO-2 run (Trainer layout, 2 ranks) with checkpoint-4's damaged."""
+    run = t.stack("zero_stack", "zero2")
+    damage(run / "checkpoint-4")
+    return t.rank(run, None, "--allow-pickle")
+
+
+def _another_world_size(ckpt: Path) -> None:
+    """Shards of a 4-rank save left among a 2-rank one (an overwritten checkpoint)."""
+    tag = ckpt / "global_step4"
+    for r in (2, 3):
+        shutil.copy(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                    tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+
+
+SLOW = (pytest.mark.slow,)
+FSDP = "{inputs}/run/checkpoint-4: pytorch_model_fsdp_0/"
+ZERO = "{inputs}/run/checkpoint-4: global_step4/"
+
 CASES = [
+    # ---- checkpoints written by training stacks (FSDP, DeepSpeed ZeRO): the others are ranked, exit 3
+    Case("fsdp-dcp-without-metadata", lambda t: _fsdp(t, lambda d: (d / ".metadata").unlink()), 3,
+         ("failed: ", FSDP + ".metadata: missing"), marks=SLOW),
+    Case("fsdp-missing-rank-shard", lambda t: _fsdp(t, lambda d: (d / "__1_0.distcp").unlink()), 3,
+         ("failed: ", FSDP + "__1_0.distcp: missing (.metadata names it"), marks=SLOW),
+    Case("fsdp-torn-distcp", lambda t: _fsdp(t, lambda d: truncate_to(d / "__1_0.distcp", 0.5)), 3,
+         ("failed: ", FSDP + "__1_0.distcp: truncated"), marks=SLOW),
+    Case("fsdp-garbled-distcp", lambda t: _fsdp(t, lambda d: _garble_middle(d / "__0_0.distcp")), 3,
+         ("failed: ", "{inputs}/run/checkpoint-4: ", "pytorch_model_fsdp_0: cannot read a tensor chunk"), marks=SLOW),
+    Case("zero-missing-rank-shard",
+         lambda t: _zero(t, lambda c: (c / "global_step4" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()), 3,
+         ("failed: ", ZERO + "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing (rank 1 of 2"), marks=SLOW),
+    Case("zero-latest-names-a-missing-folder", lambda t: _zero(t, lambda c: (c / "latest").write_text("global_step9")),
+         3, ("failed: ", "{inputs}/run/checkpoint-4: latest names global_step9/, which is missing"), marks=SLOW),
+    Case("zero-shards-of-another-world-size", lambda t: _zero(t, _another_world_size), 3,
+         ("failed: ", ZERO + "zero_pp_rank_2_mp_rank_00_optim_states.pt: shards of another world size"),
+         marks=SLOW),
+    Case("zero-torn-shard",
+         lambda t: _zero(t, lambda c: truncate_to(c / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                   0.5)), 3,
+         ("failed: ", ZERO + "zero_pp_rank_0_mp_rank_00_optim_states.pt: torn or truncated"), marks=SLOW),
     # ---- training data
     Case("data-missing", lambda t: t.rank(t.run(), t.inputs / "nope.jsonl"), 2, "{inputs}/nope.jsonl: no such data file"),
     Case("data-invalid-json-line", lambda t: t.rank(t.run(), t.jsonl("bad.jsonl", _rows_with(t, 3, "{bad"))), 2,
@@ -437,8 +503,9 @@ def _invoke(t: Tools, args: list[str]):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input(case, tiny_run, warm_cache, tmp_path, caplog):
+def test_bad_input(case, tiny_run, warm_cache, tmp_path, caplog, request):
     t = Tools(tiny_run, tmp_path, warm_cache)
+    t.request = request
     try:
         args = case.build(t)
         before = tree_hash(t.inputs), tree_hash(tiny_run)
@@ -457,8 +524,13 @@ def test_bad_input(case, tiny_run, warm_cache, tmp_path, caplog):
         errors = [line for line in output.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and all(e in errors[0] for e in expect), output
     assert before == after, "the inputs changed"
-    leftovers = [p for p in tmp_path.rglob("*") if ".ckptsel-partial-" in p.name or p.name.endswith(".tmp")]
+    leftovers = [p for p in tmp_path.rglob("*") if ".ckptsel-partial-" in p.name or p.name.endswith(".tmp")
+                 or ".tmp-" in p.name]  # converted copies: ckptsel/formats/converted.py
     assert not leftovers, leftovers
+    if (t.cache / "converted").is_dir():  # a converted copy only of what converted: no copy of a failed one
+        copies = [p for p in (t.cache / "converted").iterdir() if p.is_dir()]
+        assert all((c / "ckptsel_converted.json").is_file() for c in copies)
+        assert len(copies) <= 2, copies
 
 
 def test_the_corpus_covers_issue_19():

@@ -241,6 +241,54 @@ def test_step_from_folder_names_orders_a_shell_glob(tmp_path, tiny_llama_dir):
     assert [c.step for c in discover(folders)] == [5, 20, 100]
 
 
+@pytest.mark.parametrize("names, steps, tokens", [
+    (["step312-tokens1248M", "step1000-tokens4B", "step156", "step2000-tokens8T"], [156, 312, 1000, 2000],
+     [None, "1248M", "4B", "8T"]),
+    (["global_step20", "global_step100", "global_step3"], [3, 20, 100], [None] * 3),
+    (["iter_0000200", "iter_0001000", "iter_0000050"], [50, 200, 1000], [None] * 3),
+    (["step_20", "step_100", "step_3"], [3, 20, 100], [None] * 3),
+])
+def test_pretraining_step_folders_are_one_run_in_step_order(tmp_path, tiny_llama_dir, names, steps, tokens):
+    run = tmp_path / "pretrain"
+    for name in names:
+        shutil.copytree(tiny_llama_dir, run / name)
+    (run / "notes").mkdir()  # not step-named: not a checkpoint
+    (runs,) = [discover_runs(run)]
+    assert len(runs) == 1 and runs[0].path == run
+    found = runs[0].checkpoints
+    assert [c.step for c in found] == steps and [c.tokens for c in found] == tokens
+    assert {c.kind for c in found} == {"full"} and {c.run for c in found} == {"pretrain"}
+    # A shell glob of the same folders: one run (the folder holding them), in step order.
+    globbed = discover_runs(sorted(run.glob("[!n]*")))
+    assert [r.path for r in globbed] == [run] and [c.step for c in globbed[0].checkpoints] == steps
+
+
+def test_epoch_folders_order_by_epoch(tmp_path, tiny_llama_dir):
+    run = tmp_path / "tune"
+    for name in ("epoch_10", "epoch_2", "epoch_0"):
+        shutil.copytree(tiny_llama_dir, run / name)
+    found = discover(run)
+    assert [c.path.name for c in found] == ["epoch_0", "epoch_2", "epoch_10"]
+    assert [(c.step, c.epoch) for c in found] == [(None, 1.0), (None, 3.0), (None, 11.0)]  # epoch_0: 1 epoch done
+    assert [c.path.name for c in discover(sorted(run.glob("epoch_*")))] == ["epoch_0", "epoch_2", "epoch_10"]
+
+
+def test_ls_shows_a_pretraining_sweep_as_one_run_with_its_token_counts(tmp_path, tiny_llama_dir, monkeypatch):
+    run = tmp_path / "olmoe"
+    for name in ("step312-tokens1248M", "step156-tokens624M", "step1000-tokens4000M"):
+        shutil.copytree(tiny_llama_dir, run / name)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["ls", "olmoe"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "tokens" in out and "3 checkpoints, 0 broken" in out and " in 2 runs" not in out
+    assert out.index("step156-tokens624M") < out.index("step312-tokens1248M") < out.index("step1000-tokens4000M")
+    assert out.index("624M") < out.index("1248M") < out.index("4000M")
+    rows = json.loads(CliRunner().invoke(main, ["ls", "olmoe", "--json"]).stdout)
+    assert [(r["step"], r["tokens"], r["run"]) for r in rows] == [
+        (156, "624M", "olmoe"), (312, "1248M", "olmoe"), (1000, "4000M", "olmoe")]
+
+
 def test_folder_name_wins_over_a_disagreeing_trainer_state(trainer_run, tmp_path):
     folder = shutil.copytree(trainer_run / "checkpoint-20", tmp_path / "run" / "checkpoint-25")
     ckpt = discover(folder.parent)[0]
@@ -330,7 +378,8 @@ def test_incomplete_folders_are_errors(tmp_path, tiny_llama_dir):
     found = discover([no_config, tmp_path / "empty"])
     assert [c.error for c in found] == [
         "no config.json next to the weights",
-        "no weights: no model*.safetensors, pytorch_model*.bin or adapter_config.json, and no checkpoint-N/ folders",
+        "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/, global_stepN/ (DeepSpeed) "
+        "or adapter_config.json, and no checkpoint-N/ folders",
     ]
 
 

@@ -141,7 +141,8 @@ def test_registry_order_decides_overlapping_layouts(folders, tmp_path):
     assert format_of(both) is PEFT_ADAPTER  # adapter_config.json decides
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=re.escape(
-            "no weights: no model*.safetensors, pytorch_model*.bin or adapter_config.json")):
+            "no weights: no model*.safetensors, pytorch_model*.bin, pytorch_model_fsdp_0/, global_stepN/ "
+            "(DeepSpeed) or adapter_config.json")):
         format_of(tmp_path / "empty")
 
 
@@ -157,9 +158,9 @@ def test_a_broken_folder_gets_the_broken_format_and_keeps_what_was_read(folders)
 
 def test_json_keeps_its_fields_in_order_and_names_the_format(folders):
     row = describe(folders["adapter_on_folder"]).to_dict()
-    assert list(row) == ["path", "kind", "step", "epoch", "train_loss", "error", "weight_files", "weight_format",
-                         "architecture", "dtype", "num_parameters", "num_experts", "experts_per_token", "base_model",
-                         "lora_rank", "lora_alpha", "target_modules", "notes", "run", "format"]
+    assert list(row) == ["path", "kind", "step", "tokens", "epoch", "train_loss", "error", "weight_files",
+                         "weight_format", "architecture", "dtype", "num_parameters", "num_experts", "experts_per_token",
+                         "base_model", "lora_rank", "lora_alpha", "target_modules", "notes", "run", "format"]
     assert (row["kind"], row["format"], row["weight_format"]) == ("adapter", "peft", "safetensors")
     assert row["weight_files"] == [str(folders["adapter_on_folder"] / "adapter_model.safetensors")]
 

@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "demo": "ckptsel.cli.demo:demo",
     "verify": "ckptsel.cli.verify:verify",
     "report": "ckptsel.cli.report:report",
+    "cache": "ckptsel.cli.cache:cache",
 }
 
 

@@ -53,6 +53,7 @@ def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
     return {
         "run": escape(ckpt.run or "") if with_run else "",
         "step": "" if ckpt.step is None else str(ckpt.step),
+        "tokens": ckpt.tokens or "",
         "checkpoint": escape(shown),
         "kind": f"[{_kind_style(ckpt.format)}]{ckpt.kind}[/]",
         "epoch": _fmt(ckpt.epoch, 2),
@@ -73,9 +74,11 @@ def _row(ckpt, cwd: Path, fp: str | None, with_run: bool) -> dict[str, str]:
 def ls(paths, base_model, with_fingerprint, as_json):
     """List checkpoints under PATH... in training order, read from configs and headers only.
 
-    PATH is a Trainer run folder (checkpoint-N/ inside, plus a final model at its root),
-    a sweep (a folder of run folders), a single checkpoint folder, or several of these.
-    Checkpoints are grouped by run, each run in training order.
+    PATH is a run folder (Trainer checkpoint-N/ inside, or pretraining stepN/, stepN-tokensXM/,
+    global_stepN/, iter_N/, epoch_N/ folders, plus a final model at its root), a sweep (a folder
+    of run folders), a single checkpoint folder, or several of these. Checkpoints are grouped by
+    run, each run in training order; the format column says how each is read (safetensors, pickle,
+    PEFT, FSDP, DeepSpeed ZeRO: the last two through a converted copy in the cache).
 
     \b
     Example:
@@ -125,8 +128,9 @@ def _print_table(found, fps, cwd, n_runs: int) -> None:
         # Short cells never wrap and names keep their width up to a cap, so on a narrow
         # terminal it is the model and notes columns that wrap.
         widest = max(len(r[name]) for r in rows)
-        table.add_column(name, justify="right" if name in ("step", "epoch", "loss") else "left",
-                         no_wrap=name in ("run", "step", "kind", "epoch", "loss", "fingerprint"), overflow="fold",
+        table.add_column(name, justify="right" if name in ("step", "tokens", "epoch", "loss") else "left",
+                         no_wrap=name in ("run", "step", "tokens", "kind", "epoch", "loss", "fingerprint"),
+                         overflow="fold",
                          min_width=min(widest, 40) if name == "checkpoint" else None)
     for n, r in enumerate(rows):
         last_of_run = n + 1 < len(found) and found[n + 1].run != found[n].run

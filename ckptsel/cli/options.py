@@ -185,6 +185,7 @@ def engine_options(command):
             backend=backend,
             ray=ray_address,
             ray_cpus=ray_cpus,
+            cache_dir=None if kwargs.get("cache_dir") is None else str(kwargs["cache_dir"]),
         )
         if backend == "vllm":  # a missing vllm is a usage error before any work
             from ckptsel.measure.vllm_backend import require_vllm

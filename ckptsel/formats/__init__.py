@@ -7,6 +7,10 @@
     safetensors.py  full weights in safetensors, single file or sharded
     pickle.py       full weights in pickled .bin files (loaded only with --allow-pickle)
     peft.py         PEFT (LoRA) adapters on a base model
+    fsdp.py         FSDP sharded (torch.distributed.checkpoint) and full-state (.bin) checkpoints, converted
+    zero.py         DeepSpeed ZeRO shards, converted with DeepSpeed's zero_to_fp32
+    dcp.py          reading torch.distributed.checkpoint folders (safe metadata, shard checks, conversion)
+    converted.py    converted copies in the cache: keyed by fingerprint, made once, atomically; cache dir
     broken.py       what a checkpoint that cannot be used gets
     registry.py     FORMATS in detection order, format_of(folder)
 
@@ -17,8 +21,9 @@ only as what ``ckptsel ls --json`` prints. Adding a format: ckptsel/DESIGN.md, "
 
 from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
 from ckptsel.formats.registry import (
-    BROKEN, FORMATS, PEFT_ADAPTER, PICKLE, SAFETENSORS, claimed, format_of, no_weights,
+    BROKEN, DEEPSPEED_ZERO, FORMATS, FSDP_FULL, FSDP_SHARDED, PEFT_ADAPTER, PICKLE, SAFETENSORS, claimed, format_of,
+    no_weights, owned,
 )
 
-__all__ = ["BROKEN", "FORMATS", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS", "Checkpoint", "CheckpointFormat",
-           "LoadOptions", "claimed", "format_of", "no_weights"]
+__all__ = ["BROKEN", "DEEPSPEED_ZERO", "FORMATS", "FSDP_FULL", "FSDP_SHARDED", "PEFT_ADAPTER", "PICKLE", "SAFETENSORS",
+           "Checkpoint", "CheckpointFormat", "LoadOptions", "claimed", "format_of", "no_weights", "owned"]

@@ -7,9 +7,11 @@ format, never a kind string:
     detect(folder)          is this folder mine? (file names only: it runs for every folder listed)
     describe(ckpt, base)    fill in the record from configs and headers, no weights loaded
     label(ckpt)             how ``ckptsel ls`` says it will be read
+    owns(folder)            subfolders that belong to the checkpoint in ``folder`` (not checkpoints themselves)
     model_config(ckpt)      the model's config.json (an adapter's: its base's)
     fingerprint(ckpt, h)    what goes into its content hash (ckptsel/discover.py adds an adapter's base)
     check_load / load       whether it can be loaded with these options, and the model
+    model_folder            a Hugging Face model folder with its weights (a converted copy for some formats)
     is_adapter              a delta on a base model: loaded onto one shared base, merged in ΔW space
     merge_refusal(ckpt)     why ``ckptsel merge`` cannot take it (None: it can)
 
@@ -40,6 +42,7 @@ class Checkpoint:
     path: Path                       # absolute
     format: CheckpointFormat         # how it is laid out, read, loaded and merged
     step: int | None = None
+    tokens: str | None = None            # tokens seen, as a stepN-tokensXM folder name says ("1248M")
     epoch: float | None = None
     train_loss: float | None = None
     error: str | None = None
@@ -50,7 +53,7 @@ class Checkpoint:
     num_parameters: int | None = None
     num_experts: int | None = None       # None for dense models
     experts_per_token: int | None = None
-    base_model: str | None = None        # adapters: base path or id
+    base_model: str | None = None        # adapters: base path or id; others: where config.json and tokenizer come from
     lora_rank: int | None = None
     lora_alpha: float | None = None
     target_modules: list[str] | None = None
@@ -82,6 +85,7 @@ class LoadOptions:
     device: Any                      # a torch.device
     trust_remote_code: bool = False
     allow_pickle: bool = False       # pickled weights load (with weights_only=True) only when set
+    cache_dir: Any = None            # where converted copies live (ckptsel/formats/converted.py); None: the default
 
 
 class CheckpointFormat(Protocol):
@@ -108,6 +112,11 @@ class CheckpointFormat(Protocol):
         """How ``ckptsel ls`` says the checkpoint will be read (its "format" cell)."""
         return self.name
 
+    def owns(self, folder: Path) -> list[Path]:
+        """Subfolders of ``folder`` that are part of the checkpoint this format reads there (DeepSpeed's tag
+        folder), so that ckptsel/discover.py does not take them for checkpoints of their own."""
+        return []
+
     def model_config(self, ckpt: Checkpoint) -> dict | None:
         """The model's ``config.json`` as a dict (context length, shape checks), None when not at hand."""
         return config_in(ckpt.path)
@@ -127,6 +136,13 @@ class CheckpointFormat(Protocol):
         """The model (a transformers causal LM on ``options.device`` in ``options.dtype``); the loader puts it in
         eval mode. For an adapter format: the base model, which the loader wraps with the adapter (PEFT) and then
         hot-swaps the next adapters on."""
+
+    def model_folder(self, ckpt: Checkpoint, options: LoadOptions) -> Path:
+        """A Hugging Face model folder (``config.json`` beside safetensors weights) with this checkpoint's
+        weights, for what reads folders (mergekit): the checkpoint's own by default; formats that
+        transformers cannot read as they lie return their converted copy (ckptsel/formats/converted.py),
+        made on first use."""
+        return ckpt.path
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
         """Why ``ckptsel merge`` cannot take ``ckpt``, or None when it can. Adapters (``is_adapter``) merge as

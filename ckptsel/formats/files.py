@@ -232,3 +232,91 @@ def find_weights(folder: Path, *layouts: Layout) -> Weights | None:
                                       f"of {total} is missing")
             return Weights(layout.encoding, shards, None, None)
     return None
+
+
+# --- torch.save archives, read without running them ---------------------------------------------
+
+
+class Inert:
+    """What any class or function named in a pickle becomes when read by :func:`read_torch_pickle`: an
+    object of a stand-in class named after it (``type(x).__name__``), holding the arguments it would have
+    been called with (``args``) and the state pickle would have set (``state``); nothing runs."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"Inert({type(self).__name__}{self.args!r})"
+
+
+class TensorRef(NamedTuple):
+    """A tensor in a torch.save archive, by shape and dtype (its data never read)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def read_torch_pickle(path: Path, max_bytes: int = 256 * 2**20):
+    """The object a ``torch.save`` zip archive holds, read without running anything from it: every class
+    or function the pickle names becomes an :class:`Inert` record, tensors become :class:`TensorRef`
+    (shape, dtype), containers and plain values stay what they are. Only the archive's ``data.pkl``
+    is read, never tensor data. :class:`CheckpointError` naming the file when it is not such an archive
+    (torn, truncated, the legacy format)."""
+    import io
+    import pickle
+    import zipfile
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
+                return {"OrderedDict": _Dict, "set": set, "frozenset": frozenset}[name]
+            if module == "torch._utils" and name.startswith("_rebuild_parameter"):
+                return lambda data, *rest: data
+            if module == "torch._utils" and name.startswith("_rebuild_tensor"):
+                return lambda storage, offset, size, *rest: TensorRef(tuple(size), getattr(storage, "dtype", "?"))
+            if module == "torch" and name == "Size":
+                return lambda dims=(): tuple(dims)
+            if module == "torch" and name.endswith("Storage"):
+                return name.removesuffix("Storage").lower()
+            return type(f"{module}.{name}", (Inert,), {})
+
+        def persistent_load(self, pid):  # ('storage', storage_type, key, location, numel)
+            kind = pid[1] if isinstance(pid, tuple) and len(pid) > 1 else None
+            dtype = getattr(kind, "name", kind)
+            return _Storage(str(dtype).rsplit(".", 1)[-1] if dtype is not None else "?")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entry = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if entry is None:
+                raise CheckpointError(f"{path.name}: not a torch.save archive (no data.pkl)")
+            if archive.getinfo(entry).file_size > max_bytes:
+                raise CheckpointError(f"{path.name}: data.pkl over {max_bytes} bytes")
+            data = archive.read(entry)
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path.name}: torn or truncated (not a complete torch.save archive)") from None
+    try:
+        return _Unpickler(io.BytesIO(data)).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path.name}: unreadable pickle ({type(exc).__name__})") from None
+
+
+class _Storage(NamedTuple):
+    dtype: str
+
+
+class _Dict(dict):
+    """An OrderedDict read by :func:`read_torch_pickle`: a dict that ignores the state pickle may BUILD into it."""
+
+    def __setstate__(self, state):
+        pass

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ckptsel.formats.files import read_safetensors_header
 
+FINGERPRINT_SCHEME = b"ckptsel-fingerprint/1"  # the first bytes of every fingerprint's hash (ckptsel/discover.py)
 WHOLE_LIMIT = 64 * 2**20   # checkpoints with at most this many weight bytes are hashed byte for byte
 _WINDOW = 4096             # otherwise: bytes sampled at the start, middle and end of each tensor
 META_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -39,6 +39,83 @@ def read_model_config(ckpt: Checkpoint) -> None:
         ckpt.notes.append("custom model code (auto_map): loading it needs --trust-remote-code")
 
 
+# --- checkpoints without their own config.json ------------------------------------------------------
+
+# Files a converted copy takes from the folder that supplies the config (and from the checkpoint's own).
+MODEL_FILES = ("config.json", "generation_config.json")
+_TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
+
+
+def model_source(ckpt: Checkpoint, base_model: str | None) -> Path:
+    """Where a checkpoint's architecture (``config.json``) and tokenizer come from: its own folder, else its
+    run's folder (the one holding it), else ``--base-model`` (a folder, or a hub id in the local cache).
+    :class:`CheckpointError` naming what is missing and the option that supplies it."""
+    for folder in (ckpt.path, ckpt.path.parent):
+        if (folder / "config.json").is_file():
+            return folder
+    if base_model:
+        local = resolve_base_model(base_model)
+        if local is None:
+            raise CheckpointError(f"no config.json here or in the run folder; --base-model {base_model}: "
+                                  f"{base_model_missing(base_model)}")
+        if not (Path(local) / "config.json").is_file():
+            raise CheckpointError(f"no config.json here, in the run folder or in --base-model {base_model}")
+        return Path(local)
+    raise CheckpointError(f"no config.json here or in the run folder ({ckpt.path.parent.name}/); pass "
+                          "--base-model PATH (the model's folder: config.json and tokenizer)")
+
+
+def describe_from(ckpt: Checkpoint, source: Path) -> None:
+    """Architecture, experts and dtype from ``source``'s ``config.json``; a checkpoint reading them from
+    another folder records it as ``base_model`` (its tokenizer is read there too) with a note."""
+    config = read_json(source / "config.json")
+    ckpt.architecture = architecture(config)
+    ckpt.num_experts, ckpt.experts_per_token = moe_from_config(config)
+    ckpt.dtype = ckpt.dtype or config_dtype(config)
+    if source != ckpt.path:
+        ckpt.base_model = str(source)
+        ckpt.notes.append(f"config.json and tokenizer from {source}")
+    if config.get("auto_map"):
+        ckpt.notes.append("custom model code (auto_map): loading it needs --trust-remote-code")
+
+
+def copy_model_files(ckpt: Checkpoint, folder: Path) -> None:
+    """Put the config and tokenizer files of ``ckpt`` (its own, else its ``base_model``'s) into ``folder``, a
+    converted copy: a Hugging Face model folder of its own."""
+    import shutil
+
+    sources = [ckpt.path] + ([Path(ckpt.base_model)] if ckpt.base_model else [])
+    for source in reversed(sources):  # the checkpoint's own files win
+        for path in source.iterdir():
+            if path.is_file() and (path.name in MODEL_FILES or path.name.startswith(_TOKENIZER_PREFIXES)):
+                shutil.copyfile(path, folder / path.name)
+
+
+def check_tensors(ckpt: Checkpoint, names: dict[str, tuple[int, ...]], options: LoadOptions, where: str) -> None:
+    """Refuse weights that do not fit the model ``config.json`` describes: a missing or misshapen tensor
+    would otherwise be initialised at random by ``from_pretrained``, with a warning only. The model is
+    built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = ckpt.base_model if ckpt.base_model and not (ckpt.path / "config.json").is_file() else ckpt.path
+    config = AutoConfig.from_pretrained(str(source), local_files_only=True,
+                                        trust_remote_code=options.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=options.trust_remote_code)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+    missing = [k for k in expected if k not in names and not (tied and k == "lm_head.weight")]
+    described = f"the {config.model_type} model that config.json ({source}) describes"
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: no tensor {missing[0]}{more} of {described}")
+    for k, shape in names.items():
+        if k in expected and expected[k] != tuple(shape):
+            raise CheckpointError(f"{where}: {k} has shape {list(shape)}; {described} has {list(expected[k])}")
+
+
 def load_pretrained(path: Path | str, options: LoadOptions):
     """``AutoModelForCausalLM.from_pretrained`` from local files only: safetensors unless ``allow_pickle``
     (then ``.bin`` with ``weights_only=True``), SDPA attention on CUDA. ``path`` is a folder or a hub id

@@ -98,13 +98,14 @@ class CheckpointLoader(Loader):
         *,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
+        cache_dir: str | Path | None = None,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
         self.options = LoadOptions(dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code,
-                                   allow_pickle=allow_pickle)
+                                   allow_pickle=allow_pickle, cache_dir=cache_dir)
         self.base_loads = 0
         self.full_loads = 0
         self._full = None  # the current full-checkpoint model
@@ -116,10 +117,11 @@ class CheckpointLoader(Loader):
 
     @classmethod
     def for_engine(cls, engine) -> CheckpointLoader:
-        """The loader an :class:`~ckptsel.settings.EngineSettings` asks for: device, dtype, and whether remote code
-        and pickled weights may be loaded. Every measurement makes its loader here, so none drops a setting."""
+        """The loader an :class:`~ckptsel.settings.EngineSettings` asks for: device, dtype, whether remote code
+        and pickled weights may be loaded, and where converted copies live. Every measurement makes its loader
+        here, so none drops a setting."""
         return cls(engine.device, engine.dtype, trust_remote_code=engine.trust_remote_code,
-                   allow_pickle=engine.allow_pickle)
+                   allow_pickle=engine.allow_pickle, cache_dir=engine.cache_dir)
 
     def __enter__(self) -> CheckpointLoader:
         return self

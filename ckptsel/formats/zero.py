@@ -1,0 +1,249 @@
+"""DeepSpeed ZeRO checkpoints (stages 1-3), as ``engine.save_checkpoint`` and the Trainer write them.
+
+Layout: a Trainer ``checkpoint-N/`` (``config.json``, the tokenizer, a ``latest`` file naming the tag
+folder, a copied ``zero_to_fp32.py``) holding ``global_stepN/`` with the shards:
+
+    mp_rank_00_model_states.pt                      stages 1-2: module (16-bit) weights, parameter shapes
+    zero_pp_rank_R_mp_rank_00_model_states.pt       stage 3: one per data-parallel rank, no weights
+    zero_pp_rank_R_mp_rank_00_optim_states.pt       every stage: rank R's partition of the fp32 master weights
+                                                    (and the optimizer's moments)
+
+With ZeRO-3 and ``stage3_gather_16bit_weights_on_model_save=false`` (the default) no consolidated
+weight file exists; when the Trainer did write ``model.safetensors`` beside ``global_stepN/`` (ZeRO-1/2,
+or ZeRO-3 with that option on), the folder is an ordinary safetensors checkpoint (the registry tries
+that format first). A tag folder given on its own (``run/global_stepN/`` from a DeepSpeed loop, GPT-NeoX)
+is read the same way, its config from the run folder or ``--base-model``.
+
+Listing reads the shards' pickles without running them (:func:`ckptsel.formats.files.read_torch_pickle`):
+the world size, the stage, the parameter shapes, and whether every rank's shard is there and from the
+same run. Loading converts once into the cache (ckptsel/formats/converted.py) with DeepSpeed's own
+``zero_to_fp32`` routines on CPU (the extra ``ckptsel[deepspeed]``): the shards are pickles, so this
+needs ``--allow-pickle``, and every ``torch.load`` DeepSpeed makes runs with ``weights_only=True``
+(forced by torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with only DeepSpeed's loss-scaler, stage-enum and
+fragment-address classes allowed besides tensors. The copy holds the fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import re
+from pathlib import Path
+
+from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
+from ckptsel.formats.converted import converted_copy, converted_merge_refusal
+from ckptsel.formats.files import config_in, read_torch_pickle
+from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
+from ckptsel.formats.hf import copy_model_files, describe_from, load_pretrained, model_source
+
+LATEST = "latest"
+OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+MODEL = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
+INSTALL = "pip install 'ckptsel[deepspeed]'"
+# Classes DeepSpeed pickles into its shards besides tensors and containers: allowed in its weights_only loads.
+_DEEPSPEED_GLOBALS = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _has_states(folder: Path) -> bool:
+    return any(folder.glob("*_model_states.pt"))
+
+
+class DeepSpeedZero(CheckpointFormat):
+    name = "deepspeed-zero"
+    kind = "full"
+    looks_for = "global_stepN/ (DeepSpeed)"
+
+    def detect(self, folder: Path) -> bool:
+        if _has_states(folder):  # the tag folder itself
+            return True
+        if not (folder / LATEST).is_file():
+            return False
+        tags = [p for p in folder.iterdir() if p.is_dir() and _has_states(p)]
+        # A folder of several tag folders is a run of them (ckptsel/discover.py), not one checkpoint.
+        return len(tags) == 1 or (not tags and (folder / "zero_to_fp32.py").is_file())
+
+    def owns(self, folder: Path) -> list[Path]:
+        return [] if _has_states(folder) else [p for p in folder.iterdir() if p.is_dir() and _has_states(p)]
+
+    def tag_folder(self, ckpt: Checkpoint) -> Path:
+        """The folder with the shards: the checkpoint's own, or the one its ``latest`` file names."""
+        if _has_states(ckpt.path):
+            return ckpt.path
+        tag = (ckpt.path / LATEST).read_text(errors="replace").strip()
+        if not tag or "/" in tag or tag in (".", ".."):
+            raise CheckpointError(f"{LATEST}: does not name a tag folder ({tag!r})")
+        if not (ckpt.path / tag).is_dir():
+            raise CheckpointError(f"{LATEST} names {tag}/, which is missing")
+        if not _has_states(ckpt.path / tag):
+            raise CheckpointError(f"{tag}/: no *_model_states.pt (an interrupted save?)")
+        return ckpt.path / tag
+
+    def describe(self, ckpt: Checkpoint, base_model: str | None) -> None:
+        folder = self.tag_folder(ckpt)
+        tag = folder.name
+        optim, model = _shards(folder, OPTIM), _shards(folder, MODEL)
+        if any(mp for _, mp in [*optim, *model]):
+            raise CheckpointError(f"{tag}/: model-parallel shards (mp_rank > 0); DeepSpeed's conversion reads "
+                                  "data-parallel ZeRO checkpoints only")
+        if not optim:
+            raise CheckpointError(f"{tag}/: no *_optim_states.pt (ZeRO keeps the fp32 weights there; was the "
+                                  "checkpoint saved without its optimizer?)")
+        states = _read(folder, _names(folder, MODEL)[0])
+        world = states.get("dp_world_size") if isinstance(states, dict) else None
+        if not isinstance(world, int) or world < 1:
+            raise CheckpointError(f"{tag}/{_names(folder, MODEL)[0]}: no dp_world_size (not a DeepSpeed checkpoint?)")
+        stage = _stage(states)
+        expected = set(range(world))
+        ranks = {r for r, _ in optim}
+        if missing := sorted(expected - ranks):
+            raise CheckpointError(f"{tag}/zero_pp_rank_{missing[0]}_mp_rank_00_optim_states.pt: missing (rank "
+                                  f"{missing[0]} of {world}; a rank did not finish saving)")
+        per_rank_model = {int(r) for r, _ in model if r is not None}
+        if per_rank_model:
+            stage = 3
+            if missing := sorted(expected - per_rank_model):
+                raise CheckpointError(f"{tag}/zero_pp_rank_{missing[0]}_mp_rank_00_model_states.pt: missing (rank "
+                                      f"{missing[0]} of {world})")
+        if ranks - expected or per_rank_model - expected:
+            extra = sorted((ranks | per_rank_model) - expected)[0]
+            raise CheckpointError(f"{tag}/zero_pp_rank_{extra}_mp_rank_00_optim_states.pt: shards of another world "
+                                  f"size ({len(ranks)} optimizer shards, mp_rank_00 says dp_world_size {world})")
+        for name in _names(folder, OPTIM):  # every shard from a run of this world size
+            part = _partition_count(_read(folder, name))
+            if part is not None and part != world:
+                raise CheckpointError(f"{tag}/{name}: a shard of a {part}-rank run among {world}-rank shards")
+        ckpt.weight_files = [folder / n for n in sorted(_names(folder, MODEL) + _names(folder, OPTIM))]
+        ckpt.weight_format = "pickle"
+        shapes = [s for group in states.get("param_shapes") or [] if isinstance(group, dict) for s in group.values()]
+        ckpt.num_parameters = sum(math.prod(s) for s in shapes if isinstance(s, tuple)) or None
+        ckpt.dtype = "float32"  # the conversion rebuilds the fp32 master weights
+        describe_from(ckpt, model_source(ckpt, base_model))
+        ckpt.notes.append(f"ZeRO-{stage or '?'}: converted once with DeepSpeed's zero_to_fp32 (needs --allow-pickle)")
+        if not deepspeed_installed():
+            ckpt.notes.append(f"DeepSpeed is not installed: {INSTALL}")
+
+    def label(self, ckpt: Checkpoint) -> str:
+        ranks = sum(1 for f in ckpt.weight_files if OPTIM.fullmatch(f.name))
+        stage = "3" if any(f.name.startswith("zero_pp_rank_") and MODEL.fullmatch(f.name) for f in ckpt.weight_files) \
+            else "1/2"
+        return f"DeepSpeed ZeRO-{stage}, {ranks} rank{'s' * (ranks != 1)} → converted copy"
+
+    def model_config(self, ckpt: Checkpoint) -> dict | None:
+        return config_in(ckpt.path) or config_in(Path(ckpt.base_model) if ckpt.base_model else None)
+
+    def fingerprint(self, ckpt: Checkpoint, h) -> None:
+        feed(h, "kind", f"{ckpt.kind}:deepspeed-zero".encode())
+        hash_files(h, ckpt.weight_files)
+        hash_meta_files(h, ckpt.path)
+        if ckpt.base_model:
+            feed(h, "config-from", b"")
+            hash_meta_files(h, Path(ckpt.base_model))
+
+    def check_load(self, ckpt: Checkpoint, options: LoadOptions) -> None:
+        if not options.allow_pickle:
+            raise CheckpointError(f"{ckpt.path}: DeepSpeed's .pt shards are pickles; pass --allow-pickle to convert "
+                                  "them (read with weights_only=True)")
+        if not deepspeed_installed():
+            # The same for every ZeRO checkpoint: a usage error (exit 2), not a broken checkpoint.
+            raise CkptselError(f"{ckpt.path}: reading DeepSpeed ZeRO checkpoints needs DeepSpeed: {INSTALL}")
+
+    def model_folder(self, ckpt: Checkpoint, options: LoadOptions) -> Path:
+        self.check_load(ckpt, options)
+        folder = self.tag_folder(ckpt)
+
+        def convert(out: Path) -> None:
+            import inspect
+
+            from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+            if "safe_serialization" not in inspect.signature(convert_zero_checkpoint_to_fp32_state_dict).parameters:
+                raise CkptselError(f"this DeepSpeed's zero_to_fp32 cannot write safetensors; upgrade it: {INSTALL}")
+            try:
+                with _weights_only():
+                    convert_zero_checkpoint_to_fp32_state_dict(str(folder.parent), str(out), max_shard_size="2GB",
+                                                               safe_serialization=True, tag=folder.name)
+            except (ValueError, FileNotFoundError, RuntimeError, KeyError, EOFError) as exc:
+                lines = str(exc).strip().splitlines()
+                raise CheckpointError(f"{ckpt.path.name}/{folder.name}: DeepSpeed's conversion failed: "
+                                      f"{lines[0][:200] if lines else type(exc).__name__}") from None
+            copy_model_files(ckpt, out)
+
+        return converted_copy(ckpt, options.cache_dir, convert, what="DeepSpeed zero_to_fp32 → safetensors")
+
+    def load(self, ckpt: Checkpoint, options: LoadOptions):
+        return load_pretrained(self.model_folder(ckpt, options), options)
+
+    def merge_refusal(self, ckpt: Checkpoint) -> str | None:
+        return converted_merge_refusal(self.name)
+
+
+def _read(folder: Path, name: str):
+    """A shard's pickle, read without running it; its errors name the tag folder too."""
+    try:
+        return read_torch_pickle(folder / name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder.name}/{exc}") from None
+
+
+def _shards(folder: Path, pattern: re.Pattern) -> list[tuple[int | None, int]]:
+    """(data-parallel rank or None, model-parallel rank) of each shard file matching ``pattern``."""
+    out = []
+    for name in _names(folder, pattern):
+        m = pattern.fullmatch(name)
+        out.append((int(m[1]) if m[1] is not None else None, int(m[2])))
+    return out
+
+
+def _names(folder: Path, pattern: re.Pattern) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if pattern.fullmatch(p.name))
+
+
+def _stage(states) -> int | None:
+    zero = (states.get("ds_config") or {}).get("zero_optimization") if isinstance(states, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
+def _partition_count(optim) -> int | None:
+    inner = optim.get("optimizer_state_dict") if isinstance(optim, dict) else None
+    count = inner.get("partition_count") if isinstance(inner, dict) else None
+    if isinstance(count, list):  # ZeRO-1/2: one per parameter group (expert groups may differ)
+        count = max((c for c in count if isinstance(c, int)), default=None)
+    return count if isinstance(count, int) else None
+
+
+@contextlib.contextmanager
+def _weights_only():
+    """Every ``torch.load`` in the block with ``weights_only=True``, whatever its caller passes, and
+    DeepSpeed's few pickled classes allowed."""
+    import importlib
+
+    import torch
+
+    allowed = []
+    for module, name in _DEEPSPEED_GLOBALS:
+        with contextlib.suppress(ImportError, AttributeError):
+            allowed.append(getattr(importlib.import_module(module), name))
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+DEEPSPEED_ZERO = DeepSpeedZero()
