@@ -413,10 +413,12 @@ def test_reweighting_drops_memorised_examples_from_the_next_epoch(tmp_path):
     assert [e["ckptsel/reweighted"] for e in logged] == [EXAMPLES] * 3 and logged[0]["ckptsel/reweight"] == 0.0
 
 
-def test_reweighting_in_an_sft_trainer(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_reweighting_in_an_sft_trainer(mode, lora_base, tmp_path):
     run = tmp_path / "run"
     callback = _callback(run, tmp_path / "cache", threshold=100.0, reweight=0.25)
-    trainer = _sft(run, [callback])
+    trainer = _sft(run, [callback], lora_base=lora_base if mode == "lora" else None)
+    assert (run / "checkpoint-6" / "adapter_config.json").is_file() == (mode == "lora")
     assert trainer.state.global_step == 6 and len(callback.down_weighted) == EXAMPLES
     weights = callback._dataloader.batch_sampler.sampler.weights
     assert sorted(np.flatnonzero(weights < 1)) == sorted(callback.down_weighted) and set(weights) == {0.25, 1.0}
