@@ -62,7 +62,8 @@ STAGE_RULE = (
 )
 RECOMMEND_RULE = (
     "accuracy first: the checkpoints within {se:g} SE of the highest pre-memorization accuracy (predicted test "
-    "accuracy; SE of the paired per-example gap), the unflagged ones among them if any, and of those the "
+    "accuracy; SE of the paired per-example gap), those not underfit among them if any, the unflagged ones among "
+    "those if any, and of those the "
     "lowest {proxy} (within {tie:.0%} of it: the highest predicted accuracy)"
 )
 RECOMMEND_RULE_ROBUST = (
@@ -191,7 +192,7 @@ def assess(
 
 def recommend(
     premem: np.ndarray, proxy: np.ndarray, flagged: np.ndarray, tie: float = 0.0, se: float = 1.0,
-    prefer: str = "accuracy",
+    prefer: str = "accuracy", underfit: np.ndarray | None = None,
 ) -> int | None:
     """Index of the recommended checkpoint (the rule in the module docstring); None if nothing is measured.
 
@@ -207,7 +208,10 @@ def recommend(
     equal, and among them the highest predicted accuracy wins: a few percent of mean NLL is
     within the noise of a proxy measured on tens of examples. Among equal values the
     earliest checkpoint wins; when no candidate has a proxy value, the best predicted
-    accuracy among the candidates is kept.
+    accuracy among the candidates is kept. ``underfit`` (stage (a), :func:`underfit`): such a
+    checkpoint is never chosen over a close one that is not -- on a handful of examples one
+    standard error spans most of the run, and an underfit checkpoint's proxy is low because it has
+    learned little, not because it generalises.
     """
     if prefer not in PREFERENCES:
         raise ValueError(f"prefer must be one of {PREFERENCES}, not {prefer!r}")
@@ -225,6 +229,8 @@ def recommend(
     best = int(np.argmax(np.where(pool, pm, -np.inf)))  # Kang et al.: highest predicted test accuracy
     gap, gap_se = metrics.paired_gap(values, best)
     close = pool & (gap >= -se * gap_se)  # as accurate as the best, within its noise
+    if underfit is not None and (close & ~np.asarray(underfit, dtype=bool)).any():
+        close &= ~np.asarray(underfit, dtype=bool)  # stage (a) only when nothing close is past it
     if (close & ~flagged).any():
         close &= ~flagged  # a flagged checkpoint is passed over only for an unflagged one as accurate
     if not (close & ~np.isnan(proxy)).any():

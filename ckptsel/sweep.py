@@ -131,8 +131,8 @@ class SweepResult:
 
 SWEEP_RULE = (
     "across runs: each run's recommendation competes; the highest pre-memorization accuracy, and among those "
-    "within {se:g} SE of it (paired where runs share examples, unpaired otherwise) the lowest rise of the proxy "
-    "over its own run's minimum"
+    "within {se:g} SE of it (paired where runs share examples, unpaired otherwise; not underfit against the best if "
+    "any is not) the lowest rise of the proxy over its own run's minimum"
 )
 
 
@@ -272,7 +272,8 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
     # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
     tie_break = proxy_values if proxy else columns["memorized_frac"]
-    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se, overmem.prefer)
+    pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se, overmem.prefer,
+                            underfit=np.array([stage == stages.UNDERFIT for stage in assessment.stages]))
     if pick is not None and flagged[pick] and not flagged.all():
         warnings.append(_flagged_pick_warning(run, pm, assessment, flagged, pick, proxy or "proxy"))
     return RunRanking(run.name, list(run.steps), columns, (lo, hi), assessment.stages, assessment.flags, proxy, pick,
@@ -328,6 +329,11 @@ def _sweep_pick(runs: Sequence[RunArrays], ranked: Sequence[RunRanking], overmem
         gap, se = gap_between(runs[r], ranked[r], runs[best], ranked[best])
         if gap >= -overmem.recommend_se * se:
             close.append(r)
+    # Stage (a) across the sweep: a pick whose predicted accuracy is below underfit_fraction of the best one's
+    # is not chosen over a close one that is not (on a handful of examples one SE spans most runs).
+    low = {r: pm[r] == 0 or pm[r] < overmem.underfit_fraction * pm[best] for r in close}
+    if not all(low.values()):
+        close = [r for r in close if not low[r]]
     if not all(flagged[r] for r in close):
         close = [r for r in close if not flagged[r]]  # a flagged pick only where no clean one is as accurate
     ratio = {r: float(ranked[r].columns["proxy_ratio"][ranked[r].recommended]) for r in close}

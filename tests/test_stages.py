@@ -148,3 +148,18 @@ def test_recommend_edge_cases():
     with pytest.raises(ValueError):
         S.recommend(pm, np.ones(3), np.zeros(2, bool))
 
+
+
+def test_an_underfit_checkpoint_is_not_picked_over_a_close_one_that_is_not():
+    from ckptsel import metrics
+
+    stages = S
+    """On 6 examples one SE spans 0.083 to 0.333: the underfit one's lower proxy must not win."""
+    premem = np.array([[0.0] * 6, [1.0, 0, 0, 0, 0, 1.0], [0, 0.5, 0, 0, 0, 0]])  # PM 0, 0.333, 0.083
+    proxy = np.array([np.nan, 1.0, 0.84])
+    flagged = np.zeros(3, bool)
+    assert stages.recommend(premem, proxy, flagged) == 2  # the lowest proxy among the close ones
+    underfit = stages.underfit(metrics.per_checkpoint_mean(premem))
+    assert underfit.tolist() == [True, False, True]
+    assert stages.recommend(premem, proxy, flagged, underfit=underfit) == 1
+    assert stages.recommend(premem[[0, 2]], proxy[[0, 2]], flagged[:2], underfit=np.array([True, True])) == 1
