@@ -88,7 +88,8 @@ def test_rank_json_matches_the_formula_on_stored_measurements(learning_run, tmp_
     assert out["proxy"] == "heldout_nll" and out["n_heldout"] == 8
     assert all(r["heldout_nll"] > 0 and r["entropy"] > 0 for r in rows)
     assert all(r["stage"] in ("underfit", "generalizing", "over-memorized") for r in rows)
-    assert "the unflagged ones among them" in out["rule"] and "heldout_nll" in out["rule"]
+    assert "those not underfit among them" in out["rule"] and "the unflagged ones among those" in out["rule"]
+    assert "heldout_nll" in out["rule"]
 
 
 def test_rank_then_gate_on_the_same_cache_measures_nothing(tiny_run, tmp_path):
