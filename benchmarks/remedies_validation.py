@@ -158,7 +158,13 @@ def curation(args) -> dict:
             results.append(done)
             print(f"  seed {done['seed']} {done['strategy']:9s} +{done['budget']:4d}: held-out accuracy "
                   f"{done['test_accuracy']:.3f}", flush=True)
-    return summarize_curation(results, budgets)
+    summary = summarize_curation(results, budgets)
+    # Which strategies fell back to the i.i.d. order (every row tied at the pick): the same rows, file for file.
+    summary["same_rows_as_iid"] = {
+        f"{strategy} +{budget} seed {seed}": (folder / f"chosen-{strategy}-{budget}.jsonl").read_bytes()
+        == (folder / f"chosen-iid-{budget}.jsonl").read_bytes()
+        for seed, (_, _, folder) in bases.items() for strategy in ("train-acc", "loss") for budget in budgets}
+    return summary
 
 
 def _curate(base_run: Path, pool_file: Path, strategy: str, budget: int, seed: int, args) -> list[dict]:
@@ -172,7 +178,7 @@ def _curate(base_run: Path, pool_file: Path, strategy: str, budget: int, seed: i
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def _share_hard(rows: list[dict]) -> dict:
+def _share_hard(rows: list[dict]) -> dict[str, float]:
     """What the chosen rows are: share of each family (a view of where the budget went)."""
     families = [r["family"] for r in rows]
     return {f: round(families.count(f) / len(families), 3) for f in FAMILIES} if families else {}
@@ -198,9 +204,14 @@ def summarize_curation(results: list[dict], budgets) -> dict:
     efficiency = {s: {b: iid_budget_for(mean[(s, b)]) / b for b in budgets if (s, b) in mean}
                   for s in STRATEGIES}
     spread = {k: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan for k, v in by.items()}
+    shares = {}  # where each strategy's budget went, by family (per seed)
+    for r in results:
+        if r.get("hard_share"):
+            shares[f"{r['strategy']} +{r['budget']} seed {r['seed']}"] = r["hard_share"]
     return {"runs": results, "mean_accuracy": {f"{s} +{b}": v for (s, b), v in sorted(mean.items())},
             "seed_std": {f"{s} +{b}": v for (s, b), v in sorted(spread.items())},
-            "data_efficiency": {s: {str(b): e for b, e in v.items()} for s, v in efficiency.items()}}
+            "data_efficiency": {s: {str(b): e for b, e in v.items()} for s, v in efficiency.items()},
+            "budget_by_family": shares}
 
 
 # --------------------------------------------------------------------------- reweighting

@@ -18,7 +18,6 @@ This module imports numpy and the formulas only: ranking from the store never lo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -177,18 +176,3 @@ def table_columns(has_value: Callable[[str], bool]) -> list[Column]:
 def band_partner(column: Column) -> str | None:
     """The other end of a "band:<key>" cell, else None."""
     return column.cell.split(":", 1)[1] if column.cell.startswith("band:") else None
-
-
-def best_index(values: np.ndarray, key: str) -> int | None:
-    """Index of the best value by the column's declared direction (ties: the earliest); None if all NaN."""
-    column = BY_KEY.get(key)
-    if column is None or column.higher_is_better is None:
-        raise KeyError(f"{key!r} is not a column with a direction; known: {', '.join(KEYS)}")
-    values = np.asarray(values, dtype=float)
-    if values.size == 0 or np.isnan(values).all():
-        return None
-    return int(np.nanargmax(values) if column.higher_is_better else np.nanargmin(values))
-
-
-def is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -261,12 +261,11 @@ def rank_runs(
         def measure(run: Run, examples, heldout, offset: int, store: Store, executor: Executor) -> MeasuredRun:
             if examples is None:
                 return MeasuredRun(run, data_files.get(run.name), _unreadable(run, recipe, request.engine))
-            sizes = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].budgets
-            collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=sizes,
+            rendered = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))]
+            collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=rendered.budgets,
                                 engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
                                 on_progress=_offset(on_progress, offset), executor=executor)
-            return MeasuredRun(run, data_files.get(run.name), collected,
-                               loaded[(data_files[run.name].resolve(), tokenizers.identity(run))].examples)
+            return MeasuredRun(run, data_files.get(run.name), collected, rendered.examples)
 
         executor = executor_for(request.engine) if executor is None else executor
         with executor:

@@ -402,7 +402,8 @@ def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarra
     example.
     """
     fps = [fp for i, fp in enumerate(collected.fingerprints) if fp is not None and i not in collected.failures]
-    out = {}
+    out: dict[str, np.ndarray] = {}
+    from_samples: dict[tuple[str, bool], list[columns.Measure]] = {}  # (series, held-out) -> its sample measures
     for measure in columns.MEASURES:
         uids = [ex.uid for ex in (collected.heldout if measure.heldout else collected.examples)]
         series = collected.series.get(measure.kind, measure.kind if measure.kind in ("score", "sample") else None)
@@ -411,19 +412,25 @@ def measured_matrices(collected: Collected, store: Store) -> dict[str, np.ndarra
         elif measure.field is not None:
             out[measure.name] = store.matrix(fps, collected.settings_key, series, uids, measure.field)
         else:
-            out[measure.name] = _of_samples(store, fps, collected.settings_key, series, uids, measure.of_samples)
+            from_samples.setdefault((series, measure.heldout), []).append(measure)
+    for (series, heldout), measures in from_samples.items():
+        uids = [ex.uid for ex in (collected.heldout if heldout else collected.examples)]
+        out.update(_of_samples(store, fps, collected.settings_key, series, uids, measures))
     return out
 
 
-def _of_samples(store: Store, fps: list[str], key: str, series: str, uids: list[str], fn) -> np.ndarray:
-    """``fn`` of each stored record's samples, as a (checkpoints, examples) array (NaN: no samples)."""
-    out = np.full((len(fps), len(uids)), np.nan)
+def _of_samples(store: Store, fps: list[str], key: str, series: str, uids: list[str],
+                measures: Sequence[columns.Measure]) -> dict[str, np.ndarray]:
+    """Each measure's ``of_samples`` of every stored record's samples, as (checkpoints, examples) arrays
+    (NaN: no samples); the records are read once for all of them."""
+    out = {m.name: np.full((len(fps), len(uids)), np.nan) for m in measures}
     for row, fp in enumerate(fps):
         records = store.get_many(fp, key, series, uids)
         for col, uid in enumerate(uids):
             rec = records.get(uid)
             if rec is not None and rec.samples:
-                out[row, col] = fn(rec.samples)
+                for m in measures:
+                    out[m.name][row, col] = m.of_samples(rec.samples)
     return out
 
 

@@ -40,16 +40,6 @@ def test_the_table_shows_always_columns_and_measured_ones_with_a_value():
     assert "proxy_ratio" not in [c.key for c in table_columns(lambda key: True)]  # JSON only
 
 
-def test_best_index_follows_the_declared_direction():
-    values = np.array([0.3, np.nan, 0.7, 0.1])
-    assert columns.best_index(values, "premem_acc") == 2
-    assert columns.best_index(values, "alt_nll") == 3
-    assert columns.best_index([0.5, 0.5], "train_acc") == 0  # ties go to the earliest
-    assert columns.best_index([np.nan, np.nan], "train_acc") is None
-    with pytest.raises(KeyError, match="'loss' is not a column"):
-        columns.best_index(values, "loss")
-
-
 def test_a_ranking_row_reads_columns_as_attributes_and_writes_every_key_to_json():
     row = CheckpointMetrics(index=0, path="p", step=1, epoch=None, train_loss=None, fingerprint="f",
                             values={"premem_acc": 0.5})

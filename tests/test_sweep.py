@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -321,3 +322,24 @@ def test_the_nu_band_bounds_pre_memorization_accuracy_over_half_to_twice_nu():
     assert band["premem_nu_high"][2] == 1.0  # at 0.05 neither is memorised
     assert band["premem_nu_low"][2] <= ranked.columns["premem_acc"][2] <= band["premem_nu_high"][2]
     assert np.isnan(nu_band(acc, nll, None)["premem_nu_low"]).all()  # the copy rule: no nu, no band
+
+
+def test_across_runs_an_underfit_pick_is_not_chosen_over_a_close_one_that_is_not():
+    """Two runs' picks within one SE on 6 examples (0.083 and 0.333): the lower proxy rise belongs to the one
+    below half the best, and it does not win."""
+    from ckptsel.sweep import RunRanking, _sweep_pick
+
+    def ranked(name, per_example, ratio):
+        per_example = np.array([per_example], dtype=float)
+        return RunRanking(name, [1], {"premem_acc": per_example.mean(axis=1), "proxy_ratio": np.array([ratio])},
+                          (np.zeros(1), np.ones(1)), ["generalizing"], [None], "perturb_nll", 0, 0.1, per_example,
+                          np.zeros_like(per_example, bool))
+
+    ids = [f"e{i}" for i in range(6)]
+    runs = [_run(n, np.zeros((1, 6)), np.ones((1, 6))) for n in ("low", "high")]
+    runs = [dataclasses.replace(r, examples=ids) for r in runs]
+    low, high = ranked("low", [0, 0.5, 0, 0, 0, 0], 1.0), ranked("high", [1, 0, 0, 0, 0, 1], 1.2)
+    overmem = OvermemSettings()
+    assert _sweep_pick(runs, [low, high], overmem) == 1
+    # Without the underfit guard (nothing is below half the best) the lower rise would win.
+    assert _sweep_pick(runs, [low, high], overmem.model_copy(update={"underfit_fraction": 0.1})) == 0

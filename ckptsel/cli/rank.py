@@ -17,7 +17,6 @@ from ckptsel.cli.options import (
     stderr_console,
     stdout_console,
 )
-from ckptsel.columns import band_partner, table_columns
 
 
 # --------------------------------------------------------------------------- the command
@@ -73,6 +72,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def _cell(c, column) -> str:
     """One checkpoint's value of one ckptsel.columns column, as its ``cell`` says."""
+    from ckptsel.columns import band_partner
+
     value = getattr(c, column.key)
     if column.cell == "ci":
         return f"{_fmt(value, column.fmt)} ({_fmt(c.premem_ci[0], '.2f')}–{_fmt(c.premem_ci[1], '.2f')})"
@@ -83,6 +84,8 @@ def _cell(c, column) -> str:
 
 def _print_table(console, ranking, recipe) -> None:
     from rich.table import Table
+
+    from ckptsel.columns import table_columns
 
     t = ranking.threshold
     if t.rule == "nll":

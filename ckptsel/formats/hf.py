@@ -9,12 +9,47 @@ import re
 from pathlib import Path
 
 from ckptsel.errors import CheckpointError
-from ckptsel.formats.base import Checkpoint, LoadOptions
-from ckptsel.formats.files import Weights, architecture, config_dtype, moe_from_config, read_json, safetensors_totals
+from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
+from ckptsel.formats.files import (
+    Layout,
+    Weights,
+    architecture,
+    config_dtype,
+    find_weights,
+    moe_from_config,
+    read_json,
+    safetensors_totals,
+)
 
 PICKLE_NOTE = "pickle weights: loading them runs pickled code and needs --allow-pickle"
 PICKLE_MERGE_REFUSAL = ("pickle weights (.bin); merge reads safetensors only "
                         "(re-save with save_pretrained(..., safe_serialization=True))")
+
+
+class ModelFolder(CheckpointFormat):
+    """A model folder: full weights in one ``layout`` (single file, shards, an index) beside ``config.json``,
+    loaded by ``from_pretrained``. Subclasses set the layout and what ``ckptsel ls`` calls it."""
+
+    kind = "full"
+    layout: Layout
+    label_name: str  # "safetensors", "pickle .bin": the ls label, ", N shards" added
+
+    def detect(self, folder: Path) -> bool:
+        return self.layout.present(folder)
+
+    def describe(self, ckpt: Checkpoint, base_model: str | None) -> None:
+        weights = find_weights(ckpt.path, self.layout)
+        if weights is None:  # detect() said it was there
+            raise CheckpointError(f"{self.layout.single}: gone while being read")
+        read_weights(ckpt, weights)
+        read_model_config(ckpt)
+
+    def label(self, ckpt: Checkpoint) -> str:
+        n = len(ckpt.weight_files)
+        return self.label_name if n < 2 else f"{self.label_name}, {n} shards"
+
+    def load(self, ckpt: Checkpoint, options: LoadOptions):
+        return load_pretrained(ckpt.path, options)
 
 
 def read_weights(ckpt: Checkpoint, weights: Weights) -> None:

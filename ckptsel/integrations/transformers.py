@@ -398,7 +398,8 @@ def _memorised_rows(ranking, index: int, examples) -> list[int]:
     measured = [int(i) for i in per_example.get("measured_index", ())]
     if index not in measured:
         return []
-    mask = per_example["memorized"][measured.index(index)] & ~np.isnan(per_example["nll"][measured.index(index)])
+    row = measured.index(index)
+    mask = per_example["memorized"][row] & ~np.isnan(per_example["nll"][row])
     return [ex.index for ex, memorised in zip(examples, mask) if memorised]
 
 
