@@ -25,7 +25,8 @@ Spearman of the flag's proxy with the true held-out NLL; pooled R² of pre-memor
 against held-out accuracy for fixed and calibrated nu; and where the Trainer callback's
 ``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2); the noise floor (what even
 the truly best checkpoint gives up against a measured best, held-out questions resampled); pooled R² with
-a scale-free memorisation rule (NLL below rho x its first-checkpoint value). With ``--kang`` the
+a scale-free memorisation rule (NLL below rho x its first-checkpoint value); and the rules again with
+``--memorization peak-nll`` (each lab re-ranked with it; the first time re-scores its targets). With ``--kang`` the
 same rules on Kang et al.'s Llama3-8B GSM8K arrays (no over-memorization truth there: accuracy and
 R² only); with ``--demo`` the demo run's pick and its truth.
 
@@ -66,8 +67,11 @@ class LabRun:
         return overmemorized(self.test_acc, self.test_nll)
 
 
-def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[LabRun], object, float]:
-    """Rank every run of a lab folder once (measuring what the store lacks); its runs, recipe and seconds."""
+def load_lab(folder: Path, cache_dir: Path, max_examples: int,
+             rule: str | None = None) -> tuple[list[LabRun], object, float]:
+    """Rank every run of a lab folder once (measuring what the store lacks); its runs, recipe and seconds.
+
+    ``rule``: the memorisation rule instead of the lab recipe's (``peak-nll`` at its own default nu)."""
     from ckptsel.discover import discover_runs
     from ckptsel.lab.ground_truth import read_ground_truth
     from ckptsel.pipeline import RankRequest, rank_runs
@@ -81,6 +85,11 @@ def load_lab(folder: Path, cache_dir: Path, max_examples: int) -> tuple[list[Lab
     for run in runs:  # the lab's ground truth is per checkpoint-N folder
         run.checkpoints[:] = [c for c in run.checkpoints if c.path.name.startswith("checkpoint-")]
     recipe = load_recipe(runs[0].path / "recipe.yaml")
+    if rule is not None:
+        from ckptsel.recipes import override
+        from ckptsel.settings import default_threshold
+
+        recipe = override(recipe, memorization={"rule": rule, "threshold": default_threshold(rule)})
     start = time.perf_counter()
     result = rank_runs(RankRequest(paths=(folder,), recipe=recipe, data_per_run="train.jsonl",
                                    max_examples=max_examples, cache_dir=cache_dir, runs=tuple(runs)))
@@ -324,7 +333,7 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
                 run.arrays, steps=run.arrays.steps[: j + 1],
                 **{name: getattr(run.arrays, name)[: j + 1] for name in ("acc", "nll", "copy", "entropy", "perturb",
                                                                          "heldout")},
-                alt=alt,
+                alt=alt, measures={name: values[: j + 1] for name, values in run.arrays.measures.items()},
                 alt_source_of=np.where(later, -1, source_of) if len(run.arrays.alt_source_of) else ())
             r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1],
                               run.test_per_example[: j + 1]), recipe, "default")
@@ -349,7 +358,21 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
             "diversity": diversity_figures(runs, recipe),
             "relative_nu_r2": relative_nu_r2([(r.arrays.matrix("acc"), r.arrays.matrix("nll"), r.test_acc)
                                               for r in runs]),
-            "per_run": [per_run(r, recipe) for r in runs]}
+            "per_run": [per_run(r, recipe) for r in runs],
+            "peak_nll": peak_figures(folder, cache_dir, max_examples)}
+
+
+def peak_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
+    """The same rules with ``--memorization peak-nll`` (nu 1.0 on each target's costliest token, chosen on the
+    main lab by ``nu_aggregation.py``); the first call re-scores each checkpoint's targets once."""
+    runs, recipe, seconds = load_lab(folder, cache_dir, max_examples, rule="peak-nll")
+    pm = np.concatenate([ranked(r, recipe, "default").columns["premem_acc"] for r in runs])
+    from ckptsel.metrics import r2_identity
+
+    return {"rank_seconds": seconds, "nu": recipe.memorization.threshold,
+            "r2": r2_identity(pm, np.concatenate([r.test_acc for r in runs])),
+            "picks": pick_table(runs, recipe), "flags": flag_table(runs, recipe),
+            "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)}}
 
 
 def per_run(run: LabRun, recipe) -> dict:
@@ -449,6 +472,16 @@ def print_lab(name: str, fig: dict) -> None:
               f"{r['run']} {r['best_clean']:.3f} -> {r['overmemorized_mean']:.3f}" for r in d["runs"])
           + f"); Spearman with held-out NLL, median over {len(d['spearman_heldout_nll'])} runs: "
           f"{_f(d['spearman_median'], '.2f')}")
+    p = fig["peak_nll"]
+    print(f"--memorization peak-nll (nu {p['nu']:g}): pooled R² {_f(p['r2'])}; " + "; ".join(
+        f"{rule} {_f(t['regret_mean'])} / {_f(t['regret_worst'])} (clean {_f(t['regret_clean_mean'])} / "
+        f"{_f(t['regret_clean_worst'])}; over-memorized picks {t['overmem_picks']} "
+        f"({t['overmem_picks_with_clean_within_0.03']}))" for rule, t in p["picks"].items()
+        if rule in ("default", "robustness", "highest PM")))
+    t = p["flags"]["default"]
+    print(f"  flags precision {_f(t['precision'], '.2f')}, recall {_f(t['recall'], '.2f')} ({t['flagged']} flagged); "
+          + "; ".join(f"callback {k}: {v['stops']} stopped, {v['early']} early, lost {_f(v['lost_mean'])} / "
+                      f"{_f(v['lost_worst'])}" for k, v in p["callback"].items()))
     for r in fig["per_run"]:
         print(f"  {r['run']}: best {r['best']}; before {r.get('before')}, default {r.get('default')}, robustness "
               f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']})")

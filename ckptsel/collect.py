@@ -272,7 +272,8 @@ class _RunState:
         pool = self.pool(kind)
         fp, series = self.result.fingerprints[i], self.result.series[kind]
         with_array = KINDS[kind].routes and self.checkpoints[i].num_experts is not None
-        missing = set(self.store.missing(fp, self.key, series, [ex.uid for ex in pool], with_array=with_array))
+        missing = set(self.store.missing(fp, self.key, series, [ex.uid for ex in pool], with_array=with_array,
+                                         with_field=KINDS[kind].requires(self.recipe)))
         return [ex for ex in pool if ex.uid in missing], len(pool)
 
     def run(self, session: _Session, i: int, kind: str) -> None:

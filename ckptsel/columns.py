@@ -45,6 +45,7 @@ class Measure:
 
 MEASURES: tuple[Measure, ...] = (
     Measure("nll", "score", "nll"),
+    Measure("peak_nll", "score", "peak_nll"),  # the costliest target token's NLL (the peak-nll rule)
     Measure("entropy", "score", "entropy"),
     Measure("acc", "sample", "acc"),
     Measure("copy", "sample", "copy_rate"),
@@ -59,13 +60,14 @@ MEASURES: tuple[Measure, ...] = (
 @dataclass(frozen=True)
 class Inputs:
     """What a column is computed from: one run's measures (``(checkpoints, examples)``, in training
-    order), its memorised mask and the mask of measured pairs, and the ν it used (None under the
-    copy rule)."""
+    order), its memorised mask and the mask of measured pairs, the ν it used (None under the
+    copy rule) and the measure ν is compared with (``nll`` or ``peak_nll``)."""
 
     m: Mapping[str, np.ndarray]
     memorised: np.ndarray
     measured: np.ndarray
     threshold: float | None
+    nll_measure: str = "nll"
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _premem_at(factor: float) -> Callable[[Inputs], np.ndarray]:
     def compute(x: Inputs) -> np.ndarray:
         if x.threshold is None or not x.threshold > 0:
             return np.full(np.shape(x.m["acc"])[0], np.nan)
-        return metrics.premem_accuracy(x.m["acc"], x.m["nll"], x.threshold * factor)
+        return metrics.premem_accuracy(x.m["acc"], x.m[x.nll_measure], x.threshold * factor)
 
     return compute
 

@@ -74,7 +74,8 @@ def _score_records(model, tokenizer, examples, recipe: Recipe, ctx: MeasureConte
         log.warning("%s: no router modules found; no pathway metrics for it", type(model).__name__)
     out = {}
     for i, ex in enumerate(examples):
-        record = Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]))
+        record = Record(nll=float(result.nll[i]), n_tokens=int(result.n_tokens[i]), entropy=float(result.entropy[i]),
+                        peak_nll=float(result.peak_nll[i]))
         if routed:
             array = weights[i].astype(np.float16) if weights is not None else np.zeros(0, np.float16)
             data = {"layer_cos": cosines[i].tolist()} if cosines is not None else None
@@ -124,10 +125,17 @@ class Kind:
     examples: Literal["train", "heldout"] = "train"
     # MoE checkpoints: records need an array (routing weights); rows stored without one are re-measured.
     routes: bool = False
+    # A numeric record field the recipe needs; rows stored without it (older ckptsel) are re-measured.
+    requires: Callable[[Recipe], str | None] = lambda recipe: None
+
+
+def _peak_if_ruled(recipe: Recipe) -> str | None:
+    """Target scores need ``peak_nll`` under the ``peak-nll`` memorisation rule (stores before it lack it)."""
+    return "peak_nll" if recipe.memorization.rule == "peak-nll" else None
 
 
 KINDS: dict[str, Kind] = {
-    "score": Kind(_measure_scores_and_routes, 256, routes=True),
+    "score": Kind(_measure_scores_and_routes, 256, routes=True, requires=_peak_if_ruled),
     "sample": Kind(_measure_samples, 32),
     "perturb": Kind(proxies.measure_perturbed, 128),  # len(perturbations) pairs per example
     "alt": Kind(proxies.measure_alternatives, 256),  # after "sample": harvested from samples

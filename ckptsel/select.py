@@ -548,7 +548,7 @@ def rank(collected: Collected | Sequence[Collected], store: Store, memorization:
         ranking.pathway_rule = PATHWAY_RULE.format(s=pathway_settings)
         for (col, measured), where, ranked, arr in zip(measured_runs, measured_rows, result.runs, arrays):
             uids = [ex.uid for ex in col.examples]
-            measured_mask = ~np.isnan(arr.matrix("nll" if memorization.rule == "nll" else "copy"))
+            measured_mask = ~np.isnan(arr.matrix("copy" if memorization.rule == "copy" else memorization.nll_measure))
             for r, (i, local) in enumerate(zip(where, measured)):
                 if col.checkpoints[local].num_experts is not None:
                     records = store.get_many(col.fingerprints[local], col.settings_key, "score", uids)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -51,10 +51,21 @@ class SamplingSettings(_Frozen):
     seed: int = Field(0, description="Base seed; each (example, sample) pair gets its own derived seed.")
 
 
-class MemorizationSettings(_Frozen):
-    """When an example counts as memorised (ckptsel/DESIGN.md: nll_ij < nu, or copy rate >= 1/2)."""
+PEAK_NLL_THRESHOLD = 1.0  # the peak-nll rule's nu when none is given (chosen on the lab's main grid)
 
-    rule: Literal["nll", "copy"] = Field("nll", description="nll: target NLL below threshold; copy: samples copy the target.")
+
+def default_threshold(rule: str) -> float:
+    """nu when a recipe gives none, on the scale of ``rule``'s measure."""
+    return PEAK_NLL_THRESHOLD if rule == "peak-nll" else MemorizationSettings.model_fields["threshold"].default
+
+
+class MemorizationSettings(_Frozen):
+    """When an example counts as memorised (ckptsel/DESIGN.md, "Memorised": mean target NLL per token
+    below nu, the costliest target token's NLL below nu, or copy rate >= 1/2)."""
+
+    rule: Literal["nll", "peak-nll", "copy"] = Field(
+        "nll", description="nll: the target's mean NLL per token below threshold (Kang et al.); peak-nll: every "
+        "target token's NLL below threshold (its costliest token; default threshold 1.0); copy: samples copy the target.")
     threshold: float | Literal["auto"] = Field(
         0.100,
         description="nu in nats/token (GSM8K 0.100 = e^-2.3, MATH 0.183 = e^-1.7), or 'auto' to calibrate from copy rates.",
@@ -67,6 +78,18 @@ class MemorizationSettings(_Frozen):
         if v != "auto" and not v > 0:
             raise ValueError("threshold must be a positive number of nats per token, or 'auto'")
         return v
+
+    @model_validator(mode="after")
+    def _peak_default(self):
+        """The peak-nll rule's own default nu: a single token's NLL is on another scale than a mean."""
+        if self.rule == "peak-nll" and "threshold" not in self.model_fields_set:
+            object.__setattr__(self, "threshold", PEAK_NLL_THRESHOLD)
+        return self
+
+    @property
+    def nll_measure(self) -> str:
+        """The stored measure nu is compared with: ``nll`` (mean per token) or ``peak_nll`` (costliest token)."""
+        return "peak_nll" if self.rule == "peak-nll" else "nll"
 
 
 class PathwaySettings(_Frozen):

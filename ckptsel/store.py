@@ -31,7 +31,9 @@ processes may share a cache, and the standard library has it. Design:
   any other SQLite failure (disk full, read-only folder, a damaged file): one line, never a
   ``sqlite3`` traceback.
 * **Versioned.** ``schema_version`` holds the layout version; a store written by a newer
-  ckptsel is refused with one line rather than misread.
+  ckptsel is refused with one line rather than misread, and an older layout is brought up to date
+  in place on first open (version 2 added ``peak_nll``, each target's costliest-token NLL: rows
+  stored before it read NULL there and are re-scored only when a rule needs it).
 
 Besides results the store keeps the checkpoint registry (fingerprint -> last path, step,
 time seen), a JSON key-value table (rendered rows, alternative-solution sets, verify results, merge
@@ -58,7 +60,7 @@ from typing import Any
 from ckptsel.errors import CkptselError
 from ckptsel.formats.converted import default_cache_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FILENAME = "results.sqlite3"
 _CHUNK = 500  # uids per "IN (...)" query, well below SQLite's bound-variable limit
 DEFAULT_TIMEOUT = 60.0  # seconds a write waits for another process's transaction
@@ -76,7 +78,7 @@ CREATE TABLE IF NOT EXISTS results (
     series INTEGER NOT NULL REFERENCES series(id),
     uid TEXT NOT NULL,
     nll REAL, n_tokens INTEGER, entropy REAL, acc REAL, copy_rate REAL,
-    samples TEXT, data TEXT, array BLOB,
+    samples TEXT, data TEXT, array BLOB, peak_nll REAL,
     UNIQUE (series, uid)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -97,8 +99,10 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT NOT NULL
 );
 """
-_COLUMNS = "uid, nll, n_tokens, entropy, acc, copy_rate, samples, data, array"
-_NUMERIC = ("nll", "n_tokens", "entropy", "acc", "copy_rate")
+_COLUMNS = "uid, nll, n_tokens, entropy, acc, copy_rate, samples, data, array, peak_nll"
+_NUMERIC = ("nll", "n_tokens", "entropy", "acc", "copy_rate", "peak_nll")
+# Version n -> n + 1, run in the transaction that records the new version.
+_MIGRATIONS = {1: ("ALTER TABLE results ADD COLUMN peak_nll REAL",)}
 
 
 class StoreError(CkptselError):
@@ -176,6 +180,7 @@ class Record:
     samples: tuple[str, ...] | None = None
     data: Any = None
     array: Any = None  # numpy.ndarray; numpy is imported only when one is stored or read
+    peak_nll: float | None = None  # the costliest target token's NLL (target scores)
 
 
 @dataclass(frozen=True)
@@ -197,11 +202,12 @@ def _encode(uid: str, rec: Record) -> tuple:
         None if rec.samples is None else json.dumps(list(rec.samples), ensure_ascii=False),
         None if rec.data is None else json.dumps(rec.data),
         None if rec.array is None else _array_bytes(rec.array),
+        rec.peak_nll,
     )
 
 
 def _decode(row: tuple) -> Record:
-    _, nll, n_tokens, entropy, acc, copies, samples, data, array = row
+    _, nll, n_tokens, entropy, acc, copies, samples, data, array, peak_nll = row
     return Record(
         nll=nll,
         n_tokens=n_tokens,
@@ -211,6 +217,7 @@ def _decode(row: tuple) -> Record:
         samples=None if samples is None else tuple(json.loads(samples)),
         data=None if data is None else json.loads(data),
         array=None if array is None else _bytes_array(array),
+        peak_nll=peak_nll,
     )
 
 
@@ -328,7 +335,7 @@ class Store:
         self._db.execute("COMMIT")
 
     def _init_schema(self) -> None:
-        """Check the version; create the tables on first use only.
+        """Check the version; create the tables on first use, bring an older layout up to date (:data:`_MIGRATIONS`).
 
         The common case (an existing, current store) takes no write lock, so opening a store
         never waits behind another process's batch.
@@ -344,10 +351,15 @@ class Store:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             self._check_version(found)  # another process may have created it meanwhile
-            for statement in _SCHEMA.split(";"):  # executescript would commit our transaction
-                if statement.strip():
-                    db.execute(statement)
             if found is None:
+                for statement in _SCHEMA.split(";"):  # executescript would commit our transaction
+                    if statement.strip():
+                        db.execute(statement)
+            else:
+                for version in range(found, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[version]:
+                        db.execute(statement)
+            if found != SCHEMA_VERSION:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     def _check_version(self, found: int | None) -> None:
@@ -392,7 +404,7 @@ class Store:
             with self._write() as db:
                 series = self._series(fingerprint, settings, kind, create=True)
                 cursor = db.executemany(
-                    f"INSERT OR REPLACE INTO results (series, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO results (series, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     ((series, *_encode(uid, rec)) for uid, rec in items),
                 )
                 return cursor.rowcount
@@ -416,19 +428,24 @@ class Store:
 
     @_sqlite_errors
     def missing(
-        self, fingerprint: str, settings: str, kind: str, uids: Iterable[str], *, with_array: bool = False
+        self, fingerprint: str, settings: str, kind: str, uids: Iterable[str], *, with_array: bool = False,
+        with_field: str | None = None,
     ) -> list[str]:
         """The uids with no stored record, in the order given: what a resumed run must still do.
 
         ``with_array``: a record without an array counts as missing too (MoE target scores
-        stored before routing weights were captured with them).
+        stored before routing weights were captured with them). ``with_field``: likewise a record
+        whose numeric field of that name is NULL (target scores stored before ``peak_nll``).
         """
         uids = list(uids)
         series = self._series(fingerprint, settings, kind, create=False)
         if series is None:
             return uids
         done: set[str] = set()
-        having = " AND array IS NOT NULL" if with_array else ""
+        if with_field is not None and with_field not in _NUMERIC:
+            raise ValueError(f"with_field must be one of {', '.join(_NUMERIC)}; got {with_field!r}")
+        having = (" AND array IS NOT NULL" if with_array else "") + (
+            f" AND {with_field} IS NOT NULL" if with_field else "")
         for chunk in _chunks(uids):
             marks = ",".join("?" * len(chunk))
             query = f"SELECT uid FROM results WHERE series = ? AND uid IN ({marks}){having}"

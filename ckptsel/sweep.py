@@ -90,8 +90,8 @@ class RunArrays:
 class Threshold:
     """The memorisation rule that was used, and the alternatives beside it."""
 
-    rule: str  # "nll" or "copy"
-    used: float | None  # nu in nats/token for the nll rule; None for the copy rule
+    rule: str  # "nll", "peak-nll" or "copy"
+    used: float | None  # nu in nats/token for the nll rules; None for the copy rule
     recipe_default: float | None
     auto: float | None = None  # calibrated from copy rates, when it could be fitted
     auto_auc: float | None = None
@@ -190,7 +190,7 @@ def resolve_threshold(
     default = memorization.threshold if memorization.threshold != "auto" else None
     report = Threshold(rule=memorization.rule, used=None, recipe_default=default, scope=scope)
     warnings: list[str] = []
-    nll = [r.matrix("nll") for r in runs]
+    nll = [r.matrix(memorization.nll_measure) for r in runs]  # the measure nu is compared with
     copy = [r.matrix("copy") for r in runs]
     try:  # shown beside a fixed nu too, so users see what auto would do
         cal = metrics.calibrate_threshold(np.concatenate([n.ravel() for n in nll]),
@@ -242,12 +242,17 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         mask = metrics.memorized_by_copy(m["copy"], memorization.copy_fraction) | np.isnan(m["copy"])
         measured_mask = ~np.isnan(m["copy"])
     else:
-        mask = metrics.memorized(m["nll"], threshold) | np.isnan(m["nll"])
-        measured_mask = ~np.isnan(m["nll"])
+        values = m[memorization.nll_measure]
+        if memorization.rule == "peak-nll" and np.isnan(values).all() and not np.isnan(m["nll"]).all():
+            raise ValueError(f"run {run.name}: the peak-nll rule needs each target's costliest-token NLL "
+                             f"(peak_nll), which these measurements lack")
+        mask = metrics.memorized(values, threshold) | np.isnan(values)
+        measured_mask = ~np.isnan(values)
     per_example = metrics.premem_accuracy_per_example_from_mask(m["acc"], mask)
     pm = metrics.per_checkpoint_mean(per_example)
     lo, hi = metrics.bootstrap_ci(per_example, n_boot=n_boot, level=level)
-    computed = compute_columns(Inputs(m, mask, measured_mask, threshold if memorization.rule == "nll" else None))
+    computed = compute_columns(Inputs(m, mask, measured_mask, threshold if memorization.rule != "copy" else None,
+                                      memorization.nll_measure))
     columns = {key: pm if key == "premem_acc" else computed[key] for key in KEYS if key in computed or
                key == "premem_acc"}
     warnings: list[str] = []

@@ -212,7 +212,7 @@ def test_newer_schema_is_refused(tmp_path):
     db.execute("INSERT INTO schema_version VALUES (99)")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this ckptsel reads \(1\)"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this ckptsel reads \(2\)"):
         Store.open(tmp_path)
 
 

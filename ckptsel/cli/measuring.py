@@ -43,8 +43,10 @@ _MEASUREMENT_OPTIONS = (
     click.option(
         "--memorization",
         "memorization_rule",
-        type=click.Choice(["nll", "copy"]),
-        help="nll: target NLL below the threshold (default); copy: samples reproduce the training solution.",
+        type=click.Choice(["nll", "peak-nll", "copy"]),
+        help="nll: the target's mean NLL per token below the threshold (default); peak-nll: every target token's "
+        "NLL below it (its own default threshold, 1.0: benchmarks/README.md); copy: samples reproduce the training "
+        "solution.",
     ),
     click.option("--skip-bad", is_flag=True, help="Drop bad rows (malformed, a reference the grader cannot read, "
                  "longer than the model's context) with a warning, instead of stopping."),
@@ -102,12 +104,16 @@ class Measurement:
         recipe's stage thresholds (a gate policy's), and ``--proxy`` / ``--prefer`` override both."""
         from ckptsel.pipeline import RankRequest
         from ckptsel.recipes import override
+        from ckptsel.settings import default_threshold
 
         sampling = {"k": self.k, "temperature": self.temperature, "top_p": self.top_p,
                     "max_new_tokens": self.max_new_tokens, "seed": self.seed}
         stages = {**(stages or {}), **({"proxy": self.proxy} if self.proxy is not None else {}),
                   **({"prefer": self.prefer} if self.prefer is not None else {})}
-        recipe = override(recipe, sampling=sampling, memorization={"rule": self.memorization_rule},
+        memorization = {"rule": self.memorization_rule}
+        if self.memorization_rule not in (None, recipe.memorization.rule):  # nu is on the new rule's scale
+            memorization["threshold"] = default_threshold(self.memorization_rule)
+        recipe = override(recipe, sampling=sampling, memorization=memorization,
                           proxies={"alt_grader": self.alt_grader}, stages=stages)
         return RankRequest(
             paths=tuple(Path(p) for p in paths), recipe=recipe, data=self.data, data_per_run=self.data_per_run,

@@ -88,8 +88,9 @@ def _print_table(console, ranking, recipe) -> None:
     from ckptsel.columns import table_columns
 
     t = ranking.threshold
-    if t.rule == "nll":
-        rule = f"memorised: target NLL < ν = {_fmt(t.used, '.3f')} nats/token"
+    if t.rule != "copy":
+        what = "costliest target token's NLL" if t.rule == "peak-nll" else "target NLL"
+        rule = f"memorised: {what} < ν = {_fmt(t.used, '.3f')} nats/token"
         if t.auto is not None and t.used != t.auto:
             rule += f" (auto-calibrated ν would be {t.auto:.3f}, AUC {t.auto_auc:.2f})"
         elif t.recipe_default is not None and t.used != t.recipe_default:

@@ -64,11 +64,14 @@ class ScoreResult:
     ``nll``: mean negative log-likelihood per target token, nats (NaN for an empty target).
     ``n_tokens``: target tokens scored (EOS included when appended).
     ``entropy``: mean predictive entropy over the same positions, nats.
+    ``peak_nll``: the costliest target token's NLL, nats (NaN for an empty target): below nu only
+    when *every* token of the target is reproduced near-certainly (the ``peak-nll`` memorisation rule).
     """
 
     nll: np.ndarray
     n_tokens: np.ndarray
     entropy: np.ndarray
+    peak_nll: np.ndarray
     # MoE models scored with ``routers=True``: per-pair router softmax averaged over the target
     # tokens (N, layers, experts), and the routers' expert vectors (layers, experts, hidden).
     router_weights: np.ndarray | None = None
@@ -197,6 +200,7 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
     n = len(pairs)
     nll_sum = np.zeros(n)
     ent_sum = np.zeros(n)
+    peak = np.full(n, -np.inf)
     n_tokens = np.array([len(t) for _, t in pairs], dtype=np.int64)
     device = _input_device(model)
     gpu = device.type == "cuda"
@@ -231,6 +235,7 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
             row_ids = np.asarray(rows)[owner]
             np.add.at(nll_sum, row_ids, nll)
             np.add.at(ent_sum, row_ids, ent)
+            np.maximum.at(peak, row_ids, nll)
             if routed is not None:
                 weights[rows] = routed
     finally:
@@ -241,6 +246,7 @@ def _score_all(model, pairs: Sequence[TokenPair], batch_size: int | None, captur
             nll=nll_sum / n_tokens,
             n_tokens=n_tokens,
             entropy=ent_sum / n_tokens,
+            peak_nll=np.where(n_tokens > 0, peak, np.nan),
             router_weights=weights,
             gate_vectors=gates,
         )

@@ -362,7 +362,8 @@ def rules(inputs: ReportInputs) -> str:
     if t.rule == "copy":
         memo = "an example is memorised when at least half of its samples copy the training solution"
     else:
-        memo = f"an example is memorised when its target NLL is below ν = {_f(t.used)} nats/token"
+        what = "every target token's NLL" if t.rule == "peak-nll" else "its target NLL"
+        memo = f"an example is memorised when {what} is below ν = {_f(t.used)} nats/token"
         if t.auto is not None:
             memo += f" (calibrated from copy rates: {_f(t.auto)}, AUC {_f(t.auto_auc, '.2f')})"
     items = [("Pre-memorization accuracy", "PM_i(J) = min(max_{j≤J} acc_ij · m_ij, acc_iJ), averaged over training "
