@@ -11,7 +11,8 @@ file and tokenizer (kept in the store, :func:`render`), and the fixed ``--max-ex
 :func:`ckptsel.pipeline.rank_runs` (so every ranking command, ``verify --data`` and
 ``merge --recommend``) and the Trainer callback (:mod:`ckptsel.integrations.transformers`) measure
 what it returns; ``ckptsel verify`` takes its runs from :func:`checked_runs`, the same discovery and
-checks, and renders its test file with :func:`checked_rows`. Nothing here loads a model; a tokenizer only when the store lacks the rendered rows.
+checks, and renders its test file with :func:`checked_rows`. Nothing here loads a model; a tokenizer
+only when the store lacks the rendered rows.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class PreparedRun:
     examples: list[Example] | None
     heldout: list[Example]
     rendered: Rendered | None
-    checks: tuple[str, ...]
+    checks: tuple[str, ...]  # what its training rows went through (ARCHITECTURE, GRADER, CONTEXT; held-out: CONTEXT)
     offset: int  # the run's first checkpoint's position in the request's checkpoints
 
 
@@ -145,25 +146,23 @@ def prepare(request: RankRequest, store: Store | None = None, *, tokenizer=None)
         graders.get(recipe.proxies.alt_grader)  # an unknown name is a usage error before any work
     runs = checked_runs(request.paths, request.runs, base_model=request.base_model, cache_dir=request.cache_dir)
     data_files = _data_files(runs, request)
-    preparation = _Preparation(request, graders.get(recipe.data.grader), tokenizer)
+    grader = graders.get(recipe.data.grader)
     if store is None:
         with Store.open(request.cache_dir) as opened:
-            return preparation.runs(runs, data_files, opened)
-    return preparation.runs(runs, data_files, store)
+            return _Preparation(request, opened, grader, tokenizer).runs(runs, data_files)
+    return _Preparation(request, store, grader, tokenizer).runs(runs, data_files)
 
 
 class _Preparation:
     """One request's data, rendered and checked once per (data file, tokenizer files)."""
 
-    def __init__(self, request: RankRequest, grader, tokenizer):
-        self.request, self.grader = request, grader
-        self.store: Store | None = None
+    def __init__(self, request: RankRequest, store: Store, grader, tokenizer):
+        self.request, self.store, self.grader = request, store, grader
         self.tokenizers = _Tokenizers(request.engine, tokenizer)
         self.rendered: dict[tuple, Rendered] = {}  # (file, tokenizer identity) -> its rendered rows
         self.gradable: dict[tuple, list[Example]] = {}  # (file, tokenizer identity) -> rows the grader can read
 
-    def runs(self, runs: list[Run], data_files: dict[str, Path], store: Store) -> list[PreparedRun]:
-        self.store = store
+    def runs(self, runs: list[Run], data_files: dict[str, Path]) -> list[PreparedRun]:
         prepared: list[PreparedRun] = []
         for run in runs:
             offset = sum(len(p.run.checkpoints) for p in prepared)
@@ -172,7 +171,7 @@ class _Preparation:
                 prepared.append(PreparedRun(run, data, None, [], None, (ARCHITECTURE,), offset))
                 continue
             examples = self.examples(data, run, "training")
-            heldout = self.examples(self.request.heldout, run, "held-out") if self.request.heldout else []
+            heldout = self.examples(self.request.heldout, run, "held-out") if self.request.heldout is not None else []
             rendered = self.rendered[(data.resolve(), self.tokenizers.identity(run))]
             prepared.append(PreparedRun(run, data, examples, heldout, rendered, (ARCHITECTURE, GRADER, CONTEXT),
                                         offset))
@@ -289,7 +288,8 @@ class _Tokenizers:
         self._identities: dict[Path, str] = {}
 
     def identity(self, run: Run) -> str:
-        """The digest of the tokenizer files the run's checkpoints are read with (ckptsel.tokenizers.tokenizer_digest)."""
+        """The digest of the tokenizer files the run's checkpoints are read with (ckptsel.tokenizers.tokenizer_digest:
+        the one tokenizer identity, shared with the loader's tokenizer cache)."""
         ckpt = first_usable(run)
         if ckpt.path not in self._identities:
             self._identities[ckpt.path] = tokenizer_digest(ckpt)

@@ -459,7 +459,7 @@ def _save(run: Path, step: int):
     """The Trainer's ``args`` and ``state`` at a save, as much as ``measure_save`` reads of them."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(output_dir=str(run)), SimpleNamespace(global_step=step)
+    return SimpleNamespace(output_dir=str(run)), SimpleNamespace(global_step=step, log_history=[])
 
 
 def test_a_row_longer_than_the_context_fails_the_save_as_it_fails_rank(tiny_run, tmp_path):
