@@ -83,7 +83,7 @@ def main() -> None:
         side["name"] = "reload"
         nll = []
         for ckpt in checkpoints:
-            with CheckpointLoader(device="cpu") as loader:
+            with CheckpointLoader.for_engine(engine) as loader:
                 model, tok = loader.load(ckpt)
                 # No alternative-solution set from random weights, no held-out file: what rank measures here.
                 kinds = [kind for kind in DEFAULT_KINDS if kind not in ("alt", "heldout")]

@@ -305,11 +305,12 @@ class Check:
         """The model through ckptsel's loader: bf16 + SDPA on CUDA, float32 on the CPU, as ``ckptsel rank`` runs it."""
         from ckptsel.discover import discover
         from ckptsel.measure.loading import CheckpointLoader
+        from ckptsel.settings import EngineSettings
 
         start = time.perf_counter()
         folder = bench.model_dir(self.plan.size)
         built = time.perf_counter() - start
-        self._loader = CheckpointLoader(device=str(self.device))
+        self._loader = CheckpointLoader.for_engine(EngineSettings(device=str(self.device)))
         with self.measured() as m:
             (ckpt,) = discover([folder])
             self.model, self.tokenizer = self._loader.load(ckpt)

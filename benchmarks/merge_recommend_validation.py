@@ -67,7 +67,7 @@ def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, exam
     from ckptsel.merge.recommend import recommend
     from ckptsel.pipeline import RankRequest, rank_runs
     from ckptsel.recipes import load_recipe
-    from ckptsel.settings import EngineSettings, ProxySettings
+    from ckptsel.settings import EngineSettings
     from ckptsel.store import Store
 
     engine = EngineSettings()
@@ -75,9 +75,8 @@ def recommend_run(run: Path, cache_dir: Path, out: Path, max_examples: int, exam
                                    max_examples=max_examples, examples_seed=examples_seed, engine=engine,
                                    cache_dir=cache_dir))
     with Store.open(cache_dir) as store:
-        return recommend(ranked, store, engine=engine, proxy_settings=ProxySettings(), overmem=ranked.recipe.stages, out=out,
-                         force=True, work_dir=out.parent, base_model=str(anchor) if anchor else None,
-                         lean_share=lean_share)
+        return recommend(ranked, store, engine=engine, out=out, force=True, work_dir=out.parent,
+                         base_model=str(anchor) if anchor else None, lean_share=lean_share)
 
 
 class Truth:

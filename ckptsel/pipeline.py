@@ -10,7 +10,9 @@ builds a :class:`RankRequest` and calls :func:`rank_runs`; the CLI only parses o
 prints. The library never prints: progress goes to ``on_progress`` (one event per unit of
 work, with the checkpoint's position in the whole sweep) and the opening line to ``on_start``.
 
-Runs (:func:`ckptsel.discover.discover_runs`) are measured each by
+The runs come from :func:`ckptsel.prepare.prepare` (discovery, the data checks, the rendered rows,
+the ``--max-examples`` subset: the one run preparation, shared with the Trainer callback) and are
+measured each by
 :func:`ckptsel.collect.collect` on its own examples, so the alternative-solution harvest and
 pre-memorization accuracy's history stay inside each run: one after another in this process,
 all at once when the executor's workers run elsewhere (``--ray``; :mod:`ckptsel.execution`).
@@ -21,63 +23,27 @@ subset), which makes the comparison between them paired.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-from ckptsel import store_keys
 from ckptsel.collect import Collected
 from ckptsel.data import Example
-from ckptsel.discover import Checkpoint, Run
-from ckptsel.errors import CkptselError, DataError
+from ckptsel.discover import Run
+from ckptsel.errors import CkptselError
 from ckptsel.execution import Executor, executor_for
+from ckptsel.prepare import PreparedRun, RankRequest, prepare
 from ckptsel.progress import ProgressFn
-from ckptsel.settings import EngineSettings, Recipe, SelectionSettings
-from ckptsel.tokenizers import tokenizer_digest
+from ckptsel.settings import EngineSettings, Recipe
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from ckptsel.select import Ranking
 
+__all__ = ["MeasuredRun", "Plan", "RankRequest", "RankResult", "rank_runs"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RankRequest:
-    """Everything a ranking depends on. ``recipe`` holds the rendering, sampling, memorisation,
-    proxy and stage settings (with the CLI's overrides applied); ``threshold`` overrides its
-    ν without replacing it, so ``"auto"`` can fall back to the recipe's value where it cannot
-    be fitted (``"auto"`` pools the sweep's pairs, ``"auto-run"`` fits each run alone)."""
-
-    paths: tuple[Path, ...]
-    recipe: Recipe
-    data: Path | None = None  # one training file (or folder) for every run
-    data_per_run: str | None = None  # each run reads RUN/<this>
-    threshold: float | str | None = None
-    base_model: str | None = None
-    max_examples: int | None = None
-    examples_seed: int = 0
-    skip_bad: bool = False
-    heldout: Path | None = None
-    engine: EngineSettings = EngineSettings()
-    cache_dir: Path | None = None
-    runs: tuple[Run, ...] | None = None  # already discovered: skips discovery
-
-    def __post_init__(self):
-        if (self.data is None) == (self.data_per_run is None):
-            raise CkptselError("give the training data: either --data FILE or --data-per-run FILENAME (not both)")
-        if self.threshold not in (None, "auto", "auto-run") and not isinstance(self.threshold, (int, float)):
-            raise CkptselError(f"threshold {self.threshold!r}: a number of nats/token, 'auto' or 'auto-run'")
-        if self.cache_dir is not None and self.engine.cache_dir is None:  # converted copies go beside the store
-            object.__setattr__(self, "engine", self.engine.model_copy(update={"cache_dir": str(self.cache_dir)}))
-
-    @property
-    def selection(self) -> SelectionSettings:
-        return SelectionSettings(max_examples=self.max_examples, examples_seed=self.examples_seed)
 
 
 @dataclass(frozen=True)
@@ -98,16 +64,6 @@ class Plan:
                 + f", k={self.k}, cache {self.store}")
 
 
-class RunJob(NamedTuple):
-    """One run to measure (``measure(*job, store, executor)`` in :func:`rank_runs`): its examples (None: no
-    checkpoint of it can be read), its held-out examples, and its first checkpoint's position in the sweep."""
-
-    run: Run
-    examples: list[Example] | None
-    heldout: list[Example]
-    offset: int
-
-
 @dataclass
 class MeasuredRun:
     """One run of the request: what was found, the data it was measured on, what was measured."""
@@ -116,6 +72,7 @@ class MeasuredRun:
     data: Path
     collected: Collected
     rows: list[Example] = field(default_factory=list)  # every rendered row of its training file (curate)
+    budgets: dict[str, int] = field(default_factory=dict)  # sampling budget per example uid (ckptsel.prepare)
 
 
 @dataclass
@@ -194,7 +151,8 @@ def rank_runs(
     on_progress: ProgressFn | None = None,
     executor: Executor | None = None,
 ) -> RankResult:
-    """Discover the runs, load each run's data, measure what the store lacks, rank (module docstring).
+    """Prepare the runs (:func:`ckptsel.prepare.prepare`: discovery, data, checks), measure what the store
+    lacks, rank (module docstring).
 
     ``executor`` runs the measurement (default: the one ``request.engine`` asks for,
     :func:`ckptsel.execution.executor_for`); the results are the same on any.
@@ -203,185 +161,48 @@ def rank_runs(
     its data file, no examples); a checkpoint that cannot be measured is recorded in its run's
     ``Collected.failures`` and the others go on.
     """
-    from ckptsel import checks, graders
-    from ckptsel.collect import collect, select_examples
-    from ckptsel.discover import discover_runs, no_loadable_checkpoint
     from ckptsel.select import rank
-    from ckptsel.store import Store, ensure_outside
+    from ckptsel.store import Store
 
-    recipe = request.recipe
-    if recipe.proxies.alt_grader is not None:
-        graders.get(recipe.proxies.alt_grader)  # an unknown name is a usage error before any work
-    runs = list(request.runs) if request.runs is not None else discover_runs(request.paths, request.base_model)
-    checks.exclude_other_architectures(runs)  # robustness: a stray model is not mixed into a run's history
-    checkpoints = [c for run in runs for c in run.checkpoints]
-    if (message := no_loadable_checkpoint(request.paths, checkpoints)) is not None:
-        raise CkptselError(message)
-    data_files = _data_files(runs, request)
-    ensure_outside(request.cache_dir, [c.path for c in checkpoints])
-    grader = graders.get(recipe.data.grader)
-    gradable: dict[tuple, list[Example]] = {}  # (file, tokenizer identity) -> the rows the grader can read
-
-    tokenizers = _Tokenizers(request.engine)
-    loaded: dict[tuple, Rendered] = {}  # (file, tokenizer identity) -> its rendered rows
-
-    def examples_of(path: Path, run: Run, what: str) -> list:
-        key = (path.resolve(), tokenizers.identity(run))
-        if key not in loaded:
-            loaded[key] = render(path, recipe, store, tokenizer_identity=key[1], skip_bad=request.skip_bad,
-                                 tokenizer=lambda: tokenizers.for_run(run))
-        pool = loaded[key].examples
-        if what == "training":  # robustness (ckptsel.checks): references the grader cannot read
-            if key not in gradable:
-                gradable[key] = checks.gradable(pool, path, grader, recipe.data.grader, skip_bad=request.skip_bad)
-            pool = gradable[key]
-        examples = select_examples(pool, request.selection)
-        # robustness: rows longer than the model's context, before any model work
-        examples = checks.fit_context(examples, loaded[key].lengths, run.checkpoints, path, skip_bad=request.skip_bad)
-        if not examples:
-            raise DataError(f"{path}: no {what} examples")
-        return examples
-
-    measured: list[MeasuredRun] = []
+    prepared = prepare(request)
     with Store.open(request.cache_dir) as store:
-        jobs: list[RunJob] = []
-        for run in runs:
-            offset = sum(len(job.run.checkpoints) for job in jobs)
-            if not any(c.format.usable for c in run.checkpoints):
-                jobs.append(RunJob(run, None, [], offset))  # nothing to measure: reported as failures
-                continue
-            examples = examples_of(data_files[run.name], run, "training")
-            heldout = examples_of(request.heldout, run, "held-out") if request.heldout is not None else []
-            jobs.append(RunJob(run, examples, heldout, offset))
         if on_start is not None:
-            sizes = tuple(sorted({len(j.examples) for j in jobs if j.examples is not None}))
-            heldout_sizes = tuple(sorted({len(j.heldout) for j in jobs if j.heldout}))
-            on_start(Plan(len(checkpoints), len(runs), sizes, heldout_sizes, recipe.sampling.k, store.path))
-
-        def measure(run: Run, examples, heldout, offset: int, store: Store, executor: Executor) -> MeasuredRun:
-            if examples is None:
-                return MeasuredRun(run, data_files.get(run.name), _unreadable(run, recipe, request.engine))
-            rendered = loaded[(data_files[run.name].resolve(), tokenizers.identity(run))]
-            collected = collect(run.checkpoints, examples, recipe, store, tokenizer=None, sizes=rendered.budgets,
-                                engine=request.engine, heldout=heldout, proxy_settings=recipe.proxies,
-                                on_progress=_offset(on_progress, offset), executor=executor)
-            return MeasuredRun(run, data_files.get(run.name), collected, rendered.examples)
-
+            on_start(_plan(prepared, request.recipe, store.path))
         executor = executor_for(request.engine) if executor is None else executor
         with executor:
-            if not executor.in_process and sum(job.examples is not None for job in jobs) > 1:
-                measured = _measure_runs_at_once(jobs, measure, request, executor)
+            if not executor.in_process and sum(p.examples is not None for p in prepared) > 1:
+                measured = _measure_runs_at_once(prepared, request, on_progress, executor)
             else:
-                measured = [measure(*job, store, executor) for job in jobs]
-        ranking = rank([m.collected for m in measured], store, recipe.memorization, recipe.stages,
-                       pathway_settings=recipe.pathways, threshold=request.threshold,
+                measured = [_measure(p, request, store, on_progress, executor) for p in prepared]
+        ranking = rank([m.collected for m in measured], store, request.recipe.memorization, request.recipe.stages,
+                       pathway_settings=request.recipe.pathways, threshold=request.threshold,
                        run_names=[m.run.name for m in measured], run_paths=[str(m.run.path) for m in measured])
-    return RankResult(ranking, measured, recipe, sum(c.format.usable for c in checkpoints))
+    usable = sum(c.format.usable for p in prepared for c in p.run.checkpoints)
+    return RankResult(ranking, measured, request.recipe, usable)
 
 
-# --------------------------------------------------------------------------- rendering, kept in the store
+def _plan(prepared: list[PreparedRun], recipe: Recipe, store: Path) -> Plan:
+    """What the request is about to measure (``on_start``'s argument)."""
+    sizes = tuple(sorted({len(p.examples) for p in prepared if p.examples is not None}))
+    heldout_sizes = tuple(sorted({len(p.heldout) for p in prepared if p.heldout}))
+    checkpoints = sum(len(p.run.checkpoints) for p in prepared)
+    return Plan(checkpoints, len(prepared), sizes, heldout_sizes, recipe.sampling.k, store)
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A data file rendered for one tokenizer: its examples, the rows skipped, and per example the
-    sampling budget and the token count of prompt + target (+ EOS)."""
+def _measure(p: PreparedRun, request: RankRequest, store, on_progress: ProgressFn | None,
+             executor: Executor) -> MeasuredRun:
+    """One prepared run measured (what the store lacks) by :func:`ckptsel.collect.collect`."""
+    from ckptsel.collect import collect
 
-    examples: list[Example]
-    skipped: list[str]
-    budgets: dict[str, int]
-    lengths: dict[str, int]
-
-
-def render(path: Path, recipe: Recipe, store, *, tokenizer_identity: str, skip_bad: bool,
-           tokenizer: Callable[[], object]) -> Rendered:
-    """The rendered rows of ``path``, from the store when this file, tokenizer and rendering were seen before.
-
-    What rendering needs of the tokenizer (chat templates, token counts for the sampling
-    budgets) is kept with the examples, so re-ranking a measured run loads no tokenizer and
-    imports neither torch nor transformers. ``tokenizer`` is called only on a miss. The key
-    holds the file's content hash, the tokenizer files' digest and the recipe's data section.
-    """
-    from ckptsel.collect import budgets
-    from ckptsel.data import load_data, token_lengths
-
-    key = store_keys.rendered_rows(_content_digest(path), tokenizer_identity, recipe.data.model_dump(mode="json"),
-                                   recipe.sampling.max_new_tokens, skip_bad)
-    stored = store.get_value(key)
-    if stored is not None:
-        if stored["skipped"]:
-            log.warning("%s: skipped %d bad row(s); first: %s", path, len(stored["skipped"]), stored["skipped"][0])
-        return Rendered([Example(**e) for e in stored["examples"]], stored["skipped"], stored["budgets"],
-                        stored["lengths"])
-    tok = tokenizer()
-    loaded = load_data(path, recipe, tokenizer=tok, skip_bad=skip_bad)
-    parts = token_lengths(loaded.examples, tok, recipe.data.append_eos)
-    lengths = dict(zip((ex.uid for ex in loaded.examples), parts["total"]))
-    rendered = Rendered(loaded.examples, loaded.skipped, budgets(tok, loaded.examples, recipe), lengths)
-    store.put_value(key, {"examples": [dataclasses.asdict(e) for e in rendered.examples], "skipped": rendered.skipped,
-                          "budgets": rendered.budgets, "lengths": rendered.lengths})
-    return rendered
+    if p.examples is None:
+        return MeasuredRun(p.run, p.data, _unreadable(p.run, request.recipe, request.engine))
+    collected = collect(p.run.checkpoints, p.examples, request.recipe, store, tokenizer=None, sizes=p.rendered.budgets,
+                        engine=request.engine, heldout=p.heldout, proxy_settings=request.recipe.proxies,
+                        on_progress=_offset(on_progress, p.offset), executor=executor)
+    return MeasuredRun(p.run, p.data, collected, p.rendered.examples, p.rendered.budgets)
 
 
-def _content_digest(path: Path) -> str:
-    """sha256 of a data file, or of a data folder's files (names, sizes and contents)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _data_files(runs: Sequence[Run], request: RankRequest) -> dict[str, Path]:
-    """Each run's training data: the one ``--data``, or ``RUN/<data_per_run>``."""
-    if request.data is not None:
-        return {run.name: Path(request.data) for run in runs}
-    out = {}
-    for run in runs:
-        path = run.path / request.data_per_run
-        if not path.exists():
-            raise DataError(f"run {run.name}: no {request.data_per_run} in {run.path} (--data-per-run)")
-        out[run.name] = path
-    return out
-
-
-class _Tokenizers:
-    """One tokenizer per distinct set of tokenizer files, loaded on first use."""
-
-    def __init__(self, engine: EngineSettings):
-        self._engine = engine
-        self._by_identity: dict[str, PreTrainedTokenizerBase] = {}
-        self._identities: dict[Path, str] = {}
-
-    def identity(self, run: Run) -> str:
-        """The digest of the tokenizer files the run's checkpoints are read with (ckptsel.tokenizers.tokenizer_digest)."""
-        ckpt = _first_usable(run)
-        if ckpt.path not in self._identities:
-            self._identities[ckpt.path] = tokenizer_digest(ckpt)
-        return self._identities[ckpt.path]
-
-    def for_run(self, run: Run):
-        from ckptsel.measure.loading import load_tokenizer
-
-        key = self.identity(run)
-        if key not in self._by_identity:
-            self._by_identity[key] = load_tokenizer(_first_usable(run),
-                                                    trust_remote_code=self._engine.trust_remote_code)
-        return self._by_identity[key]
-
-
-def _first_usable(run: Run) -> Checkpoint:
-    return next(c for c in run.checkpoints if c.format.usable)
-
-
-def _measure_runs_at_once(jobs: list[RunJob], measure: Callable, request: RankRequest,
+def _measure_runs_at_once(prepared: list[PreparedRun], request: RankRequest, on_progress: ProgressFn | None,
                           executor: Executor) -> list[MeasuredRun]:
     """The runs of a sweep measured at once by workers outside this process: one driver thread per run,
     sharing one executor (one Ray cluster).
@@ -395,12 +216,12 @@ def _measure_runs_at_once(jobs: list[RunJob], measure: Callable, request: RankRe
 
     from ckptsel.store import Store
 
-    def one(job: tuple) -> MeasuredRun:
+    def one(p: PreparedRun) -> MeasuredRun:
         with Store.open(request.cache_dir) as store:
-            return measure(*job, store, executor)
+            return _measure(p, request, store, on_progress, executor)
 
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="ckptsel-run") as pool:
-        return list(pool.map(one, jobs))
+    with ThreadPoolExecutor(max_workers=len(prepared), thread_name_prefix="ckptsel-run") as pool:
+        return list(pool.map(one, prepared))
 
 
 def _offset(on_progress, offset: int):

@@ -8,7 +8,7 @@ or every store written before loses its entries.
 =====================  ==========================================================  ===============================
 key                    what it holds                                               written by
 =====================  ==========================================================  ===============================
-``rendered:<hash>``    a data file's rendered rows for one tokenizer and recipe    :func:`ckptsel.pipeline.render`
+``rendered:<hash>``    a data file's rendered rows for one tokenizer and recipe    :func:`ckptsel.prepare.render`
 ``alt-harvest/...``    a run's alternative-solution set (``Harvest.to_json``)       :func:`ckptsel.collect.collect`
 ``verify/<fp>``        a checkpoint's verify summaries, per test set               :mod:`ckptsel.verify.run`
 ``verify-task/...``    one lm-eval task's per-document values for a checkpoint     :func:`ckptsel.verify.verify_tasks`

@@ -440,3 +440,71 @@ def test_the_reweighted_sampler_is_seeded_and_draws_in_proportion():
         batch_sampler = type("B", (), {"sampler": None})()
 
     assert "has 10 rows and the training file 12" in install(Loader(), 12, seed=0)
+
+
+# ----------------------------------------------------------------------------- the ranking's preparation
+
+
+def _saved_in_memory(ckpt: Path):
+    """The model and tokenizer of a saved checkpoint, as the Trainer holds them at its save."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ckptsel.tokenizers import load_tokenizer
+
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), load_tokenizer(ckpt)
+
+
+def _save(run: Path, step: int):
+    """The Trainer's ``args`` and ``state`` at a save, as much as ``measure_save`` reads of them."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(output_dir=str(run)), SimpleNamespace(global_step=step, log_history=[])
+
+
+def test_a_row_longer_than_the_context_fails_the_save_as_it_fails_rank(tiny_run, tmp_path):
+    """The callback prepares its run as `ckptsel rank` does (ckptsel.prepare): a training row longer than the
+    model's context (256 positions) is refused before any model work, naming the file and row, and the save
+    reports it (training goes on) instead of measuring it."""
+    import shutil
+
+    from ckptsel.integrations.transformers import CkptselCallback
+
+    first = min(Path(tiny_run).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    run = tmp_path / "run"
+    shutil.copytree(first, run / first.name)
+    rows = [json.loads(line) for line in (Path(tiny_run) / "train.jsonl").read_text().splitlines()]
+    rows[5] = {**rows[5], "question": "1+" * 400 + "1=?"}
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callback = CkptselCallback(data=data, recipe=_recipe(Path(tiny_run)), max_examples=None, cache_dir=tmp_path / "c",
+                               on_measured=lambda report: None)
+    model, tokenizer = _saved_in_memory(run / first.name)
+    report = callback.measure_save(*_save(run, int(first.name.split("-")[1])), model, tokenizer)
+    assert report.failure is not None and f"{data}:6: " in report.failure
+    assert "longer than the model's context of 256" in report.failure
+    assert report.measured == 0 and report.metrics == {}
+
+
+def test_what_the_callback_reads_from_disk_is_read_with_its_engine_settings(tiny_run):
+    """An earlier save the store lacks is read from disk with the callback's engine settings (remote code,
+    pickled weights), on the model's device and dtype, and `rank_command` passes them on."""
+    from ckptsel.discover import discover_runs
+    from ckptsel.integrations.transformers import CkptselCallback, _InMemoryLoader
+    from ckptsel.settings import EngineSettings
+
+    callback = CkptselCallback(data=Path(tiny_run) / "train.jsonl", recipe=_recipe(Path(tiny_run)),
+                               engine=EngineSettings(allow_pickle=True, trust_remote_code=True, dtype="bfloat16"),
+                               batch_size=3, on_measured=lambda report: None)
+    checkpoints = discover_runs([Path(tiny_run)])[0].checkpoints
+    model, tokenizer = _saved_in_memory(checkpoints[-1].path)
+    engine = callback.engine_for(model)
+    assert (engine.device, engine.dtype, engine.batch_size) == ("cpu", "float32", 3)  # the model's, not the setting's
+    loader = _InMemoryLoader(checkpoints[-1].path.resolve(), model, tokenizer, engine)
+    assert loader.load(checkpoints[-1]).model is model
+    loader.load(checkpoints[0])  # not the model in memory: read from disk
+    assert loader.base_loads == 0 and loader._disk.full_loads == 1
+    assert loader._disk.options.allow_pickle and loader._disk.options.trust_remote_code
+    loader.close()
+    command = callback.rank_command(tiny_run)
+    assert "--allow-pickle" in command and "--trust-remote-code" in command

@@ -31,7 +31,7 @@ def test_each_scheme_is_the_key_stores_already_hold():
 
 def test_render_reads_its_rows_under_the_old_key(tmp_path):
     """The call site: a data file rendered before is found again (no tokenizer needed on a hit)."""
-    from ckptsel.pipeline import render
+    from ckptsel.prepare import render
     from ckptsel.recipes import load_recipe
 
     data = tmp_path / "train.jsonl"

@@ -207,6 +207,24 @@ def test_cli_verify_pairs_predictions_and_reuses_the_store(tmp_path, lab_run, mo
     ]
 
 
+def test_cli_verify_refuses_a_test_row_longer_than_the_context(tmp_path, lab_run, monkeypatch):
+    """The test rows are prepared as training rows are (ckptsel.prepare.checked_rows): one longer than the
+    model's context is one line naming the file and row before lm-eval runs; --skip-bad drops it."""
+    from ckptsel.verify import harness
+
+    rows = [json.loads(line) for line in (lab_run / "test.jsonl").read_text().splitlines()]
+    rows[1] = {**rows[1], "question": "1+" * 400 + "1=?"}
+    test = tmp_path / "long.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluated = []
+    monkeypatch.setattr(harness, "build_task", lambda ex, *a, **k: evaluated.append(len(ex)) or 1 / 0)
+    args = ["verify", str(lab_run), "--test-file", str(test), "--recipe", str(lab_run / "recipe.yaml"), "--greedy",
+            "--max-new-tokens", "8", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and evaluated == []
+    assert f"{test}:2: " in result.output and "longer than the model's context" in result.output
+
+
 def test_cli_named_task_from_include_path(tmp_path, lab_run):
     """A named lm-eval task (local YAML, local data through the json builder) runs offline."""
     (tmp_path / "tasks").mkdir()

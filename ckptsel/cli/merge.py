@@ -90,8 +90,7 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     err.print("comparing merge candidates")
     with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
         result = run_recommend(
-            ranked, store, engine=engine, proxy_settings=ranked.recipe.proxies, overmem=ranked.recipe.stages,
-            out=out, force=force, base_model=measurement.base_model, tolerance=tolerance,
+            ranked, store, engine=engine, out=out, force=force, base_model=measurement.base_model, tolerance=tolerance,
             on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"), executor=executor,
         )
     if as_json:

@@ -63,10 +63,9 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
     """
     from ckptsel.cli.progress import CollectProgress
     from ckptsel.cli.measuring import exit_partial, nothing_measured, unmeasured
-    from ckptsel.discover import discover_runs, no_loadable_checkpoint
-    from ckptsel.errors import CkptselError
+    from ckptsel.prepare import checked_runs
     from ckptsel.recipes import override
-    from ckptsel.store import Store, ensure_outside
+    from ckptsel.store import Store
 
     if (test_file is None) == (tasks is None):
         raise click.UsageError("give exactly one of --test-file or --tasks")
@@ -76,26 +75,23 @@ def verify(paths, test_file, recipe, tasks, include_path, num_fewshot, limit, gr
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     err = stderr_console(quiet=quiet)
 
-    runs = discover_runs(paths, base_model=base_model)
+    runs = checked_runs(paths, base_model=base_model, cache_dir=cache_dir)  # the ranking's discovery and checks
     checkpoints = [c for run in runs for c in run.checkpoints]
-    if (message := no_loadable_checkpoint(paths, checkpoints)) is not None:
-        raise CkptselError(message)
-    ensure_outside(cache_dir, [c.path for c in checkpoints])
     ranking = _predictions(paths, ranking_path, data_path, data_per_run, recipe, runs, max_examples, examples_seed,
                            skip_bad, base_model, engine, cache_dir, quiet)
 
     with Store.open(cache_dir) as store:
         if test_file is not None:
-            from ckptsel.data import load_data
             from ckptsel.execution import executor_for
-            from ckptsel.measure.loading import load_tokenizer
+            from ckptsel.prepare import checked_rows
+            from ckptsel.tokenizers import load_tokenizer
             from ckptsel.verify import default_budget, unique_examples, verify_file
 
             decoding = {"k": k, "temperature": 0.0 if greedy else temperature, "top_p": top_p}
             test_recipe = override(recipe, sampling=decoding)
             tokenizer = load_tokenizer(next(c for c in checkpoints if c.format.usable), trust_remote_code=engine.trust_remote_code)
-            loaded = load_data(test_file, test_recipe, tokenizer=tokenizer, skip_bad=skip_bad)
-            examples = unique_examples(loaded.examples, limit)
+            examples = checked_rows(test_file, checkpoints, test_recipe, store, skip_bad=skip_bad, tokenizer=tokenizer,
+                                    select=lambda rows: unique_examples(rows, limit))
             budget = max_new_tokens or default_budget(tokenizer, examples, test_recipe)
             err.print(f"[bold]ckptsel verify[/]: {len(checkpoints)} checkpoint(s), {len(examples)} test question(s) "
                       f"from {test_file}, lm-eval, budget {budget} tokens, cache {store.path}")

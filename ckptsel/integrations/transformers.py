@@ -82,6 +82,7 @@ from ckptsel.measure.protocols import LoadedCheckpoint, Loader
 
 if TYPE_CHECKING:
     from ckptsel.select import Ranking
+    from ckptsel.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,13 @@ class CkptselCallback(TrainerCallback):
     ``batch_size``: rows per forward pass (default automatic). ``reweight``: memorization-aware
     reweighting (off by default): examples found memorised at a measured save are drawn with this
     weight (0 <= w < 1) for the rest of training (:mod:`ckptsel.integrations.reweighting`).
+    ``engine``: the measurement settings of ``ckptsel rank``'s engine options
+    (:class:`ckptsel.settings.EngineSettings`: ``trust_remote_code``, ``allow_pickle``, ...) for what is read
+    from disk; the device and dtype are always the model's.
+
+    Each save's run goes through the ranking's own preparation (:func:`ckptsel.prepare.prepare`): the
+    architecture, grader and context checks (a failed check is the save's ``failure``; training goes on)
+    and the rendered rows kept in the store.
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class CkptselCallback(TrainerCallback):
         batch_size: int | None = None,
         on_measured: Callable[[SaveReport], None] | None = None,
         reweight: float | None = None,
+        engine: EngineSettings | None = None,
     ):
         from ckptsel.settings import Recipe
 
@@ -188,7 +197,7 @@ class CkptselCallback(TrainerCallback):
         self._saves = 0
         self._flagged_in_a_row = 0
         self._measured_steps: set[int] = set()
-        self._examples = None  # (examples, held-out examples), rendered once with the run's tokenizer
+        self.engine = engine
         self._dtype: str | None = None
         self._warned_unattached = False
         self.reweight = reweight
@@ -256,6 +265,9 @@ class CkptselCallback(TrainerCallback):
             parts += ["--heldout", str(self.heldout)]
         if self.threshold is not None:
             parts += ["--threshold", str(self.threshold)]
+        if self.engine is not None:  # what reading the run from disk needs
+            parts += [flag for flag, on in (("--allow-pickle", self.engine.allow_pickle),
+                                            ("--trust-remote-code", self.engine.trust_remote_code)) if on]
         if self._dtype is not None:
             from ckptsel.collect import resolved_dtype_name
             from ckptsel.settings import EngineSettings
@@ -290,40 +302,70 @@ class CkptselCallback(TrainerCallback):
 
     def _measure(self, folder: Path, step: int, model, processing_class) -> SaveReport:
         from ckptsel.collect import collect
-        from ckptsel.discover import discover_runs
+        from ckptsel.prepare import prepare
         from ckptsel.select import rank
-        from ckptsel.settings import EngineSettings
-        from ckptsel.store import Store, ensure_outside
+        from ckptsel.store import Store
 
-        run = discover_runs([folder.parent])[0]
-        current = folder.resolve()
-        # PM's history is the run up to this save; with every_n_saves > 1, the saves measured.
-        checkpoints = [c for c in run.checkpoints if c.step is not None and c.step <= step and (
-            self.every_n_saves == 1 or c.step in self._measured_steps or c.path.resolve() == current)]
-        index = next((i for i, c in enumerate(checkpoints) if c.path.resolve() == current), None)
-        if index is None or not checkpoints[index].format.usable:
-            reason = checkpoints[index].error if index is not None else "not found by discovery"
-            return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=f"{folder}: {reason}")
-        param = next(model.parameters())
-        self._dtype = str(param.dtype).removeprefix("torch.")
-        engine = EngineSettings(device=str(param.device), dtype=self._dtype, batch_size=self.batch_size)
+        run, index = self._run_so_far(folder, step)
+        if (unusable := _unusable(folder, step, run, index)) is not None:
+            return unusable
+        request = self._request(run, self.engine_for(model))
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        loader = _InMemoryLoader(current, model, tokenizer, engine)
-        cache = self.cache_dir
-        with Store.open(cache) as store, _measurement_mode(model):
-            ensure_outside(store.path.parent, [c.path for c in checkpoints])
-            run_tokenizer = loader.tokenizer_for(checkpoints[index])
-            examples, heldout = self._training_examples(run_tokenizer)
-            collected = collect(checkpoints, examples, self.recipe, store, tokenizer=run_tokenizer, engine=engine,
-                                heldout=heldout, proxy_settings=self.recipe.proxies, loader=loader)
+        with Store.open(self.cache_dir) as store:
+            # The ranking's preparation (ckptsel.prepare): architecture, grader and context checks, the rendered rows.
+            prepared = prepare(request, store, tokenizer=tokenizer)[0]
+            if (unusable := _unusable(folder, step, run, index)) is not None:  # another architecture than the run's
+                return unusable
+            current = run.checkpoints[index]
+            self._n_rows = prepared.rendered.n_rows
+            loader = _InMemoryLoader(current.path.resolve(), model, tokenizer, request.engine)
+            with _measurement_mode(model):
+                collected = collect(run.checkpoints, prepared.examples, self.recipe, store, tokenizer=None,
+                                    sizes=prepared.rendered.budgets, engine=request.engine, heldout=prepared.heldout,
+                                    proxy_settings=self.recipe.proxies, loader=loader)
             loader.close()
             ranking = rank([collected], store, self.recipe.memorization, self.recipe.stages,
                            pathway_settings=self.recipe.pathways, threshold=self.threshold,
                            run_names=[run.name], run_paths=[str(run.path)])
+        return self._report(step, folder, ranking, index, collected.loaded, prepared.examples)
+
+    def _run_so_far(self, folder: Path, step: int):
+        """The run as discovered now, up to this save (with every_n_saves > 1, the saves measured), and the
+        position of this save in it (None when discovery does not find it)."""
+        from ckptsel.discover import Run, discover_runs
+
+        found = discover_runs([folder.parent])[0]
+        current = folder.resolve()
+        checkpoints = [c for c in found.checkpoints if c.step is not None and c.step <= step and (
+            self.every_n_saves == 1 or c.step in self._measured_steps or c.path.resolve() == current)]
+        index = next((i for i, c in enumerate(checkpoints) if c.path.resolve() == current), None)
+        return Run(found.name, found.path, checkpoints), index
+
+    def _request(self, run, engine):
+        """The :class:`~ckptsel.prepare.RankRequest` ``ckptsel rank`` would build for this run (rank_command)."""
+        from ckptsel.prepare import RankRequest
+
+        return RankRequest(paths=(run.path,), recipe=self.recipe, data=self.data, threshold=self.threshold,
+                           max_examples=self.max_examples, examples_seed=self.examples_seed, heldout=self.heldout,
+                           engine=engine, cache_dir=self.cache_dir, runs=(run,))
+
+    def engine_for(self, model):
+        """The measurement settings: the callback's ``engine`` (remote code, pickled weights, ...) on the model's
+        own device and dtype, and ``batch_size`` when given."""
+        from ckptsel.settings import EngineSettings
+
+        param = next(model.parameters())
+        self._dtype = str(param.dtype).removeprefix("torch.")
+        update = {"device": str(param.device), "dtype": self._dtype}
+        if self.batch_size is not None:
+            update["batch_size"] = self.batch_size
+        return (self.engine or EngineSettings()).model_copy(update=update)
+
+    def _report(self, step: int, folder: Path, ranking, index: int, loaded: int, examples) -> SaveReport:
+        """The save's row of the ranking as logged metrics, its stage, flag and the run's recommendation."""
         row = ranking.checkpoints[index]
         if row.error:
-            return SaveReport(step, folder, {}, None, None, None, None, 0.0, collected.loaded, failure=row.error,
-                              ranking=ranking)
+            return SaveReport(step, folder, {}, None, None, None, None, 0.0, loaded, failure=row.error, ranking=ranking)
         metrics = {f"ckptsel/{column.key}": getattr(row, column.key) for column in COLUMNS if column.log}
         if ranking.proxy is not None:
             metrics[f"ckptsel/{ranking.proxy}"] = getattr(row, ranking.proxy)
@@ -334,28 +376,8 @@ class CkptselCallback(TrainerCallback):
             metrics["ckptsel/recommended_step"] = rec
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         reason = row.flag.reason() if row.flag is not None else None
-        return SaveReport(step, folder, metrics, row.stage, ranking.proxy, reason, rec, 0.0, collected.loaded,
+        return SaveReport(step, folder, metrics, row.stage, ranking.proxy, reason, rec, 0.0, loaded,
                           ranking=ranking, memorised_rows=_memorised_rows(ranking, index, examples))
-
-    def _training_examples(self, tokenizer):
-        """The measured subset of the training data (and the held-out rows), rendered once per training run."""
-        if self._examples is None:
-            from ckptsel.collect import select_examples
-            from ckptsel.data import load_data
-            from ckptsel.errors import DataError
-            from ckptsel.settings import SelectionSettings
-
-            selection = SelectionSettings(max_examples=self.max_examples, examples_seed=self.examples_seed)
-            loaded = load_data(self.data, self.recipe, tokenizer=tokenizer)
-            self._n_rows = loaded.n_rows
-            examples = select_examples(loaded.examples, selection)
-            if not examples:
-                raise DataError(f"{self.data}: no training examples")
-            heldout = []
-            if self.heldout is not None:
-                heldout = select_examples(load_data(self.heldout, self.recipe, tokenizer=tokenizer).examples, selection)
-            self._examples = (examples, heldout)
-        return self._examples
 
     def _reweight(self, found, args, state) -> None:
         """Down-weight the rows memorised at this save from the next epoch on (ckptsel.integrations.reweighting)."""
@@ -390,6 +412,14 @@ class CkptselCallback(TrainerCallback):
             log.warning("ckptsel: callback added without CkptselCallback.attach(trainer): its numbers go to "
                         "trainer_state.json only, not to TensorBoard/W&B/the console log")
             self._warned_unattached = True
+
+
+def _unusable(folder: Path, step: int, run, index: int | None) -> SaveReport | None:
+    """The failed report of a save that cannot be measured (not found, or unreadable), else None."""
+    if index is not None and run.checkpoints[index].format.usable:
+        return None
+    reason = run.checkpoints[index].error if index is not None else "not found by discovery"
+    return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=f"{folder}: {reason}")
 
 
 def _memorised_rows(ranking, index: int, examples) -> list[int]:

@@ -83,7 +83,7 @@ class CheckpointLoader(Loader):
     Use as a context manager; a yielded model is valid until the next :meth:`load` (an
     adapter swap changes the same module in place)::
 
-        with CheckpointLoader(device="auto", dtype="auto") as loader:
+        with CheckpointLoader.for_engine(EngineSettings()) as loader:  # the one way loaders are made
             for ckpt in checkpoints:
                 loaded = loader.load(ckpt)   # CheckpointError (one line) when it cannot be loaded
                 score(loaded.model, loaded.tokenizer)

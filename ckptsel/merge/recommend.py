@@ -251,14 +251,15 @@ def _label(spec: CandidateSpec, steps: list) -> str:
     return " + ".join(f"{_share(w, sum(weights))} {n}" for w, n in zip(weights, names))
 
 
-def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool = False, base_model: str | None = None,
-              tolerance: float = TOLERANCE, lean_share: float = LEAN_SHARE, tokenizer=None,
-              work_dir: Path | None = None,
+def recommend(run, store, *, engine, out, force: bool = False, base_model: str | None = None,
+              tolerance: float = TOLERANCE, lean_share: float = LEAN_SHARE, work_dir: Path | None = None,
               on_progress=None, on_stage: Stage | None = None, executor=None) -> Recommendation:
     """Build, measure and compare the candidates of a ranked ``run``; write the winner to ``out``.
 
     ``run``: a :class:`ckptsel.pipeline.RankResult` of one run (ranking, collected, recipe;
-    :meth:`~ckptsel.pipeline.RankResult.run_view` of a sweep's). ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
+    :meth:`~ckptsel.pipeline.RankResult.run_view` of a sweep's): the candidates are measured on its
+    prepared examples (:func:`ckptsel.prepare.prepare`) with its recipe's proxy and stage settings.
+    ``base_model``: the base of full checkpoints (enables model_stock; LoRA runs have theirs).
     ``lean_share``: the recommended checkpoint's share in the lean pair. Merges are
     built in a temporary folder in ``work_dir`` (default: beside ``out``), removed afterwards.
     ``on_progress`` receives :class:`ckptsel.progress.Progress`; ``on_stage`` a line per step.
@@ -292,11 +293,10 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
         with write_errors(work):  # a disk that fills up while candidates are built: one line
             built = _build(candidates, work, stage)
         stage(f"measuring {len(built)} merged candidate(s) on {len(collected.examples)} examples")
-        combined = _measure(run, built, store, engine=engine, proxy_settings=proxy_settings, tokenizer=tokenizer,
-                            on_progress=on_progress, executor=executor)
+        combined = _measure(run, built, store, engine=engine, on_progress=on_progress, executor=executor)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _score(candidates, combined, run, store, overmem)
+    _score(candidates, combined, run, store)
     proxy = ranking.proxy
     column = (lambda name: np.array([_nan(c, name) for c in candidates]))
     winner, eligible = choose(column("premem_acc"), column(proxy) if proxy else None, tolerance)
@@ -310,11 +310,11 @@ def recommend(run, store, *, engine, proxy_settings, overmem, out, force: bool =
     return rec
 
 
-def _score(candidates: list[Candidate], combined, run, store, overmem) -> None:
+def _score(candidates: list[Candidate], combined, run, store) -> None:
     """Fill in each measured candidate's metrics (or its measurement failure), with the run's
     memorisation threshold and perplexity proxy held fixed."""
     positions = {id(ckpt): i for i, ckpt in enumerate(combined.checkpoints)}
-    pinned = overmem.model_copy(update={"proxy": run.ranking.proxy or "auto"})
+    pinned = run.recipe.stages.model_copy(update={"proxy": run.ranking.proxy or "auto"})
     memorization = _pinned_memorization(run)
     for c in candidates:
         if c.checkpoint is None:
@@ -365,24 +365,22 @@ def _build(candidates: list[Candidate], work: Path, stage: Stage) -> list:
     return built
 
 
-def _measure(run, built: list, store, *, engine, proxy_settings, tokenizer, on_progress, executor):
-    """The run's checkpoints (all stored already) and the built candidates, through collect.
+def _measure(run, built: list, store, *, engine, on_progress, executor):
+    """The run's checkpoints (all stored already) and the built candidates, through collect, on the run's
+    prepared examples and sampling budgets.
 
     The run's checkpoints come first so the alternative-solution set is the run's own; when
     that set is not fixed yet the candidates are not alt-scored (their samples must not join it).
     """
     from ckptsel.collect import collect
     from ckptsel.kinds import DEFAULT_KINDS
-    from ckptsel.measure.loading import load_tokenizer
 
     collected = run.collected
     harvest_fixed = collected.harvest is not None and collected.harvest.fixed
     kinds = [k for k in DEFAULT_KINDS if harvest_fixed or k != "alt"]
-    usable = [c for c in collected.checkpoints if c.format.usable]
-    tokenizer = tokenizer or load_tokenizer(usable[0], trust_remote_code=engine.trust_remote_code)
-    return collect([*collected.checkpoints, *built], collected.examples, run.recipe, store, tokenizer=tokenizer,
-                   engine=engine, kinds=kinds, heldout=collected.heldout, proxy_settings=proxy_settings,
-                   on_progress=on_progress, executor=executor)
+    return collect([*collected.checkpoints, *built], collected.examples, run.recipe, store, tokenizer=None,
+                   sizes=run.runs[0].budgets, engine=engine, kinds=kinds, heldout=collected.heldout,
+                   proxy_settings=run.recipe.proxies, on_progress=on_progress, executor=executor)
 
 
 def _pinned_memorization(run):
