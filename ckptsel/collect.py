@@ -77,6 +77,7 @@ class Collected:
     examples: list[Example]
     failures: dict[int, str] = field(default_factory=dict)  # checkpoint index -> one-line reason
     loaded: int = 0  # checkpoint loads (1 per measured checkpoint, +1 per harvest source revisited)
+    measured: set[int] = field(default_factory=set)  # indices of the checkpoints loaded and measured
     base_loads: int = 0  # base models loaded for adapter checkpoints (one per distinct base)
     heldout: list[Example] = field(default_factory=list)
     series: dict[str, str] = field(default_factory=dict)  # kind -> its store kind (e.g. "perturb:<hash>")
@@ -393,6 +394,7 @@ class _Session:
             emit(self._on_progress, self._ckpt, self._index, "load", 0, 1)
             self._loaded = self._loader.load(self._ckpt)
             self._result.loaded += 1
+            self._result.measured.add(self._index)
         return self._loaded
 
 
@@ -472,6 +474,7 @@ def _run_items(state: _RunState, indices: list[int], kinds: list[str], executor:
             for kind, records in answer.items():
                 state.put(i, kind, records)
             result.loaded += 1
+            result.measured.add(i)
             _finish(state, i, loaded=True)
 
 

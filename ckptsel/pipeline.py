@@ -140,7 +140,8 @@ class RankResult:
         out = self.ranking.to_json()
         keys = {m.collected.settings_key for m in self.runs}
         out["settings_key"] = next(iter(keys)) if len(keys) == 1 else sorted(keys)
-        out["cache"] = {"measured": self.loaded, "from_cache": self.usable - self.loaded}
+        measured = sum(len(m.collected.measured) for m in self.runs)  # a harvest source revisited counts once
+        out["cache"] = {"measured": measured, "from_cache": self.usable - measured}
         return out
 
 

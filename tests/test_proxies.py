@@ -183,6 +183,7 @@ def test_a_set_fixed_late_costs_one_more_load_for_the_earlier_checkpoints(tiny, 
     h = collected.harvest
     assert h.fixed and h.sources == collected.fingerprints[:2]
     assert collected.loaded == 4
+    assert collected.measured == {0, 1, 2}  # the revisit is a load, not another measured checkpoint
     import numpy as np
 
     covered = [i for i, e in enumerate(collected.examples) if h.solution(e.uid) is not None]
