@@ -209,6 +209,110 @@ def test_without_deepspeed_one_line_says_what_to_install(zero_stack, tmp_path, m
                                 "'ckptsel[deepspeed]'" in errors[0]
 
 
+# --- merging ZeRO and FSDP checkpoints --------------------------------------------------------------------
+
+
+def merged_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def merge_cli(*args) -> dict:
+    result = CliRunner().invoke(main, ["merge", *map(str, args), "--json", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def check_plain_output(out: Path, reference: Path) -> None:
+    """``out`` is an ordinary Hugging Face safetensors model folder that transformers loads, with the tensors
+    of the same merge of plain safetensors checkpoints (``reference``), bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ckptsel.discover import describe
+
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "tokenizer.json" in names and "model.safetensors" in names, names
+    assert not [n for n in names if n.endswith((".pt", ".bin", ".distcp"))]
+    assert not any(p.is_dir() for p in out.iterdir())
+    assert describe(out).format.name == "safetensors"
+    ours, theirs = merged_tensors(out), merged_tensors(reference)
+    assert set(ours) == set(theirs) and len(ours) > 10
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[key], theirs[key])
+
+
+@pytest.mark.slow
+def test_merging_zero_checkpoints_equals_merging_their_weights_in_safetensors(zero_stack, tmp_path, count_conversions):
+    """``ckptsel merge`` of two ZeRO-2 checkpoints reads their converted copies (made once, in the cache) and
+    writes the tensors of the same merge of their fp32 weights saved as safetensors, as an ordinary model folder."""
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+    plain = zero_stack / "plain2"
+    before = tree(run)
+    cache = tmp_path / "cache"
+    inputs = [run / "checkpoint-2", run / "checkpoint-4"]
+
+    refused = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "m"), "--cache-dir",
+                                        str(cache)])
+    assert refused.exit_code == 2 and "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused.output
+    assert not (tmp_path / "m").exists() and count_conversions == []
+
+    done = merge_cli(*inputs, "--weights", "1,3", "--allow-pickle", "--cache-dir", cache, "-o", tmp_path / "merged")
+    merge_cli(plain / "checkpoint-2", plain / "checkpoint-4", "--weights", "1,3", "-o", tmp_path / "reference")
+    check_plain_output(tmp_path / "merged", tmp_path / "reference")
+    assert sorted(count_conversions) == ["checkpoint-2", "checkpoint-4"]
+    assert [i["path"] for i in done["inputs"]] == [str(p) for p in inputs]  # provenance names the checkpoints
+    assert "--allow-pickle" in done["command"]
+
+    merge_cli(*inputs, "--method", "slerp", "--allow-pickle", "--cache-dir", cache, "-o", tmp_path / "slerp")
+    assert len(count_conversions) == 2  # the copies are read again, not made again
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_merging_fsdp_dcp_checkpoints_equals_merging_their_weights_in_safetensors(fsdp_stack, tmp_path,
+                                                                                  count_conversions):
+    """The same for FSDP's sharded DCP checkpoints (no pickle, no config.json in the checkpoint)."""
+    run = shutil.copytree(fsdp_stack / "sharded", tmp_path / "sharded")
+    plain = fsdp_stack / "plain"
+    before = tree(run)
+    merge_cli(run / "checkpoint-4", run / "checkpoint-6", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "merged")
+    merge_cli(plain / "checkpoint-4", plain / "checkpoint-6", "-o", tmp_path / "reference")
+    check_plain_output(tmp_path / "merged", tmp_path / "reference")
+    assert sorted(count_conversions) == ["checkpoint-4", "checkpoint-6"]
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_merge_recommend_on_a_zero_run_compares_the_candidates_of_its_plain_twin(zero_stack, tmp_path,
+                                                                                 count_conversions):
+    """``merge --recommend`` on a ZeRO-2 run: ranked and merged through the converted copies (each made once),
+    the same candidates with the same numbers as on its weights saved as safetensors, the same winner written."""
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+    plain = zero_stack / "plain2"
+
+    def recommend(folder: Path, name: str, *extra) -> dict:
+        args = ["merge", str(folder), "--recommend", "--data", str(folder / "train.jsonl"), "--recipe",
+                str(folder / "recipe.yaml"), "--cache-dir", str(tmp_path / f"cache-{name}"), "-o",
+                str(tmp_path / f"merged-{name}"), *FAST, *extra]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    ours, theirs = recommend(run, "zero", "--allow-pickle"), recommend(plain, "plain")
+    keys = ("candidate", "train_acc", "target_nll", "premem_acc", "proxy", "eligible", "chosen")
+    assert [[r[k] for k in keys] for r in ours["candidates"]] == [[r[k] for k in keys] for r in theirs["candidates"]]
+    assert len(ours["candidates"]) > 1
+    assert len(count_conversions) == 3  # once per checkpoint: the ranking made them, the merges read them
+    check_plain_output(tmp_path / "merged-zero", tmp_path / "merged-plain")
+
+
 # --- torchtune -----------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ckptsel.errors import CheckpointError, CkptselError
 from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
-from ckptsel.formats.converted import converted_copy, converted_merge_refusal
+from ckptsel.formats.converted import converted_copy
 from ckptsel.formats.files import config_in, read_torch_pickle
 from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
 from ckptsel.formats.hf import copy_model_files, describe_from, load_pretrained, model_source
@@ -61,6 +61,7 @@ def _has_states(folder: Path) -> bool:
 class DeepSpeedZero(CheckpointFormat):
     name = "deepspeed-zero"
     kind = "full"
+    converts = True
     looks_for = "global_stepN/ (DeepSpeed)"
 
     def detect(self, folder: Path) -> bool:
@@ -184,7 +185,7 @@ class DeepSpeedZero(CheckpointFormat):
         return load_pretrained(self.model_folder(ckpt, options), options)
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return converted_merge_refusal(self.name)
+        return None  # merged from its converted copy (model_folder)
 
 
 def _read(folder: Path, name: str):
