@@ -313,6 +313,78 @@ def test_merge_recommend_on_a_zero_run_compares_the_candidates_of_its_plain_twin
     check_plain_output(tmp_path / "merged-zero", tmp_path / "merged-plain")
 
 
+# --- verify and the Trainer callback on ZeRO checkpoints ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_verify_reads_zero_checkpoints_through_their_converted_copies(zero_stack, tiny_run, tmp_path,
+                                                                      count_conversions, monkeypatch):
+    """``ckptsel verify`` of a ZeRO-2 run: without --allow-pickle one line per checkpoint and exit 2; with it,
+    lm-eval runs on the converted copies (made once each) and samples every test question's completions exactly
+    as on the same weights saved as safetensors (seeded sampling: weights that differ complete differently)."""
+    import ckptsel.verify.run as verify_run
+
+    completions = []
+    real = verify_run.evaluate_examples
+
+    def recording(*args, **kwargs):
+        records = real(*args, **kwargs)
+        completions.append({uid: r.samples for uid, r in sorted(records.items())})
+        return records
+
+    monkeypatch.setattr(verify_run, "evaluate_examples", recording)
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+
+    def verify(folder: Path, cache: str, *extra, exit_code: int = 0) -> dict:
+        args = ["verify", str(folder), "--test-file", str(tiny_run / "test.jsonl"), "--recipe",
+                str(tiny_run / "recipe.yaml"), "-k", "2", "--max-new-tokens", "16", "--limit", "4", "--cache-dir",
+                str(tmp_path / cache), "--device", "cpu", "--json", "-q", *extra]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == exit_code, result.output
+        return json.loads(result.stdout) if exit_code == 0 else result.output
+
+    refused = verify(run, "cache", exit_code=2)
+    assert "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused and count_conversions == []
+    ours = verify(run, "cache", "--allow-pickle")["verifications"][0]["checkpoints"]
+    assert sorted(count_conversions) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    zero_completions, completions[:] = list(completions), []
+    theirs = verify(zero_stack / "plain2", "cache-plain")["verifications"][0]["checkpoints"]
+    assert [(c["step"], c["accuracy"], c["n"], c["error"]) for c in ours] == \
+        [(c["step"], c["accuracy"], c["n"], c["error"]) for c in theirs]
+    assert len(zero_completions) == 3 and zero_completions == completions  # token for token
+    assert len({json.dumps(c) for c in completions}) > 1  # the checkpoints complete differently
+
+
+@pytest.mark.slow
+def test_the_callback_says_in_one_line_that_a_zero3_save_is_measured_after_training(zero_stack, tmp_path,
+                                                                                   count_conversions):
+    """A Trainer save under ZeRO-3 without gathered weights holds only global_stepN/ shards, and the model in
+    memory is partitioned across the processes: the callback does not run it, reports one line naming what
+    measures it, logs nothing and keeps training; `ckptsel rank` then measures the folder."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl
+
+    from ckptsel.integrations.transformers import CkptselCallback
+
+    run = shutil.copytree(zero_stack / "zero3", tmp_path / "out")
+    reports = []
+    callback = CkptselCallback(data=run / "train.jsonl", recipe=str(run / "recipe.yaml"), max_examples=4,
+                               cache_dir=tmp_path / "cache", on_measured=reports.append)
+    model = AutoModelForCausalLM.from_pretrained(zero_stack / "plain3" / "checkpoint-2")
+    tokenizer = AutoTokenizer.from_pretrained(run / "checkpoint-2")
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True, log_history=[])
+    control = callback.on_save(SimpleNamespace(output_dir=str(run)), state, TrainerControl(), model=model,
+                               processing_class=tokenizer)
+    assert not control.should_training_stop and state.log_history == [] and count_conversions == []
+    (report,) = reports
+    assert report.failure == (f"{run / 'checkpoint-2'}: saved as DeepSpeed ZeRO-3, 2 ranks → converted copy, the "
+                              "model in memory partitioned across the training processes: not measured during "
+                              "training; `ckptsel rank` of the output folder measures it afterwards from its "
+                              "converted copy (DeepSpeed's shards with --allow-pickle)")
+    assert report.line().startswith("ckptsel step 2: not measured: ")
+
+
 # --- torchtune -----------------------------------------------------------------------------------------
 
 
