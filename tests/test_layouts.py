@@ -209,6 +209,35 @@ def test_without_deepspeed_one_line_says_what_to_install(zero_stack, tmp_path, m
                                 "'ckptsel[deepspeed]'" in errors[0]
 
 
+def test_zero2_weights_are_written_shard_by_shard_with_an_index(zero_stack, tmp_path):
+    """ZeRO-1/2's writer (views into the mapped partitions; a parameter spanning two ranks' partitions copied)
+    splits the weights into numbered shards with an index when they exceed the shard size, each tensor equal to
+    the same weights saved by save_pretrained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ckptsel.formats.zero import _convert_zero12, _weights_only
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with _weights_only():
+        assert _convert_zero12(zero_stack / "zero2" / "checkpoint-2" / "global_step2", out, max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 3 and set(index["weight_map"].values()) == set(files)
+    ours = {}
+    for name in files:
+        shard = load_file(out / name)
+        assert all(index["weight_map"][k] == name for k in shard)
+        ours.update(shard)
+    reference = load_file(zero_stack / "plain2" / "checkpoint-2" / "model.safetensors")
+    assert set(ours) == set(reference)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    with _weights_only():  # ZeRO-3 is left to DeepSpeed's own writer
+        assert not _convert_zero12(zero_stack / "zero3" / "checkpoint-2" / "global_step2", tmp_path)
+
+
 # --- merging ZeRO and FSDP checkpoints --------------------------------------------------------------------
 
 
@@ -262,6 +291,9 @@ def test_merging_zero_checkpoints_equals_merging_their_weights_in_safetensors(ze
                                         str(cache)])
     assert refused.exit_code == 2 and "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused.output
     assert not (tmp_path / "m").exists() and count_conversions == []
+    inside = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "m"), "--allow-pickle",
+                                       "--cache-dir", str(inputs[0] / "cache")])
+    assert inside.exit_code == 2 and "is inside checkpoint folder" in inside.output and count_conversions == []
 
     done = merge_cli(*inputs, "--weights", "1,3", "--allow-pickle", "--cache-dir", cache, "-o", tmp_path / "merged")
     merge_cli(plain / "checkpoint-2", plain / "checkpoint-4", "--weights", "1,3", "-o", tmp_path / "reference")

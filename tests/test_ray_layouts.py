@@ -92,3 +92,12 @@ def test_ranking_a_zero_run_on_ray_converts_each_checkpoint_once_and_gives_the_s
 
     again = _rank(run, tmp_path / "cache-ray", "--ray", "-k", "3")  # measured anew on Ray: the copies are read
     assert len(conversions()) == 6 and len(again["checkpoints"]) == 3
+
+    verified = CliRunner().invoke(main, [  # verify's Ray workers read the same copies
+        "verify", str(run), "--test-file", str(run / "train.jsonl"), "--recipe", str(run / "recipe.yaml"), "--limit",
+        "2", "-k", "1", "--max-new-tokens", "8", "--cache-dir", str(tmp_path / "cache-ray"), "--allow-pickle", "--ray",
+        "--json", "-q"], catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output
+    rows = json.loads(verified.stdout)["verifications"][0]["checkpoints"]
+    assert [r["error"] for r in rows] == [None] * 3 and all(r["n"] == 2 for r in rows)
+    assert len(conversions()) == 6

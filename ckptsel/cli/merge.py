@@ -224,6 +224,12 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
         allow_pickle=allow_pickle,
         cache_dir=cache_dir,
     )
+    read = [*plan.inputs, *([plan.base] if plan.base is not None else [])]
+    if any(c.format.converts for c in read):  # converted copies are written into the cache dir, never a checkpoint
+        from ckptsel.formats.converted import default_cache_dir
+        from ckptsel.store import ensure_outside
+
+        ensure_outside(cache_dir if cache_dir is not None else default_cache_dir(), [c.path for c in read])
     shares = ", ".join(f"{c.path.name}{f' {w:.3g}' if plan.weighted else ''}"
                        for c, w in zip(plan.inputs, plan.normalized_weights))
     console.print(f"merging {len(plan.inputs)} {'adapters' if plan.adapters else 'checkpoints'} "
