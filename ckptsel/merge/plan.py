@@ -107,7 +107,7 @@ class MergePlan:
     def load_options(self) -> LoadOptions:
         """How the inputs' formats read them (their ``check_load`` and ``model_folder``: a converted copy
         is read from, or made in, ``cache_dir``). Nothing is loaded onto a device here."""
-        return LoadOptions(dtype=None, device=self.device, allow_pickle=self.allow_pickle, cache_dir=self.cache_dir)
+        return _options(vars(self))
 
     def model_folder(self, ckpt: Checkpoint) -> Path:
         """The safetensors model folder a full checkpoint is merged from: its own, or its format's converted
@@ -193,6 +193,12 @@ def parse_params(items: Sequence[str]) -> dict[str, object]:
     return params
 
 
+def _options(settings: Mapping) -> LoadOptions:
+    """The load options a merge reads its inputs with (no dtype: nothing is loaded onto a device)."""
+    return LoadOptions(dtype=None, device=settings["device"], allow_pickle=settings["allow_pickle"],
+                       cache_dir=settings["cache_dir"])
+
+
 def _check_usable(ckpt: Checkpoint, options: LoadOptions | None = None) -> None:
     """A one-line MergeError when the checkpoint's format says merge cannot read it (broken, pickled...), or,
     for a full checkpoint, cannot read it with ``options`` (ZeRO shards without ``--allow-pickle``)."""
@@ -275,9 +281,8 @@ def plan_merge(
             raise MergeError(f"{ckpt.path} is given twice (also as {seen[key]})")
         seen[key] = ckpt.path
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
-    options = LoadOptions(dtype=None, device=device, allow_pickle=allow_pickle, cache_dir=cache_dir)
     for ckpt in inputs:
-        _check_usable(ckpt, options)
+        _check_usable(ckpt, _options(dict(device=device, allow_pickle=allow_pickle, cache_dir=cache_dir)))
 
     weights_given = weights is not None
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
@@ -335,8 +340,7 @@ def _plan_adapters(inputs, *, method, rank, full, parameters, weights_given, **c
         if base is None:
             raise MergeError(f"--full needs the base model as a local folder; {first.base_model} is not one "
                              "(pass --base-model PATH)")
-        _check_usable(base, LoadOptions(dtype=None, device=common["device"], allow_pickle=common["allow_pickle"],
-                                        cache_dir=common["cache_dir"]))
+        _check_usable(base, _options(common))
         if base.format.is_adapter:
             raise MergeError(f"base model {base.path}: a LoRA adapter, not a full model")
     return MergePlan(inputs=tuple(inputs), adapters=True, output="full" if full else "adapter", method=method,
@@ -371,8 +375,7 @@ def _plan_full(inputs, *, method, base_model, parameters, rank, full, weights, w
         if not Path(base_model).is_dir():
             raise MergeError(f"--base-model {base_model}: not a local folder")
         base = describe(Path(os.path.abspath(base_model)))
-        _check_usable(base, LoadOptions(dtype=None, device=common["device"], allow_pickle=common["allow_pickle"],
-                                        cache_dir=common["cache_dir"]))
+        _check_usable(base, _options(common))
         if any(os.path.realpath(c.path) == os.path.realpath(base.path) for c in inputs):
             raise MergeError(f"--base-model {base_model} is also one of the checkpoints; "
                              f"{method} takes task vectors against it, so list only the fine-tuned ones")
