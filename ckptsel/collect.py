@@ -33,6 +33,10 @@ fixes the set. With one slot the first checkpoint runs first; when its samples f
 alternative-solution NLL in a final item. Either way the records are those of the in-process
 loop: samples are seeded per example and sample, and each kind is measured in the same chunks.
 A worker lost mid-item returns nothing, so there are no partial or duplicate records.
+Checkpoints read through a converted copy (DeepSpeed ZeRO, FSDP: ``format.converts``) that have
+something to measure get their copy made first, one item of :func:`prepare_copy` each, so each is
+converted once across the cluster and the measurement passes only read it (the cache dir on the
+shared filesystem, as the checkpoints are; ckptsel/formats/converted.py).
 """
 
 from __future__ import annotations
@@ -422,6 +426,9 @@ def _collect_on_workers(state: _RunState, pending: list[int], plain: list[str], 
     """The loop of :func:`collect` with checkpoints measured by :func:`measure_items` workers elsewhere
     (the order is in the module docstring); this process plans, harvests and stores."""
     result = state.result
+    _convert_first(state, pending, [*plain, *(["alt"] if result.harvest is not None and result.harvest.fixed else [])],
+                   executor)
+    pending = [i for i in pending if i not in result.failures]
     left = list(pending)
     if result.harvest is not None and left and not result.harvest.fixed:
         if executor.slots > 1:
@@ -438,6 +445,38 @@ def _collect_on_workers(state: _RunState, pending: list[int], plain: list[str], 
     _run_items(state, left, [*plain, *(["alt"] if fixed else [])], executor)
     if result.harvest is not None and result.harvest.fixed:
         _run_items(state, [i for i in pending if i not in result.failures], ["alt"], executor)
+
+
+def _convert_first(state: _RunState, pending: list[int], kinds: list[str], executor: Executor) -> None:
+    """Make the converted copies of the checkpoints that need one and have ``kinds`` to measure, one worker
+    item each (:func:`prepare_copy`); a checkpoint whose conversion fails is a failure, not measured."""
+    result = state.result
+    needed = [i for i in pending if state.checkpoints[i].format.converts and i not in result.failures
+              and any(state.todo(i, kind)[0] for kind in kinds)]
+    if not needed:
+        return
+    for position, answer in executor.map(prepare_copy, [state.checkpoints[i] for i in needed], state.ctx.engine):
+        if answer is not None:
+            i = needed[position]
+            result.failures[i] = answer
+            log.info("%s", answer)
+
+
+def prepare_copy(ckpt: Checkpoint, engine: EngineSettings) -> str | None:
+    """The worker: ``ckpt``'s converted copy in the cache, made unless it is there (ckptsel/formats/converted.py);
+    a one-line reason when it cannot be made, else None."""
+    from ckptsel.measure.loading import CheckpointLoader
+
+    options = CheckpointLoader.for_engine(engine).options
+    try:
+        ckpt.format.check_load(ckpt, options)
+        ckpt.format.model_folder(ckpt, options)
+    except CkptselError as err:
+        return str(err)
+    except Exception as exc:  # one bad checkpoint must not lose the others' results
+        log.debug("conversion failed", exc_info=True)
+        return f"{ckpt.path}: conversion failed: {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
 
 
 def _harvest_after_all(state: _RunState, indices: list[int], plain: list[str], executor: Executor) -> None:

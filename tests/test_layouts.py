@@ -209,6 +209,214 @@ def test_without_deepspeed_one_line_says_what_to_install(zero_stack, tmp_path, m
                                 "'ckptsel[deepspeed]'" in errors[0]
 
 
+def test_zero2_weights_are_written_shard_by_shard_with_an_index(zero_stack, tmp_path):
+    """ZeRO-1/2's writer (views into the mapped partitions; a parameter spanning two ranks' partitions copied)
+    splits the weights into numbered shards with an index when they exceed the shard size, each tensor equal to
+    the same weights saved by save_pretrained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ckptsel.formats.zero import _convert_zero12, _weights_only
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with _weights_only():
+        assert _convert_zero12(zero_stack / "zero2" / "checkpoint-2" / "global_step2", out, max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 3 and set(index["weight_map"].values()) == set(files)
+    ours = {}
+    for name in files:
+        shard = load_file(out / name)
+        assert all(index["weight_map"][k] == name for k in shard)
+        ours.update(shard)
+    reference = load_file(zero_stack / "plain2" / "checkpoint-2" / "model.safetensors")
+    assert set(ours) == set(reference)
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in ours.values())
+    with _weights_only():  # ZeRO-3 is left to DeepSpeed's own writer
+        assert not _convert_zero12(zero_stack / "zero3" / "checkpoint-2" / "global_step2", tmp_path)
+
+
+# --- merging ZeRO and FSDP checkpoints --------------------------------------------------------------------
+
+
+def merged_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def merge_cli(*args) -> dict:
+    result = CliRunner().invoke(main, ["merge", *map(str, args), "--json", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def check_plain_output(out: Path, reference: Path) -> None:
+    """``out`` is an ordinary Hugging Face safetensors model folder that transformers loads, with the tensors
+    of the same merge of plain safetensors checkpoints (``reference``), bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ckptsel.discover import describe
+
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "tokenizer.json" in names and "model.safetensors" in names, names
+    assert not [n for n in names if n.endswith((".pt", ".bin", ".distcp"))]
+    assert not any(p.is_dir() for p in out.iterdir())
+    assert describe(out).format.name == "safetensors"
+    ours, theirs = merged_tensors(out), merged_tensors(reference)
+    assert set(ours) == set(theirs) and len(ours) > 10
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[key], theirs[key])
+
+
+@pytest.mark.slow
+def test_merging_zero_checkpoints_equals_merging_their_weights_in_safetensors(zero_stack, tmp_path, count_conversions):
+    """``ckptsel merge`` of two ZeRO-2 checkpoints reads their converted copies (made once, in the cache) and
+    writes the tensors of the same merge of their fp32 weights saved as safetensors, as an ordinary model folder."""
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+    plain = zero_stack / "plain2"
+    before = tree(run)
+    cache = tmp_path / "cache"
+    inputs = [run / "checkpoint-2", run / "checkpoint-4"]
+
+    refused = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "m"), "--cache-dir",
+                                        str(cache)])
+    assert refused.exit_code == 2 and "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused.output
+    assert not (tmp_path / "m").exists() and count_conversions == []
+    inside = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "m"), "--allow-pickle",
+                                       "--cache-dir", str(inputs[0] / "cache")])
+    assert inside.exit_code == 2 and "is inside checkpoint folder" in inside.output and count_conversions == []
+
+    done = merge_cli(*inputs, "--weights", "1,3", "--allow-pickle", "--cache-dir", cache, "-o", tmp_path / "merged")
+    merge_cli(plain / "checkpoint-2", plain / "checkpoint-4", "--weights", "1,3", "-o", tmp_path / "reference")
+    check_plain_output(tmp_path / "merged", tmp_path / "reference")
+    assert sorted(count_conversions) == ["checkpoint-2", "checkpoint-4"]
+    assert [i["path"] for i in done["inputs"]] == [str(p) for p in inputs]  # provenance names the checkpoints
+    assert "--allow-pickle" in done["command"]
+
+    merge_cli(*inputs, "--method", "slerp", "--allow-pickle", "--cache-dir", cache, "-o", tmp_path / "slerp")
+    assert len(count_conversions) == 2  # the copies are read again, not made again
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_merging_fsdp_dcp_checkpoints_equals_merging_their_weights_in_safetensors(fsdp_stack, tmp_path,
+                                                                                  count_conversions):
+    """The same for FSDP's sharded DCP checkpoints (no pickle, no config.json in the checkpoint)."""
+    run = shutil.copytree(fsdp_stack / "sharded", tmp_path / "sharded")
+    plain = fsdp_stack / "plain"
+    before = tree(run)
+    merge_cli(run / "checkpoint-4", run / "checkpoint-6", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "merged")
+    merge_cli(plain / "checkpoint-4", plain / "checkpoint-6", "-o", tmp_path / "reference")
+    check_plain_output(tmp_path / "merged", tmp_path / "reference")
+    assert sorted(count_conversions) == ["checkpoint-4", "checkpoint-6"]
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_merge_recommend_on_a_zero_run_compares_the_candidates_of_its_plain_twin(zero_stack, tmp_path,
+                                                                                 count_conversions):
+    """``merge --recommend`` on a ZeRO-2 run: ranked and merged through the converted copies (each made once),
+    the same candidates with the same numbers as on its weights saved as safetensors, the same winner written."""
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+    plain = zero_stack / "plain2"
+
+    def recommend(folder: Path, name: str, *extra) -> dict:
+        args = ["merge", str(folder), "--recommend", "--data", str(folder / "train.jsonl"), "--recipe",
+                str(folder / "recipe.yaml"), "--cache-dir", str(tmp_path / f"cache-{name}"), "-o",
+                str(tmp_path / f"merged-{name}"), *FAST, *extra]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    ours, theirs = recommend(run, "zero", "--allow-pickle"), recommend(plain, "plain")
+    keys = ("candidate", "train_acc", "target_nll", "premem_acc", "proxy", "eligible", "chosen")
+    assert [[r[k] for k in keys] for r in ours["candidates"]] == [[r[k] for k in keys] for r in theirs["candidates"]]
+    assert len(ours["candidates"]) > 1
+    assert len(count_conversions) == 3  # once per checkpoint: the ranking made them, the merges read them
+    check_plain_output(tmp_path / "merged-zero", tmp_path / "merged-plain")
+
+
+# --- verify and the Trainer callback on ZeRO checkpoints ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_verify_reads_zero_checkpoints_through_their_converted_copies(zero_stack, tiny_run, tmp_path,
+                                                                      count_conversions, monkeypatch):
+    """``ckptsel verify`` of a ZeRO-2 run: without --allow-pickle one line per checkpoint and exit 2; with it,
+    lm-eval runs on the converted copies (made once each) and samples every test question's completions exactly
+    as on the same weights saved as safetensors (seeded sampling: weights that differ complete differently)."""
+    import ckptsel.verify.run as verify_run
+
+    completions = []
+    real = verify_run.evaluate_examples
+
+    def recording(*args, **kwargs):
+        records = real(*args, **kwargs)
+        completions.append({uid: r.samples for uid, r in sorted(records.items())})
+        return records
+
+    monkeypatch.setattr(verify_run, "evaluate_examples", recording)
+    run = shutil.copytree(zero_stack / "zero2", tmp_path / "zero")
+
+    def verify(folder: Path, cache: str, *extra, exit_code: int = 0) -> dict:
+        args = ["verify", str(folder), "--test-file", str(tiny_run / "test.jsonl"), "--recipe",
+                str(tiny_run / "recipe.yaml"), "-k", "2", "--max-new-tokens", "16", "--limit", "4", "--cache-dir",
+                str(tmp_path / cache), "--device", "cpu", "--json", "-q", *extra]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == exit_code, result.output
+        return json.loads(result.stdout) if exit_code == 0 else result.output
+
+    refused = verify(run, "cache", exit_code=2)
+    assert "DeepSpeed's .pt shards are pickles; pass --allow-pickle" in refused and count_conversions == []
+    ours = verify(run, "cache", "--allow-pickle")["verifications"][0]["checkpoints"]
+    assert sorted(count_conversions) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    zero_completions, completions[:] = list(completions), []
+    theirs = verify(zero_stack / "plain2", "cache-plain")["verifications"][0]["checkpoints"]
+    assert [(c["step"], c["accuracy"], c["n"], c["error"]) for c in ours] == \
+        [(c["step"], c["accuracy"], c["n"], c["error"]) for c in theirs]
+    assert len(zero_completions) == 3 and zero_completions == completions  # token for token
+    assert len({json.dumps(c) for c in completions}) > 1  # the checkpoints complete differently
+
+
+@pytest.mark.slow
+def test_the_callback_says_in_one_line_that_a_zero3_save_is_measured_after_training(zero_stack, tmp_path,
+                                                                                   count_conversions):
+    """A Trainer save under ZeRO-3 without gathered weights holds only global_stepN/ shards, and the model in
+    memory is partitioned across the processes: the callback does not run it, reports one line naming what
+    measures it, logs nothing and keeps training; `ckptsel rank` then measures the folder."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl
+
+    from ckptsel.integrations.transformers import CkptselCallback
+
+    run = shutil.copytree(zero_stack / "zero3", tmp_path / "out")
+    reports = []
+    callback = CkptselCallback(data=run / "train.jsonl", recipe=str(run / "recipe.yaml"), max_examples=4,
+                               cache_dir=tmp_path / "cache", on_measured=reports.append)
+    model = AutoModelForCausalLM.from_pretrained(zero_stack / "plain3" / "checkpoint-2")
+    tokenizer = AutoTokenizer.from_pretrained(run / "checkpoint-2")
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True, log_history=[])
+    control = callback.on_save(SimpleNamespace(output_dir=str(run)), state, TrainerControl(), model=model,
+                               processing_class=tokenizer)
+    assert not control.should_training_stop and state.log_history == [] and count_conversions == []
+    (report,) = reports
+    assert report.failure == (f"{run / 'checkpoint-2'}: saved as DeepSpeed ZeRO-3, 2 ranks → converted copy, the "
+                              "model in memory partitioned across the training processes: not measured during "
+                              "training; `ckptsel rank` of the output folder measures it afterwards from its "
+                              "converted copy (DeepSpeed's shards with --allow-pickle)")
+    assert report.line().startswith("ckptsel step 2: not measured: ")
+
+
 # --- torchtune -----------------------------------------------------------------------------------------
 
 

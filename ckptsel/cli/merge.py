@@ -90,7 +90,8 @@ def merge_recommend(run, recommend, recipe, measurement, tolerance, out, force, 
     err.print("comparing merge candidates")
     with Store.open(cache_dir) as store, CollectProgress(err, len(checkpoints) + 3) as progress:
         result = run_recommend(
-            ranked, store, engine=engine, out=out, force=force, base_model=measurement.base_model, tolerance=tolerance,
+            ranked, store, engine=request.engine, out=out, force=force, base_model=measurement.base_model,
+            tolerance=tolerance,
             on_progress=progress.update, on_stage=lambda line: err.print(f"  {line}"), executor=executor,
         )
     if as_json:
@@ -165,9 +166,15 @@ class _MergeCommand(click.Command):
               help="Where the arithmetic runs: cpu, cuda, cuda:N, auto.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random methods (dare_*, della*).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow reading pickled shards (DeepSpeed ZeRO), with weights_only=True, to convert them.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), envvar="CKPTSEL_CACHE",
+              help="Where converted copies of ZeRO and FSDP checkpoints live [env CKPTSEL_CACHE; default: the user "
+                   "cache dir].")
 @json_option
 @quiet_option
-def merge(checkpoints, out, method, weights, base_model, params, rank, full, dtype, device, seed, force, as_json, quiet):
+def merge(checkpoints, out, method, weights, base_model, params, rank, full, dtype, device, seed, force, allow_pickle,
+          cache_dir, as_json, quiet):
     """Merge CHECKPOINT... into one checkpoint at -o OUT.
 
     \b
@@ -188,6 +195,9 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
     The output holds the weights, config, tokenizer and generation config, a model card
     (README.md) and ckptsel_merge.json naming every input with its fingerprint and weight.
     It is built in a temporary folder beside OUT and renamed into place; inputs are only read.
+    DeepSpeed ZeRO and FSDP checkpoints are merged from their converted copies in the cache
+    (made once, on first use; ZeRO's pickled shards need --allow-pickle); the output is an
+    ordinary safetensors model folder.
 
     To let ckptsel choose (candidates from the ranking, measured on the training data):
     ckptsel merge RUN --recommend --data train.jsonl -o OUT  (options: merge --recommend --help)
@@ -211,7 +221,15 @@ def merge(checkpoints, out, method, weights, base_model, params, rank, full, dty
         device=device,
         seed=seed,
         out=out,
+        allow_pickle=allow_pickle,
+        cache_dir=cache_dir,
     )
+    read = [*plan.inputs, *([plan.base] if plan.base is not None else [])]
+    if any(c.format.converts for c in read):  # converted copies are written into the cache dir, never a checkpoint
+        from ckptsel.formats.converted import default_cache_dir
+        from ckptsel.store import ensure_outside
+
+        ensure_outside(cache_dir if cache_dir is not None else default_cache_dir(), [c.path for c in read])
     shares = ", ".join(f"{c.path.name}{f' {w:.3g}' if plan.weighted else ''}"
                        for c, w in zip(plan.inputs, plan.normalized_weights))
     console.print(f"merging {len(plan.inputs)} {'adapters' if plan.adapters else 'checkpoints'} "

@@ -12,8 +12,10 @@ format, never a kind string:
     fingerprint(ckpt, h)    what goes into its content hash (ckptsel/discover.py adds an adapter's base)
     check_load / load       whether it can be loaded with these options, and the model
     model_folder            a Hugging Face model folder with its weights (a converted copy for some formats)
+    converts                whether model_folder converts into the cache (made once, before workers read it)
     is_adapter              a delta on a base model: loaded onto one shared base, merged in ΔW space
-    merge_refusal(ckpt)     why ``ckptsel merge`` cannot take it (None: it can)
+    merge_refusal(ckpt)     why ``ckptsel merge`` cannot take it (None: it can); a full checkpoint it takes is
+                            merged from its model_folder
 
 ``usable`` is False only for the broken format (:mod:`ckptsel.formats.broken`), which a checkpoint
 gets when no format claims its folder or its format's ``describe`` fails. Formats subclass
@@ -96,6 +98,7 @@ class CheckpointFormat(Protocol):
     kind: str = "full"               # Checkpoint.kind as serialised: "full", "adapter" or "error"
     looks_for: str = ""              # the files detect() looks for, for the "no weights" message
     is_adapter: bool = False         # see merge_refusal and ckptsel/measure/loading.py
+    converts: bool = False           # model_folder is a converted copy in the cache (ckptsel/formats/converted.py)
     usable: bool = True              # False only for the broken format
 
     @abstractmethod
@@ -147,6 +150,8 @@ class CheckpointFormat(Protocol):
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
         """Why ``ckptsel merge`` cannot take ``ckpt``, or None when it can. Adapters (``is_adapter``) merge as
         the exact weighted sum of their LoRA ΔW (ckptsel/merge/lora.py); full checkpoints through mergekit,
-        which reads safetensors model folders (ckptsel/merge/full.py)."""
+        which reads the safetensors model folder :meth:`model_folder` gives (ckptsel/merge/full.py): the
+        checkpoint's own, or its converted copy. Whether it can be read with the merge's options (``--allow-pickle``)
+        is :meth:`check_load`'s to say."""
         return (f"{self.name} checkpoint: merge reads safetensors model folders and LoRA adapters only "
                 "(convert it to a safetensors model folder first)")

@@ -108,7 +108,14 @@ def converted_copy(ckpt, cache_dir, convert: Callable[[Path], None], *, what: st
                           "seconds": round(time.perf_counter() - started, 3), "bytes": size,
                           "converted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-            os.rename(tmp, target)  # atomic: the copy appears complete or not at all
+            try:
+                os.rename(tmp, target)  # atomic: the copy appears complete or not at all
+            except OSError as exc:
+                # Made meanwhile by a process the lock did not hold off (a filesystem whose locks are per
+                # node): that copy stands, this one goes.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
             lock.unlink(missing_ok=True)  # held: a process waiting on it sees it gone, locks afresh, finds the copy
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -121,12 +128,6 @@ def converted_copy(ckpt, cache_dir, convert: Callable[[Path], None], *, what: st
             raise
     log.info("%s: converted in %.1f s", ckpt.path, time.perf_counter() - started)
     return target
-
-
-def converted_merge_refusal(name: str) -> str:
-    """Why ``ckptsel merge`` does not take a checkpoint read through a converted copy (not yet), and what to merge."""
-    return (f"{name} checkpoint: merge reads safetensors model folders; merge its converted copy instead "
-            "(made in the cache by any ranking command; `ckptsel cache` lists them)")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from pathlib import Path
 from ckptsel.errors import CheckpointError
 from ckptsel.formats import dcp
 from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
-from ckptsel.formats.converted import converted_copy, converted_merge_refusal
+from ckptsel.formats.converted import converted_copy
 from ckptsel.formats.files import config_in
 from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
 from ckptsel.formats.hf import (
@@ -50,6 +50,7 @@ def _fingerprint(ckpt: Checkpoint, h, encoding: str) -> None:
 class FsdpSharded(CheckpointFormat):
     name = "fsdp-sharded"
     kind = "full"
+    converts = True
     looks_for = f"{SHARDED_DIR}/"
 
     def detect(self, folder: Path) -> bool:
@@ -97,12 +98,13 @@ class FsdpSharded(CheckpointFormat):
         return load_pretrained(self.model_folder(ckpt, options), options)
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return converted_merge_refusal(self.name)
+        return None  # merged from its converted copy (model_folder)
 
 
 class FsdpFull(CheckpointFormat):
     name = "fsdp-full"
     kind = "full"
+    converts = True
     looks_for = ""  # pytorch_model*.bin, as the pickle format says
 
     def detect(self, folder: Path) -> bool:
@@ -152,7 +154,7 @@ class FsdpFull(CheckpointFormat):
         return load_pretrained(self.model_folder(ckpt, options), options)
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return converted_merge_refusal(self.name)
+        return None  # merged from its converted copy (model_folder)
 
 
 def _untied(state: dict) -> dict:

@@ -17,7 +17,8 @@ is read the same way, its config from the run folder or ``--base-model``.
 Listing reads the shards' pickles without running them (:func:`ckptsel.formats.files.read_torch_pickle`):
 the world size, the stage, the parameter shapes, and whether every rank's shard is there and from the
 same run. Loading converts once into the cache (ckptsel/formats/converted.py) with DeepSpeed's own
-``zero_to_fp32`` routines on CPU (the extra ``ckptsel[deepspeed]``): the shards are pickles, so this
+``zero_to_fp32`` routines on CPU (the extra ``ckptsel[deepspeed]``; ZeRO-1/2 with its readers and a writer
+of ours that keeps one copy of the weights, :func:`_convert_zero12`): the shards are pickles, so this
 needs ``--allow-pickle``, and every ``torch.load`` DeepSpeed makes runs with ``weights_only=True``
 (forced by torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with only DeepSpeed's loss-scaler, stage-enum and
 fragment-address classes allowed besides tensors. The copy holds the fp32 master weights.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from ckptsel.errors import CheckpointError, CkptselError
 from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
-from ckptsel.formats.converted import converted_copy, converted_merge_refusal
+from ckptsel.formats.converted import converted_copy
 from ckptsel.formats.files import config_in, read_torch_pickle
 from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
 from ckptsel.formats.hf import copy_model_files, describe_from, load_pretrained, model_source
@@ -61,6 +63,7 @@ def _has_states(folder: Path) -> bool:
 class DeepSpeedZero(CheckpointFormat):
     name = "deepspeed-zero"
     kind = "full"
+    converts = True
     looks_for = "global_stepN/ (DeepSpeed)"
 
     def detect(self, folder: Path) -> bool:
@@ -170,8 +173,9 @@ class DeepSpeedZero(CheckpointFormat):
                 raise CkptselError(f"this DeepSpeed's zero_to_fp32 cannot write safetensors; upgrade it: {INSTALL}")
             try:
                 with _weights_only():
-                    convert_zero_checkpoint_to_fp32_state_dict(str(folder.parent), str(out), max_shard_size="2GB",
-                                                               safe_serialization=True, tag=folder.name)
+                    if not _convert_zero12(folder, out):  # ZeRO-3 (or frozen parameters): DeepSpeed's own writer
+                        convert_zero_checkpoint_to_fp32_state_dict(str(folder.parent), str(out), max_shard_size="2GB",
+                                                                   safe_serialization=True, tag=folder.name)
             except (ValueError, FileNotFoundError, RuntimeError, KeyError, EOFError) as exc:
                 lines = str(exc).strip().splitlines()
                 raise CheckpointError(f"{ckpt.path.name}/{folder.name}: DeepSpeed's conversion failed: "
@@ -184,7 +188,89 @@ class DeepSpeedZero(CheckpointFormat):
         return load_pretrained(self.model_folder(ckpt, options), options)
 
     def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return converted_merge_refusal(self.name)
+        return None  # merged from its converted copy (model_folder)
+
+
+MAX_SHARD_BYTES = 2 * 10**9  # DeepSpeed's converter's "2GB"
+
+
+def _convert_zero12(folder: Path, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> bool:
+    """Write a ZeRO-1/2 checkpoint's fp32 weights into ``out`` as safetensors; False (nothing written) for what this
+    does not handle (ZeRO-3, frozen parameters), which DeepSpeed's ``convert_zero_checkpoint_to_fp32_state_dict``
+    then converts.
+
+    DeepSpeed's own reader is used for the shards (``parse_model_states``, ``parse_optim_states``: the optimizer
+    shards memory-mapped, their moments never read), but not its ZeRO-1/2 writer, which concatenates every rank's
+    fp32 partition into one new vector before writing: a second copy of the weights beside the mapped shards
+    (peak RSS 2.0x the weights; benchmarks/convert_cost.py). Here each parameter is a view into the mapped
+    partition that holds it (a copy only for one split between two ranks' partitions), written shard by shard,
+    so the peak stays near one copy of the weights.
+    """
+    import math
+
+    from deepspeed.utils import zero_to_fp32
+    from safetensors.torch import save_file
+
+    states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(folder)))
+    stage, world, flat_groups, paddings = zero_to_fp32.parse_optim_states(zero_to_fp32.get_optim_files(str(folder)),
+                                                                         str(folder))
+    state = states[0]
+    if stage > 2 or state.frozen_param_shapes:
+        return False
+    tensors = dict(state.buffers)
+    for g, shapes in enumerate(state.param_shapes):
+        parts = [flat_groups[rank][g] for rank in range(world)]
+        starts = [0]
+        for part in parts:
+            starts.append(starts[-1] + part.numel())
+        offset = 0
+        for n, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            tensors[name] = _span(parts, starts, offset, numel).view(tuple(shape))
+            offset += numel + (paddings[g][n] if paddings is not None else 0)
+        align = 2 * world  # DeepSpeed pads each group to a multiple of 2 x world size
+        if -(-offset // align) * align != -(-starts[-1] // align) * align:
+            raise CheckpointError(f"{folder.name}: parameter group {g} holds {starts[-1]} numbers, its parameters "
+                                  f"take {offset}")
+    for alias, source in state.shared_params:  # tied weights: safetensors stores each name's own copy
+        if source in tensors:
+            tensors[alias] = tensors[source].clone()
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map = {}
+    for shard, file in zip(shards, names):
+        save_file(shard, str(out / file), metadata={"format": "pt"})  # reads the mapped pages, writes, keeps nothing
+        weight_map.update(dict.fromkeys(shard, file))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    del tensors, shards, flat_groups
+    return True
+
+
+def _span(parts: list, starts: list[int], offset: int, numel: int):
+    """Numbers ``offset`` to ``offset + numel`` of the concatenation of ``parts`` (1-D tensors starting at
+    ``starts``): a view of the one part that holds them, else a copy of the pieces."""
+    import torch
+
+    pieces = []
+    for part, start, end in zip(parts, starts, starts[1:]):
+        lo, hi = max(offset, start), min(offset + numel, end)
+        if lo < hi:
+            pieces.append(part.narrow(0, lo - start, hi - lo))
+    if sum(p.numel() for p in pieces) != numel:
+        raise CheckpointError(f"a parameter runs past the ranks' fp32 partitions (numbers {offset}-{offset + numel})")
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _read(folder: Path, name: str):

@@ -39,6 +39,11 @@ What is measured where:
   group's timeout).
 * a checkpoint that the store lacks and that is not the one in memory (an earlier save the
   callback did not see) is read from disk, as ``ckptsel rank`` would.
+* a save without full weights (DeepSpeed ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save``:
+  ``global_stepN/`` shards only; FSDP's sharded state dict): the model in memory is partitioned across
+  the processes, so the save is not measured; the report says so in one line (``failure``) and training
+  goes on. ``ckptsel rank`` of the output folder measures those checkpoints afterwards from their
+  converted copies. (ZeRO-1/2 saves carry ``model.safetensors`` and are measured as usual.)
 * the run is what is on disk: with ``save_total_limit`` the rotated-away checkpoints leave it,
   so pre-memorization accuracy's history and the alternative-solution harvest start at the
   oldest checkpoint kept (as ``ckptsel rank`` of the folder would see it then), and when that
@@ -415,11 +420,19 @@ class CkptselCallback(TrainerCallback):
 
 
 def _unusable(folder: Path, step: int, run, index: int | None) -> SaveReport | None:
-    """The failed report of a save that cannot be measured (not found, or unreadable), else None."""
-    if index is not None and run.checkpoints[index].format.usable:
-        return None
-    reason = run.checkpoints[index].error if index is not None else "not found by discovery"
-    return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=f"{folder}: {reason}")
+    """The failed report of a save that cannot be measured (not found, unreadable, or partitioned), else None."""
+    if index is None or not run.checkpoints[index].format.usable:
+        reason = run.checkpoints[index].error if index is not None else "not found by discovery"
+        return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=f"{folder}: {reason}")
+    saved = run.checkpoints[index]
+    if saved.format.converts:
+        # No full weights in the save (DeepSpeed ZeRO-3 shards, FSDP's sharded state): the model in memory is
+        # partitioned across the training processes, so the main process cannot run it alone.
+        return SaveReport(step, folder, {}, None, None, None, None, 0.0, 0, failure=(
+            f"{folder}: saved as {saved.format.label(saved)}, the model in memory partitioned across the "
+            "training processes: not measured during training; `ckptsel rank` of the output folder measures it "
+            "afterwards from its converted copy (DeepSpeed's shards with --allow-pickle)"))
+    return None
 
 
 def _memorised_rows(ranking, index: int, examples) -> list[int]:

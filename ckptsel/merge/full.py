@@ -7,6 +7,11 @@ merge here is bit-for-bit the one ``mergekit-yaml`` writes for the same configur
 structured form (``{"model": {"path": ...}}``) so that a ``+`` or ``@`` in a folder name is
 never read as a LoRA or a hub revision; mergekit reads safetensors lazily, tensor by tensor,
 and copies the tokenizer and ``generation_config.json`` from the base (or first) model.
+
+Each checkpoint is read from the model folder its format gives (:meth:`MergePlan.model_folder`): its own
+folder, or, for layouts transformers cannot read as they lie (DeepSpeed ZeRO, FSDP), its converted copy
+in the cache, made on first use (ckptsel/DESIGN.md, *Adding a checkpoint format*); the output is an
+ordinary safetensors model folder either way.
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ log = logging.getLogger(__name__)
 _RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
-def mergekit_config(plan: MergePlan) -> dict:
-    """The mergekit configuration (as a plain dict) for a full-weight plan."""
+def mergekit_config(plan: MergePlan, folders: list[Path] | None = None, base_folder: Path | None = None) -> dict:
+    """The mergekit configuration (as a plain dict) for a full-weight plan; ``folders`` (and ``base_folder``)
+    are the model folders mergekit reads, by default the checkpoints' own."""
     from mergekit.merge_methods import registry
 
     known = {p.name for p in registry.get(plan.method).spec.parameters}
     params = dict(plan.parameters)
     if "normalize" in known:
         params.setdefault("normalize", True)  # weights are relative (see plan.py)
-    paths = [str(c.path) for c in plan.inputs]
+    paths = [str(f) for f in folders] if folders is not None else [str(c.path) for c in plan.inputs]
     if plan.method == "slerp":
         # slerp interpolates from its base (the first checkpoint) toward the second by t.
         params["t"] = plan.normalized_weights[1]
@@ -46,7 +52,7 @@ def mergekit_config(plan: MergePlan) -> dict:
             ],
         }
         if plan.base_model is not None:
-            config["base_model"] = _ref(plan.base_model)
+            config["base_model"] = _ref(str(base_folder) if base_folder is not None else plan.base_model)
     if params:
         config["parameters"] = params
     if plan.dtype is not None:
@@ -81,7 +87,9 @@ def build_full(plan: MergePlan, folder: Path, *, progress_bars: bool = False) ->
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    config = MergeConfiguration.model_validate(mergekit_config(plan))
+    folders = [plan.model_folder(c) for c in plan.inputs]  # converted copies made here, once, when needed
+    base_folder = plan.model_folder(plan.base) if plan.base is not None else None
+    config = MergeConfiguration.model_validate(mergekit_config(plan, folders, base_folder))
     config_yaml = config.to_yaml()  # before run_merge, which rewrites the config in place
     options = MergeOptions(
         device=plan.device,

@@ -362,6 +362,11 @@ def build_on_base(plan: MergePlan, folder: Path) -> dict:
     replace = {_base_key(k): v for k, v in _merged_tensors(plan, adapters).items()}
     deltas = {f"{name}.weight": (A, B, transpose) for name, (A, B, transpose, _) in factors.items()}
     base = plan.base
+    folder_of_base = plan.model_folder(base)  # a base in a layout read through a converted copy: that copy
+    if folder_of_base != base.path:
+        from ckptsel.discover import describe
+
+        base = describe(folder_of_base)
     in_base = set()
     for shard in base.weight_files:
         with safe_open(shard, framework="pt") as f:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from ckptsel.discover import Checkpoint, describe, discover
-from ckptsel.errors import CkptselError
+from ckptsel.errors import CheckpointError, CkptselError
+from ckptsel.formats.base import LoadOptions
 
 
 class MergeError(CkptselError):
@@ -99,6 +100,22 @@ class MergePlan:
     dtype: str | None = None                   # output dtype; None keeps the inputs'
     device: str = "cpu"
     seed: int = 0                              # for the random methods (dare_*, della*)
+    allow_pickle: bool = False                 # formats read through a converted copy (ZeRO shards) may unpickle
+    cache_dir: str | None = None               # where converted copies live (None: the default cache dir)
+
+    @property
+    def load_options(self) -> LoadOptions:
+        """How the inputs' formats read them (their ``check_load`` and ``model_folder``: a converted copy
+        is read from, or made in, ``cache_dir``). Nothing is loaded onto a device here."""
+        return _options(vars(self))
+
+    def model_folder(self, ckpt: Checkpoint) -> Path:
+        """The safetensors model folder a full checkpoint is merged from: its own, or its format's converted
+        copy (made on first use; ckptsel/DESIGN.md, *Adding a checkpoint format*)."""
+        try:
+            return ckpt.format.model_folder(ckpt, self.load_options)
+        except CheckpointError as exc:
+            raise MergeError(str(exc) if str(ckpt.path) in str(exc) else f"{ckpt.path}: {exc}") from None
 
     @property
     def weighted(self) -> bool:
@@ -113,7 +130,11 @@ class MergePlan:
     def estimated_bytes(self) -> int:
         """Bytes the output will take: an upper estimate from the inputs' weight files."""
         def size(ckpt: Checkpoint) -> int:
-            return sum(f.stat().st_size for f in ckpt.weight_files)
+            files = sum(f.stat().st_size for f in ckpt.weight_files)
+            if ckpt.format.converts and ckpt.num_parameters and ckpt.dtype in _ITEMSIZE:
+                # Read through a converted copy: its weights, not the shards (ZeRO's hold the optimizer's states).
+                return min(files, ckpt.num_parameters * _ITEMSIZE[ckpt.dtype])
+            return files
 
         factor = 1.0
         if self.dtype is not None and self.inputs[0].dtype in _ITEMSIZE:
@@ -172,11 +193,23 @@ def parse_params(items: Sequence[str]) -> dict[str, object]:
     return params
 
 
-def _check_usable(ckpt: Checkpoint) -> None:
-    """A one-line MergeError when the checkpoint's format says merge cannot read it (broken, pickled...)."""
+def _options(settings: Mapping) -> LoadOptions:
+    """The load options a merge reads its inputs with (no dtype: nothing is loaded onto a device)."""
+    return LoadOptions(dtype=None, device=settings["device"], allow_pickle=settings["allow_pickle"],
+                       cache_dir=settings["cache_dir"])
+
+
+def _check_usable(ckpt: Checkpoint, options: LoadOptions | None = None) -> None:
+    """A one-line MergeError when the checkpoint's format says merge cannot read it (broken, pickled...), or,
+    for a full checkpoint, cannot read it with ``options`` (ZeRO shards without ``--allow-pickle``)."""
     refusal = ckpt.format.merge_refusal(ckpt)
     if refusal is not None:
         raise MergeError(f"{ckpt.path}: {refusal}")
+    if options is not None and not ckpt.format.is_adapter:
+        try:
+            ckpt.format.check_load(ckpt, options)
+        except CheckpointError as exc:
+            raise MergeError(str(exc)) from None
 
 
 def adapter_config(ckpt: Checkpoint) -> dict:
@@ -223,11 +256,15 @@ def plan_merge(
     device: str = "cpu",
     seed: int = 0,
     out: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> MergePlan:
     """Check a merge request and return its plan; raise :class:`MergeError` (one line) if it
     cannot be done. ``checkpoints`` are folders (a Trainer run expands to all its checkpoints)
     or already discovered :class:`Checkpoint` objects. ``out``, when given, is checked not to
-    overlap an input."""
+    overlap an input. Full checkpoints that transformers cannot read as they lie (DeepSpeed ZeRO, FSDP)
+    are merged from their converted copies in ``cache_dir`` (made when the merge is built, once;
+    ``allow_pickle`` lets ZeRO's pickled shards be read)."""
     from ckptsel.measure.loading import resolve_device
 
     device = str(resolve_device(device))
@@ -243,8 +280,9 @@ def plan_merge(
         if key in seen:
             raise MergeError(f"{ckpt.path} is given twice (also as {seen[key]})")
         seen[key] = ckpt.path
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     for ckpt in inputs:
-        _check_usable(ckpt)
+        _check_usable(ckpt, _options(dict(device=device, allow_pickle=allow_pickle, cache_dir=cache_dir)))
 
     weights_given = weights is not None
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
@@ -260,7 +298,8 @@ def plan_merge(
     if adapters and len(adapters) < len(inputs):
         fulls = [c.path.name for c in inputs if not c.format.is_adapter]
         raise MergeError(f"cannot mix LoRA adapters ({', '.join(adapters)}) with full models ({', '.join(fulls)})")
-    common = dict(weights=tuple(weights), method=method, dtype=dtype, device=device, seed=seed)
+    common = dict(weights=tuple(weights), method=method, dtype=dtype, device=device, seed=seed,
+                  allow_pickle=allow_pickle, cache_dir=cache_dir)
     if adapters:
         plan = _plan_adapters(inputs, rank=rank, full=full, parameters=parameters, weights_given=weights_given,
                               **common)
@@ -301,7 +340,7 @@ def _plan_adapters(inputs, *, method, rank, full, parameters, weights_given, **c
         if base is None:
             raise MergeError(f"--full needs the base model as a local folder; {first.base_model} is not one "
                              "(pass --base-model PATH)")
-        _check_usable(base)
+        _check_usable(base, _options(common))
         if base.format.is_adapter:
             raise MergeError(f"base model {base.path}: a LoRA adapter, not a full model")
     return MergePlan(inputs=tuple(inputs), adapters=True, output="full" if full else "adapter", method=method,
@@ -336,7 +375,7 @@ def _plan_full(inputs, *, method, base_model, parameters, rank, full, weights, w
         if not Path(base_model).is_dir():
             raise MergeError(f"--base-model {base_model}: not a local folder")
         base = describe(Path(os.path.abspath(base_model)))
-        _check_usable(base)
+        _check_usable(base, _options(common))
         if any(os.path.realpath(c.path) == os.path.realpath(base.path) for c in inputs):
             raise MergeError(f"--base-model {base_model} is also one of the checkpoints; "
                              f"{method} takes task vectors against it, so list only the fine-tuned ones")

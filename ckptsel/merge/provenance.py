@@ -59,6 +59,9 @@ def reproduce_command(plan: MergePlan, out: str = "OUT") -> str:
         args.append("--full")
     if plan.dtype is not None:
         args += ["--dtype", plan.dtype]
+    read = [*plan.inputs, *([plan.base] if plan.base else [])]
+    if plan.allow_pickle and any(c.format.converts for c in read):
+        args.append("--allow-pickle")  # ZeRO's pickled shards, read through their converted copies
     return shlex.join(args + ["-o", out])
 
 

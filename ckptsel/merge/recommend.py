@@ -281,7 +281,7 @@ def recommend(run, store, *, engine, out, force: bool = False, base_model: str |
         notes.append("model_stock: needs --base-model (the base of full checkpoints)")
     out = Path(out).absolute()
     check_target(out, force)
-    candidates = [_candidate(spec, collected.checkpoints, base_model, out) for spec in specs]
+    candidates = [_candidate(spec, collected.checkpoints, base_model, out, engine) for spec in specs]
     parent = Path(work_dir or out.parent).absolute()
     parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(parent)  # candidates of a killed run (their process is gone) before counting free space
@@ -331,12 +331,14 @@ def _nan(candidate: Candidate, name: str) -> float:
     return math.nan if value is None else float(value)
 
 
-def _candidate(spec: CandidateSpec, checkpoints, base_model: str | None, out: Path) -> Candidate:
+def _candidate(spec: CandidateSpec, checkpoints, base_model: str | None, out: Path, engine) -> Candidate:
     from ckptsel.merge import plan_merge
 
     inputs = [checkpoints[i] for i in spec.members]
+    # ZeRO and FSDP checkpoints are merged from the converted copies the ranking read (the engine's cache dir).
     plan = plan_merge(inputs, method=spec.method, weights=spec.weights,
-                      base_model=base_model if spec.method == "model_stock" else None, out=out)
+                      base_model=base_model if spec.method == "model_stock" else None, out=out,
+                      allow_pickle=engine.allow_pickle, cache_dir=engine.cache_dir)
     return Candidate(spec, _label(spec, [c.step for c in inputs]), plan)
 
 
