@@ -51,7 +51,8 @@ def fake(monkeypatch, tmp_path):
         calls.append(SimpleNamespace(checkpoints=checkpoints, overmem=request.recipe.stages, request=request))
         ranking = _ranking([c.path for c in checkpoints])
         ranking.checkpoints = ranking.checkpoints[: len(checkpoints)]
-        collected = SimpleNamespace(failures={}, settings_key="k", loaded=len(checkpoints))
+        collected = SimpleNamespace(failures={}, settings_key="k", loaded=len(checkpoints),
+                                    measured=set(range(len(checkpoints))))
         measured = MeasuredRun(Run("run", run, list(checkpoints)), request.data, collected)
         return RankResult(ranking, [measured], request.recipe, len(checkpoints))
 
