@@ -13,7 +13,11 @@ training examples), three times, the last two re-ranked from the store without l
 * ``mem``: the recipe as trained (pathways over the memorised examples, target NLL < nu);
 * ``all``: ``--threshold 1000``: every measured example counts as memorised (the memorised set is
   empty before the training loss falls);
-* ``set``: pathways with each layer's experts as a set (``pathways: order: expert``), memorised examples.
+* ``set``: pathways with each layer's experts as a set (``pathways: order: expert``), memorised examples;
+
+and ``answer``: routing averaged over the answer positions only, not the whole target (the token
+aggregation is a choice the paper leaves open; ckptsel has no setting for it, so this one is read with
+ckptsel's router capture outside the store: :func:`answer_token_pathways`).
 
 Against held-out accuracy (``ground_truth.json``: greedy answers on every held-out pair), beside
 the baselines a user already has: the training loss the Trainer logged at the checkpoint (as
@@ -51,7 +55,7 @@ FLAT = 0.1         # a change below this fraction of the series' range over the 
 GROKS = 0.1        # held-out accuracy rises at least this much within the converged stretch
 VARIANTS = {"mem": ([], None), "all": (["--threshold", "1000"], None), "set": ([], "expert")}
 SERIES = ("distance_mem", "complexity_mem", "distance_all", "complexity_all", "distance_set",
-          "train_loss", "weight_norm", "premem_acc")
+          "distance_answer", "complexity_answer", "train_loss", "weight_norm", "premem_acc")
 
 
 def checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
@@ -86,9 +90,50 @@ def rank(run: Path, cache_dir: Path, max_examples: int, extra: list[str], order:
     return {c["step"]: c for c in json.loads(done.stdout)["checkpoints"]}
 
 
+def answer_token_pathways(run: Path, n: int) -> dict[int, tuple[float, float]]:
+    """Step -> (distance, complexity) with routing averaged over the *answer* positions only.
+
+    ckptsel averages the router softmax over the positions whose input is a target token
+    (ckptsel/DESIGN.md, *Pathways*): here "####", the space, the digits and EOS, four of them the
+    same characters in every example. This check of that choice reads the positions that predict
+    the answer (inputs: the space after "####" and each digit) with ckptsel's own router capture and
+    pathway functions, on the first ``n`` training rows, all examples; outside the store, as
+    ckptsel has no setting for it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ckptsel.lab.splits import read_jsonl
+    from ckptsel.lab.tokenizer import build_tokenizer
+    from ckptsel.lab.train import collate, encode
+    from ckptsel.measure.routers import capture_routers
+    from ckptsel.pathways import consistency_from_cosines, layer_cosines, pathway_distance, pathways
+
+    tokenizer = build_tokenizer()
+    rows = read_jsonl(run / "train.jsonl")[:n]
+    features = encode(tokenizer, rows)
+    batch = collate(features, tokenizer.pad_token_id)
+    mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for i, (f, row) in enumerate(zip(features, rows)):
+        start = f["labels"].count(-100) + 4  # the prompt's length, then "####": the space
+        mask[i, start : start + 1 + len(str(row.value))] = True
+    out = {}
+    for step, path in checkpoint_dirs(run):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.inference_mode(), capture_routers(model) as routers:
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            **routers.forward_kwargs)
+            weights = routers.reduce(mask, outputs)
+            gates = routers.gate_vectors()
+        distance = pathway_distance(pathways(weights), routers.num_experts, routers.num_layers).mean
+        out[step] = (distance, consistency_from_cosines(layer_cosines(weights, gates)).complexity)
+    return out
+
+
 def measure(run: Path, cache_dir: Path, max_examples: int) -> list[dict]:
     truth = json.loads((run / "ground_truth.json").read_text())["checkpoints"]
     ranked = {name: rank(run, cache_dir, max_examples, extra, order) for name, (extra, order) in VARIANTS.items()}
+    answer = answer_token_pathways(run, max_examples)
     rows = []
     for step, path in checkpoint_dirs(run):
         mem, every, as_set = (ranked[v][step] for v in VARIANTS)
@@ -106,6 +151,8 @@ def measure(run: Path, cache_dir: Path, max_examples: int) -> list[dict]:
             "complexity_all": every["pathways"]["complexity"],
             "distance_set": as_set["pathways"]["distance"],
             "unique_all": every["pathways"]["n_unique"],
+            "distance_answer": answer[step][0],
+            "complexity_answer": answer[step][1],
         })
     return rows
 
@@ -209,7 +256,8 @@ def main() -> None:
                   f"loss {r['train_loss']:.4f}  |w| {r['weight_norm']:6.1f}  PM {_cell(r['premem_acc'], '.3f')}  "
                   f"mem {r['memorized_frac']:.2f}  distance mem/all/set {_cell(r['distance_mem'], '6.2f')} "
                   f"{r['distance_all']:6.2f} {_cell(r['distance_set'], '6.2f')}  complexity mem/all "
-                  f"{_cell(r['complexity_mem'], '.3f')} {r['complexity_all']:.3f}  distinct {r['unique_all']}",
+                  f"{_cell(r['complexity_mem'], '.3f')} {r['complexity_all']:.3f}  distinct {r['unique_all']}  answer tokens: "
+                  f"distance {r['distance_answer']:.2f} complexity {r['complexity_answer']:.3f}",
                   flush=True)
     print_table(report)
     if args.json:

@@ -62,9 +62,9 @@ class TrainSpec(BaseModel):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     decay_norms: bool = Field(
-        False, description="Weight decay on the norm layers' gains too (the Trainer leaves them out). With pre-norm "
-        "layers the decayed weights are scale-invariant, and free gains let the model keep its weight norm: the "
-        "grokking runs (recipes/lab/grokking.yaml) did not generalise in 1,600 steps without this.",
+        False, description="Weight decay on the norm layers' gains too (the Trainer leaves them out). In pre-norm "
+        "layers the weights before a norm are scale-invariant and free gains can undo the decay; the grokking "
+        "grid's runs stayed at chance without this (recipes/lab/grokking.yaml).",
     )
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     n_checkpoints: int = Field(10, ge=1, description="Checkpoints saved, evenly spaced in steps.")
