@@ -207,19 +207,18 @@ def _cell(value: float, fmt: str) -> str:
 
 
 def print_table(report: dict) -> None:
-    head = ["run", "conv@", "acc conv>end", "acc½"]
     print("\nPearson r with held-out accuracy: all checkpoints | converged stretch | lag of the half-change step "
           "(steps; negative: moves before accuracy)")
-    print(f"{head[0]:24s}{head[1]:>7s}{head[2]:>14s}{head[3]:>7s}" + "".join(f"{k:>24s}" for k in SERIES))
+    print(f"{'run':16s}{'conv@':>6s}{'acc conv>end':>13s}{'acc½':>6s}{'groks':>6s}" + "".join(f"{k:>20s}" for k in SERIES))
     for name, run in report["runs"].items():
         a = run["analysis"]
         cells = [f"{_cell(a[k]['r'], '+.2f')} {_cell(a[k]['r_converged'], '+.2f')} {_cell(a[k]['lag'], '+.0f')}"
                  for k in SERIES]
         acc = f"{a['acc_at_convergence']:.2f}>{a['acc_final']:.2f}"
-        print(f"{name:24s}{a['converged_step']:>7d}{acc:>14s}{_cell(a['acc_half_step'], '.0f'):>7s}"
-              + "".join(f"{c:>24s}" for c in cells))
-    for label, groks in (("grokking runs", True), ("controls", False)):
-        picked = [r["analysis"] for r in report["runs"].values() if r["analysis"]["groks"] is groks]
+        print(f"{name:16s}{a['converged_step']:>6d}{acc:>13s}{_cell(a['acc_half_step'], '.0f'):>6s}"
+              f"{'yes' if a['groks'] else 'no':>6s}" + "".join(f"{c:>20s}" for c in cells))
+    for label, seeds in (("seeds (grok-*)", True), ("controls", False)):
+        picked = [r["analysis"] for n, r in report["runs"].items() if n.startswith("grok") is seeds]
         if not picked:
             continue
         cells = []
@@ -228,7 +227,7 @@ def print_table(report: dict) -> None:
             lags = [a[k]["lag"] for a in picked if not np.isnan(a[k]["lag"])]
             med = lambda v, f: format(statistics.median(v), f) if v else "-"  # noqa: E731
             cells.append(f"{med(rs, '+.2f')} |{med([abs(r) for r in rs], '.2f')}| {med(lags, '+.0f')}")
-        print(f"{f'median, {len(picked)} {label}':52s}" + "".join(f"{c:>24s}" for c in cells))
+        print(f"{f'median, {len(picked)} {label}':47s}" + "".join(f"{c:>20s}" for c in cells))
     print("(median rows: signed r and |r| over the converged stretch, then the median lag)")
 
 
