@@ -418,3 +418,15 @@ def test_grokking_grid_trains_a_quick_variant_that_rank_measures_with_pathways(t
     for row in rows:
         assert row["pathways"]["n_examples"] == 40
         assert row["pathways"]["distance"] >= 0 and 0 <= row["pathways"]["complexity"] <= 2
+
+
+def test_a_run_recorded_before_a_new_spec_field_matches_at_its_default(tmp_path):
+    from ckptsel.lab.runner import RUN_FILE, _check_same_spec
+    from ckptsel.lab.train import TrainSpec
+
+    spec = TrainSpec()
+    old = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("decay_norms", "adam_beta2")}
+    (tmp_path / RUN_FILE).write_text(json.dumps({"spec": old}))
+    _check_same_spec(tmp_path, spec)  # the fields it lacks are at their defaults: the same run
+    with pytest.raises(RecipeError, match="other settings"):
+        _check_same_spec(tmp_path, spec.model_copy(update={"decay_norms": True}))
