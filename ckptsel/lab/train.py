@@ -63,8 +63,8 @@ class TrainSpec(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     decay_norms: bool = Field(
         False, description="Weight decay on the norm layers' gains too (the Trainer leaves them out). In pre-norm "
-        "layers the weights before a norm are scale-invariant and free gains can undo the decay; the grokking "
-        "grid's runs stayed at chance without this (recipes/lab/grokking.yaml).",
+        "layers the weights before a norm are scale-invariant and free gains can undo the decay. At the grokking "
+        "grid's settings held-out accuracy stayed <= 0.07 for 1,600 steps without it (recipes/lab/grokking.yaml).",
     )
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     n_checkpoints: int = Field(10, ge=1, description="Checkpoints saved, evenly spaced in steps.")
