@@ -30,8 +30,9 @@ from the first checkpoint to the run's minimum (``CONVERGED``; chosen from the t
 Lead/lag: within the converged stretch, the step at which each series first makes half its change
 from the stretch's first checkpoint to its last three (the mean); ``lag`` = that step minus held-out
 accuracy's (negative: the metric moves first). A series whose change is under ``FLAT`` of its range
-over the run has no half-change step ("-"). Runs whose held-out accuracy rises by less than 0.1
-within the converged stretch did not grok there; they are the controls, printed the same way.
+over the run has no half-change step ("-"). A run "groks" when its held-out accuracy rises by at least
+``GROKS`` within the converged stretch (a column); the median rows are over the seeds (``grok-*``) and
+over the other runs, the controls.
 
     python benchmarks/grokking_pathways.py LAB_OUT --cache-dir DIR [--max-examples 100 --json out.json]
 """
