@@ -32,7 +32,7 @@ def _n_terms(line: str) -> int:
     return len(re.findall(r"\d+", line))
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - {"modadd"}))
 def test_every_trace_is_valid_and_gradeable(name):
     family = FAMILIES[name]
     rng = random.Random(0)
@@ -61,6 +61,21 @@ def test_sum_traces_are_every_merge_order():
     traces = FAMILIES["sum"].traces(problem)
     assert "3+4+8\n7+8\n#### 15" in traces and "1+2+12\n1+14\n#### 15" in traces
     assert len(traces) == 6  # (4-1)! merge orders, all distinct here
+
+
+def test_modadd_is_one_symbol_per_operand_and_splits_by_unordered_pair():
+    family = FAMILIES["modadd"]
+    problem = family._problem(12, 4)
+    assert problem.question == "m+e=?" and family.traces(problem) == [f"#### {16 % family.p}"]
+    assert GSM8K.extract(family.trace(problem, random.Random(0))) == str(problem.value)
+    assert family.perturb(problem, random.Random(0)).question == "e+m=?"
+    train, test = make_splits(["modadd"], 150, 80, seed=0)
+
+    def pair(question: str) -> tuple[str, ...]:  # "m+e=?" -> ("e", "m"): the problem up to operand order
+        return tuple(sorted(question[:3].split("+")))
+
+    assert len({pair(r.question) for r in test}) == 80
+    assert not {pair(r.question) for r in test} & {pair(r.question) for r in train}
 
 
 def test_word_problem_never_goes_negative():
@@ -365,3 +380,53 @@ def test_cli_demo_on_a_tiny_grid(tmp_path, monkeypatch):
                                       str(out / "cache"), "--json", "--quiet"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["cache"] == {"measured": 0, "from_cache": 2}
+
+
+def test_grokking_grid_trains_a_quick_variant_that_rank_measures_with_pathways(tmp_path):
+    """recipes/lab/grokking.yaml: its runs, shrunk to seconds, train and rank with pathway metrics."""
+    from ckptsel.cli import main
+    from ckptsel.lab.ground_truth import read_ground_truth, write_ground_truth
+    from ckptsel.lab.quick import TINY_MOE
+    from ckptsel.lab.train import train_run
+    from ckptsel.recipes import recipes_dir
+
+    grid = load_grid(recipes_dir() / "lab" / "grokking.yaml")
+    runs = grid.expand()
+    grokking = {n: s for n, s in runs.items() if n.startswith("grok")}
+    assert len(grokking) >= 3 and len({s.seed for s in grokking.values()}) == len(grokking)
+    for spec in runs.values():
+        assert spec.families == ["modadd"] and spec.model.kind == "moe" and spec.n_checkpoints >= 20
+        assert spec.batch_size >= spec.n_train  # full batch: one step per epoch
+    main_spec = next(iter(grokking.values()))
+    controls = [s for n, s in runs.items() if n not in grokking]
+    assert main_spec.weight_decay > 0 and any(s.weight_decay == 0 for s in controls)
+    assert any(s.n_train < main_spec.n_train for s in controls) and any(s.n_train > main_spec.n_train for s in controls)
+
+    quick = main_spec.model_copy(update={"model": TINY_MOE, "n_train": 40, "n_test": 12, "epochs": 6, "n_checkpoints": 3})
+    run = train_run(quick, tmp_path / "run", name="grok-quick")
+    write_ground_truth(run, grid.ground_truth)
+    truth = read_ground_truth(run)["checkpoints"]
+    assert sorted(truth, key=int) == ["2", "4", "6"]
+    assert all(0.0 <= c["test_accuracy"] <= 1.0 for c in truth.values())
+
+    args = ["rank", str(run), "--data", str(run / "train.jsonl"), "--recipe", str(run / "recipe.yaml"),
+            "--temperature", "0", "--threshold", "1000", "--cache-dir", str(tmp_path / "cache"), "--json", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["checkpoints"]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        assert row["pathways"]["n_examples"] == 40
+        assert row["pathways"]["distance"] >= 0 and 0 <= row["pathways"]["complexity"] <= 2
+
+
+def test_a_run_recorded_before_a_new_spec_field_matches_at_its_default(tmp_path):
+    from ckptsel.lab.runner import RUN_FILE, _check_same_spec
+    from ckptsel.lab.train import TrainSpec
+
+    spec = TrainSpec()
+    old = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("decay_norms", "adam_beta2")}
+    (tmp_path / RUN_FILE).write_text(json.dumps({"spec": old}))
+    _check_same_spec(tmp_path, spec)  # the fields it lacks are at their defaults: the same run
+    with pytest.raises(RecipeError, match="other settings"):
+        _check_same_spec(tmp_path, spec.model_copy(update={"decay_norms": True}))

@@ -7,6 +7,7 @@ In pipeline order:
 
 ``tokenizer``     character-level tokenizer (BOS/EOS/pad), saved with every checkpoint
 ``tasks``         task families whose questions have several valid reasoning traces
+                  (and ``modadd``, a+b mod 23, for grokking: ``recipes/lab/grokking.yaml``)
 ``splits``        seeded train / held-out test splits in GSM8K layout
 ``models``        a tiny dense Llama and a tiny OLMoE (4 experts, top-2)
 ``train``         one run through transformers' Trainer (full or LoRA, from scratch or a base)

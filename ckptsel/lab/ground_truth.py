@@ -139,7 +139,8 @@ def measure_checkpoint(model, tokenizer, train: list[Row], test: list[Row], sett
         per["train_perturbed_accuracy"], _ = _accuracy(
             model, tokenizer, [r.perturbed for r in train], train, [f"train-p/{i}" for i in range(len(train))], settings, budget
         )
-    summary = {name: float(np.nanmean(values)) for name, values in per.items()}
+    # NaN where no example has a value (train_alt_nll of a family with one trace per question, modadd).
+    summary = {name: float(np.nanmean(values)) if not np.isnan(values).all() else float("nan") for name, values in per.items()}
     per_example = {name: [None if np.isnan(v) else round(float(v), 5) for v in values] for name, values in per.items()}
     return {**summary, "per_example": per_example}
 

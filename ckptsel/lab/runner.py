@@ -83,7 +83,11 @@ def base_model_dir(out: Path, name: str) -> Path:
 
 def _check_same_spec(folder: Path, spec: TrainSpec) -> None:
     recorded = json.loads((folder / RUN_FILE).read_text()).get("spec")
-    if recorded != spec.model_dump(mode="json"):
+    current = spec.model_dump(mode="json")
+    # A field added to TrainSpec since the run was trained matches when the run leaves it at its default.
+    fields = type(spec).model_fields
+    current = {k: v for k, v in current.items() if k in (recorded or {}) or v != fields[k].default}
+    if recorded != current:
         raise RecipeError(
             f"{folder / RUN_FILE}: this finished run was trained with other settings than the grid now asks; "
             "delete the folder or use another --out"

@@ -25,6 +25,12 @@ Families (one explicit table, :data:`FAMILIES`):
     product  5*4*3=?                         20*3 / #### 60             or  5*12 / #### 60
     word     Bo had 14 cats, lost 2, got 9.  14-2+9 / 12+9 / #### 21    or  14-2+9 / 14+7 / ...
     max      max(62,69,36,64)=?              max(69,36,64) / ...        or  max(62,69,64) / ...
+    modadd   m+e=?                           #### 5                     (one trace: the answer)
+
+``modadd`` is the grokking family (Power et al. 2022): a+b mod p with no trace, a finite
+table of p*p questions, so a fraction of all pairs can be the training set and the rest held
+out (``recipes/lab/grokking.yaml``). Each operand is one symbol, as in Power et al.: residue
+r is the r-th letter of a-zA-Z (m+e=? is 12+4 mod p); the answer is the residue in digits.
 
 Each family also *perturbs* a question: an equivalent question with a different surface
 (operands reordered, a different name), the prompt perturbation the ground truth uses.
@@ -246,9 +252,45 @@ class MaxFamily(_Rewrite):
         return self._problem(_reordered(problem.operands, rng))
 
 
+_SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class ModAddFamily:
+    """``a+b mod p``: the answer alone (``#### c``); the perturbation swaps the operands.
+
+    The problem key is the unordered pair, so a held-out question's swapped twin is held out
+    too (the model cannot get it by commutativity from a training row).
+    """
+
+    name = "modadd"
+
+    def __init__(self, p: int):
+        if not 2 <= p <= len(_SYMBOLS):
+            raise ValueError(f"modadd: p must be 2..{len(_SYMBOLS)} (one letter per residue)")
+        self.p = p
+
+    def _problem(self, a: int, b: int) -> Problem:
+        question = f"{_SYMBOLS[a]}+{_SYMBOLS[b]}=?"
+        return Problem(self.name, question, (a + b) % self.p, (a, b), tuple(sorted((a, b))))
+
+    def draw(self, rng: random.Random) -> Problem:
+        return self._problem(rng.randrange(self.p), rng.randrange(self.p))
+
+    def trace(self, problem: Problem, rng: random.Random) -> str:
+        return _with_answer([], problem.value)
+
+    def traces(self, problem: Problem) -> list[str]:
+        return [_with_answer([], problem.value)]
+
+    def perturb(self, problem: Problem, rng: random.Random) -> Problem:
+        a, b = problem.operands
+        return self._problem(b, a)
+
+
 FAMILIES: dict[str, Family] = {
     "sum": SumFamily(n_terms=(4, 5), low=1, high=9),
     "product": ProductFamily(n_terms=(3, 4), low=2, high=5),
     "word": WordFamily(),
     "max": MaxFamily(),
+    "modadd": ModAddFamily(p=23),
 }

@@ -61,6 +61,12 @@ class TrainSpec(BaseModel):
     scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    decay_norms: bool = Field(
+        False, description="Weight decay on the norm layers' gains too (the Trainer leaves them out). In pre-norm "
+        "layers the weights before a norm are scale-invariant and free gains can undo the decay. At the grokking "
+        "grid's settings held-out accuracy stayed <= 0.07 for 1,600 steps without it (recipes/lab/grokking.yaml).",
+    )
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
     n_checkpoints: int = Field(10, ge=1, description="Checkpoints saved, evenly spaced in steps.")
     seed: int = 0
 
@@ -220,6 +226,7 @@ def train_run(
         max_steps=total,
         per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.lr,
+        adam_beta2=spec.adam_beta2,
         lr_scheduler_type=spec.scheduler,
         warmup_steps=int(spec.warmup_ratio * total),
         weight_decay=spec.weight_decay,
@@ -235,6 +242,12 @@ def train_run(
         data_seed=spec.seed,
     )
     router_loss = spec.model.kind == "moe"
+    optimizer = None  # the Trainer's own: AdamW, weight decay on all but biases and norm gains
+    if spec.decay_norms:
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=spec.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=spec.weight_decay,
+        )
     trainer = Trainer(
         model=model,
         args=args,
@@ -242,6 +255,7 @@ def train_run(
         data_collator=lambda feats: collate(feats, tokenizer.pad_token_id, router_loss),
         processing_class=tokenizer,
         callbacks=[_Progress()],
+        optimizers=(optimizer, None),
     )
     trainer.remove_callback(PrinterCallback)  # the caller draws progress; no log dicts on stdout
     for callback in callbacks:

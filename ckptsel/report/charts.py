@@ -249,12 +249,17 @@ def sweep_charts(inputs: ReportInputs, kept: list[int]) -> list[Chart]:
 # (chart id, a row's value, title, caption): MoE rows only
 PATHWAY_CHARTS = (
     ("pathway_distance", lambda r: r.pathways and r.pathways.distance, "MoE pathway distance",
-     "Mean pairwise edit distance between memorised examples' expert pathways; Li, Fan & Zhou saw it fall as "
-     "routing turned from sample-specific to shared (OLMoE pretraining). On ckptsel's small from-scratch lab "
-     "MoEs it rises with accuracy instead: read where it levels off, not its direction."),
+     "Mean pairwise edit distance between memorised examples' expert pathways: how sample-specific routing is. "
+     "Li, Fan & Zhou saw it fall with held-out accuracy once the training loss had converged (grokking). In "
+     "ckptsel's lab it does not track held-out accuracy: on fine-tuning runs it rises with accuracy, and on runs "
+     "that grok (benchmarks/README.md, MoE pathways through grokking) pathways stay sample-specific and its "
+     "correlation with held-out accuracy is weak and changes sign between seeds. It shows how routing changes, "
+     "not how well a checkpoint generalises."),
     ("pathway_complexity", lambda r: r.pathways and r.pathways.complexity, "MoE pathway complexity",
      "1 − consistency: how much the routing-weighted expert vectors of consecutive layers disagree; Li, Fan & "
-     "Zhou saw it fall as the model generalised."),
+     "Zhou saw it fall as the model generalised. In ckptsel's lab grokking runs it falls while the training "
+     "loss is flat, before held-out accuracy rises, but as far in a run that never generalises: a fall says "
+     "routing is settling, not that held-out accuracy is coming."),
 )
 
 
