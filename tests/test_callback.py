@@ -508,3 +508,29 @@ def test_what_the_callback_reads_from_disk_is_read_with_its_engine_settings(tiny
     loader.close()
     command = callback.rank_command(tiny_run)
     assert "--allow-pickle" in command and "--trust-remote-code" in command
+
+
+def test_a_data_warning_is_said_once_a_run_not_at_every_save(tiny_run, tmp_path, caplog):
+    """The callback prepares the run at every save; a warning about the training file (a reference the grader
+    cannot read) is the same each time, so it is logged at the first save only."""
+    import logging
+    import shutil
+
+    from ckptsel.integrations.transformers import CkptselCallback
+
+    saves = sorted(Path(tiny_run).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:2]
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (Path(tiny_run) / "train.jsonl").read_text().splitlines()]
+    rows[3] = {**rows[3], "answer": "no final answer here"}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    callback = CkptselCallback(data=data, recipe=_recipe(Path(tiny_run)), max_examples=4, cache_dir=tmp_path / "c",
+                               on_measured=lambda report: None)
+    with caplog.at_level(logging.WARNING, logger="ckptsel"):
+        for save in saves:
+            shutil.copytree(save, run / save.name)
+            model, tokenizer = _saved_in_memory(run / save.name)
+            report = callback.measure_save(*_save(run, int(save.name.split("-")[1])), model, tokenizer)
+            assert report.failure is None and report.measured == 1
+    said = [r for r in caplog.records if "grader finds no answer" in r.getMessage()]
+    assert len(said) == 1 and f"{data}:4" in said[0].getMessage()

@@ -205,6 +205,7 @@ class CkptselCallback(TrainerCallback):
         self.engine = engine
         self._dtype: str | None = None
         self._warned_unattached = False
+        self._said = _OncePerMessage()  # the preparation's warnings (rows dropped, unreadable references): once a run
         self.reweight = reweight
         self._dataloader = None  # the Trainer's training data loader (reweighting only)
         self._sampler = None  # ckptsel.integrations.reweighting.ReweightedSampler, once installed
@@ -318,7 +319,8 @@ class CkptselCallback(TrainerCallback):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with Store.open(self.cache_dir) as store:
             # The ranking's preparation (ckptsel.prepare): architecture, grader and context checks, the rendered rows.
-            prepared = prepare(request, store, tokenizer=tokenizer)[0]
+            with self._said.on("ckptsel.prepare", "ckptsel.checks"):
+                prepared = prepare(request, store, tokenizer=tokenizer)[0]
             if (unusable := _unusable(folder, step, run, index)) is not None:  # another architecture than the run's
                 return unusable
             current = run.checkpoints[index]
@@ -417,6 +419,34 @@ class CkptselCallback(TrainerCallback):
             log.warning("ckptsel: callback added without CkptselCallback.attach(trainer): its numbers go to "
                         "trainer_state.json only, not to TensorBoard/W&B/the console log")
             self._warned_unattached = True
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct log message through once: the callback prepares the run at every save, and the
+    data's warnings are the same each time."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+    @contextmanager
+    def on(self, *names: str):
+        """This filter on the named loggers (where the records are made) while the block runs."""
+        loggers = [logging.getLogger(name) for name in names]
+        for logger in loggers:
+            logger.addFilter(self)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(self)
 
 
 def _unusable(folder: Path, step: int, run, index: int | None) -> SaveReport | None:
