@@ -322,6 +322,28 @@ def test_merging_fsdp_dcp_checkpoints_equals_merging_their_weights_in_safetensor
 
 
 @pytest.mark.slow
+def test_merging_fsdp_full_state_bins_equals_merging_their_weights_in_safetensors(fsdp_stack, tmp_path,
+                                                                                   count_conversions):
+    """FULL_STATE_DICT's pickled pytorch_model_fsdp.bin, the model's config.json and tokenizer in the run folder (as
+    a training script leaves them): refused without --allow-pickle, and with it the tensors of the same merge of the
+    weights saved as safetensors."""
+    run = shutil.copytree(fsdp_stack / "full", tmp_path / "full")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        source = next((fsdp_stack / "plain").glob(f"checkpoint-*/{name}"), None)
+        if source is not None:
+            shutil.copy(source, run / name)
+    plain = fsdp_stack / "plain"
+    inputs = [run / "checkpoint-4", run / "checkpoint-6"]
+    refused = CliRunner().invoke(main, ["merge", *map(str, inputs), "-o", str(tmp_path / "m"), "--cache-dir",
+                                        str(tmp_path / "cache")])
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output and not (tmp_path / "m").exists()
+    merge_cli(*inputs, "--allow-pickle", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "merged")
+    merge_cli(plain / "checkpoint-4", plain / "checkpoint-6", "-o", tmp_path / "reference")
+    check_plain_output(tmp_path / "merged", tmp_path / "reference")
+    assert sorted(count_conversions) == ["checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.slow
 def test_merge_recommend_on_a_zero_run_compares_the_candidates_of_its_plain_twin(zero_stack, tmp_path,
                                                                                  count_conversions):
     """``merge --recommend`` on a ZeRO-2 run: ranked and merged through the converted copies (each made once),
