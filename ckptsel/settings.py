@@ -82,8 +82,8 @@ class MemorizationSettings(_Frozen):
     @model_validator(mode="after")
     def _peak_default(self):
         """The peak-nll rule's own default nu: a single token's NLL is on another scale than a mean."""
-        if self.rule == "peak-nll" and "threshold" not in self.model_fields_set:
-            object.__setattr__(self, "threshold", PEAK_NLL_THRESHOLD)
+        if "threshold" not in self.model_fields_set:
+            object.__setattr__(self, "threshold", default_threshold(self.rule))
         return self
 
     @property

@@ -131,18 +131,24 @@ def converted_copy(ckpt, cache_dir, convert: Callable[[Path], None], *, what: st
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Nothing on stdout (the command's: ``--json``) and no tqdm bars from the libraries a conversion calls."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+def env_set(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` for the block, then as it was (unset included)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            yield
+        yield
     finally:
         if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["TQDM_DISABLE"] = before
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Nothing on stdout (the command's: ``--json``) and no tqdm bars from the libraries a conversion calls."""
+    with env_set("TQDM_DISABLE", "1"), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
 
 @contextlib.contextmanager

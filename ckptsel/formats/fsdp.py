@@ -24,33 +24,20 @@ from pathlib import Path
 
 from ckptsel.errors import CheckpointError
 from ckptsel.formats import dcp
-from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
+from ckptsel.formats.base import Checkpoint, LoadOptions
 from ckptsel.formats.converted import converted_copy
-from ckptsel.formats.files import config_in
-from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
 from ckptsel.formats.hf import (
-    PICKLE_NOTE, check_tensors, copy_model_files, describe_from, load_pretrained, model_source,
+    PICKLE_NOTE, ConvertedFolder, check_tensors, copy_model_files, describe_from, model_source,
 )
 
 SHARDED_DIR = "pytorch_model_fsdp_0"   # accelerate's folder for the first (only) model
 FULL_FILE = "pytorch_model_fsdp.bin"
 
 
-def _fingerprint(ckpt: Checkpoint, h, encoding: str) -> None:
-    """Kind, the weight files (whole when small, else sampled windows), the configs beside them and,
-    when they come from elsewhere, the config folder's: the config decides what the weights mean."""
-    feed(h, "kind", f"{ckpt.kind}:{encoding}".encode())
-    hash_files(h, ckpt.weight_files)
-    hash_meta_files(h, ckpt.path)
-    if ckpt.base_model:
-        feed(h, "config-from", b"")
-        hash_meta_files(h, Path(ckpt.base_model))
-
-
-class FsdpSharded(CheckpointFormat):
+class FsdpSharded(ConvertedFolder):
     name = "fsdp-sharded"
+    fingerprint_tag = "dcp"
     kind = "full"
-    converts = True
     looks_for = f"{SHARDED_DIR}/"
 
     def detect(self, folder: Path) -> bool:
@@ -76,12 +63,6 @@ class FsdpSharded(CheckpointFormat):
         ranks = len(ckpt.weight_files) - 1
         return f"FSDP sharded (DCP, {ranks} shard{'s' * (ranks != 1)}) → converted copy"
 
-    def model_config(self, ckpt: Checkpoint) -> dict | None:
-        return config_in(ckpt.path) or config_in(Path(ckpt.base_model) if ckpt.base_model else None)
-
-    def fingerprint(self, ckpt: Checkpoint, h) -> None:
-        _fingerprint(ckpt, h, "dcp")
-
     def model_folder(self, ckpt: Checkpoint, options: LoadOptions) -> Path:
         folder = self.dcp_folder(ckpt)
 
@@ -94,17 +75,11 @@ class FsdpSharded(CheckpointFormat):
 
         return converted_copy(ckpt, options.cache_dir, convert, what="torch.distributed.checkpoint → safetensors")
 
-    def load(self, ckpt: Checkpoint, options: LoadOptions):
-        return load_pretrained(self.model_folder(ckpt, options), options)
 
-    def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return None  # merged from its converted copy (model_folder)
-
-
-class FsdpFull(CheckpointFormat):
+class FsdpFull(ConvertedFolder):
     name = "fsdp-full"
+    fingerprint_tag = "fsdp-bin"
     kind = "full"
-    converts = True
     looks_for = ""  # pytorch_model*.bin, as the pickle format says
 
     def detect(self, folder: Path) -> bool:
@@ -117,12 +92,6 @@ class FsdpFull(CheckpointFormat):
 
     def label(self, ckpt: Checkpoint) -> str:
         return "FSDP full state (pickle .bin) → converted copy"
-
-    def model_config(self, ckpt: Checkpoint) -> dict | None:
-        return config_in(ckpt.path) or config_in(Path(ckpt.base_model) if ckpt.base_model else None)
-
-    def fingerprint(self, ckpt: Checkpoint, h) -> None:
-        _fingerprint(ckpt, h, "fsdp-bin")
 
     def check_load(self, ckpt: Checkpoint, options: LoadOptions) -> None:
         if not options.allow_pickle:
@@ -149,12 +118,6 @@ class FsdpFull(CheckpointFormat):
             copy_model_files(ckpt, out)
 
         return converted_copy(ckpt, options.cache_dir, convert, what="FSDP full state (.bin) → safetensors")
-
-    def load(self, ckpt: Checkpoint, options: LoadOptions):
-        return load_pretrained(self.model_folder(ckpt, options), options)
-
-    def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return None  # merged from its converted copy (model_folder)
 
 
 def _untied(state: dict) -> dict:

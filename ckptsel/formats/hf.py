@@ -15,11 +15,13 @@ from ckptsel.formats.files import (
     Weights,
     architecture,
     config_dtype,
+    config_in,
     find_weights,
     moe_from_config,
     read_json,
     safetensors_totals,
 )
+from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
 
 PICKLE_NOTE = "pickle weights: loading them runs pickled code and needs --allow-pickle"
 PICKLE_MERGE_REFUSAL = ("pickle weights (.bin); merge reads safetensors only "
@@ -50,6 +52,34 @@ class ModelFolder(CheckpointFormat):
 
     def load(self, ckpt: Checkpoint, options: LoadOptions):
         return load_pretrained(ckpt.path, options)
+
+
+class ConvertedFolder(CheckpointFormat):
+    """A checkpoint transformers cannot read as it lies (DeepSpeed ZeRO shards, FSDP's states): subclasses make
+    :meth:`model_folder` its converted copy in the cache (ckptsel/formats/converted.py); loading and merging
+    read that copy. Its ``config.json`` may come from elsewhere (the run's folder, ``--base-model``)."""
+
+    converts = True
+    fingerprint_tag: str  # fed with the kind: "dcp", "fsdp-bin", "deepspeed-zero"
+
+    def model_config(self, ckpt: Checkpoint) -> dict | None:
+        return config_in(ckpt.path) or config_in(Path(ckpt.base_model) if ckpt.base_model else None)
+
+    def fingerprint(self, ckpt: Checkpoint, h) -> None:
+        """Kind, the weight files (whole when small, else sampled windows), the configs beside them and,
+        when they come from elsewhere, the config folder's: the config decides what the weights mean."""
+        feed(h, "kind", f"{ckpt.kind}:{self.fingerprint_tag}".encode())
+        hash_files(h, ckpt.weight_files)
+        hash_meta_files(h, ckpt.path)
+        if ckpt.base_model:
+            feed(h, "config-from", b"")
+            hash_meta_files(h, Path(ckpt.base_model))
+
+    def load(self, ckpt: Checkpoint, options: LoadOptions):
+        return load_pretrained(self.model_folder(ckpt, options), options)
+
+    def merge_refusal(self, ckpt: Checkpoint) -> str | None:
+        return None  # merged from its converted copy (model_folder)
 
 
 def read_weights(ckpt: Checkpoint, weights: Weights) -> None:

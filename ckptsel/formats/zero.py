@@ -30,16 +30,14 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from ckptsel.errors import CheckpointError, CkptselError
-from ckptsel.formats.base import Checkpoint, CheckpointFormat, LoadOptions
-from ckptsel.formats.converted import converted_copy
-from ckptsel.formats.files import config_in, read_torch_pickle
-from ckptsel.formats.hashing import feed, hash_files, hash_meta_files
-from ckptsel.formats.hf import copy_model_files, describe_from, load_pretrained, model_source
+from ckptsel.formats.base import Checkpoint, LoadOptions
+from ckptsel.formats.converted import converted_copy, env_set
+from ckptsel.formats.files import read_torch_pickle
+from ckptsel.formats.hf import ConvertedFolder, copy_model_files, describe_from, model_source
 
 LATEST = "latest"
 OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
@@ -60,10 +58,10 @@ def _has_states(folder: Path) -> bool:
     return any(folder.glob("*_model_states.pt"))
 
 
-class DeepSpeedZero(CheckpointFormat):
+class DeepSpeedZero(ConvertedFolder):
     name = "deepspeed-zero"
+    fingerprint_tag = "deepspeed-zero"
     kind = "full"
-    converts = True
     looks_for = "global_stepN/ (DeepSpeed)"
 
     def detect(self, folder: Path) -> bool:
@@ -141,17 +139,6 @@ class DeepSpeedZero(CheckpointFormat):
             else "1/2"
         return f"DeepSpeed ZeRO-{stage}, {ranks} rank{'s' * (ranks != 1)} → converted copy"
 
-    def model_config(self, ckpt: Checkpoint) -> dict | None:
-        return config_in(ckpt.path) or config_in(Path(ckpt.base_model) if ckpt.base_model else None)
-
-    def fingerprint(self, ckpt: Checkpoint, h) -> None:
-        feed(h, "kind", f"{ckpt.kind}:deepspeed-zero".encode())
-        hash_files(h, ckpt.weight_files)
-        hash_meta_files(h, ckpt.path)
-        if ckpt.base_model:
-            feed(h, "config-from", b"")
-            hash_meta_files(h, Path(ckpt.base_model))
-
     def check_load(self, ckpt: Checkpoint, options: LoadOptions) -> None:
         if not options.allow_pickle:
             raise CheckpointError(f"{ckpt.path}: DeepSpeed's .pt shards are pickles; pass --allow-pickle to convert "
@@ -183,12 +170,6 @@ class DeepSpeedZero(CheckpointFormat):
             copy_model_files(ckpt, out)
 
         return converted_copy(ckpt, options.cache_dir, convert, what="DeepSpeed zero_to_fp32 → safetensors")
-
-    def load(self, ckpt: Checkpoint, options: LoadOptions):
-        return load_pretrained(self.model_folder(ckpt, options), options)
-
-    def merge_refusal(self, ckpt: Checkpoint) -> str | None:
-        return None  # merged from its converted copy (model_folder)
 
 
 MAX_SHARD_BYTES = 2 * 10**9  # DeepSpeed's converter's "2GB"
@@ -320,16 +301,8 @@ def _weights_only():
     for module, name in _DEEPSPEED_GLOBALS:
         with contextlib.suppress(ImportError, AttributeError):
             allowed.append(getattr(importlib.import_module(module), name))
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+    with env_set("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1"), torch.serialization.safe_globals(allowed):
+        yield
 
 
 DEEPSPEED_ZERO = DeepSpeedZero()
