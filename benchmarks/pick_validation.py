@@ -2,7 +2,9 @@
 
 ``--main``: the lab's main grid (recipes/lab/main.yaml), where the rules and thresholds were chosen.
 ``--heldout``: the held-out lab (recipes/lab/heldout.yaml: another task, other model shapes, seeds
-and schedule), never tuned on. Each lab is ranked once from its training data alone (the library
+and schedule), never tuned on. ``--check``: the check lab (recipes/lab/check.yaml: a task mix, other shapes,
+seeds and learning rates), trained after the held-out lab's replays had been read: what was adjusted then (the
+flag's ``memorized_min``, 0.5 -> 0.99) is validated there. Each lab is ranked once from its training data alone (the library
 path of ``ckptsel rank LAB --data-per-run train.jsonl``, measurements kept in ``--cache-dir``); the
 rules below are then applied to the stored arrays, and compared with the lab's ground truth per
 checkpoint (held-out accuracy ``test_accuracy`` and held-out reference NLL ``test_nll``).
@@ -10,9 +12,12 @@ checkpoint (held-out accuracy ``test_accuracy`` and held-out reference NLL ``tes
 Truly over-memorized (the lab's definition, :func:`ckptsel.lab.summary.overmemorized`): held-out
 NLL >= 1.25x its running minimum while held-out accuracy is within 0.05 of the run's best.
 
-Rules, per run:
+Every lab is ranked with the stage thresholds ckptsel ships (``OvermemSettings()``), not the ones its runs'
+recipe.yaml recorded. Rules, per run:
   before       the rule up to 2026-12-05: best unflagged checkpoint first, each checkpoint's
-               alternative-solution NLL over every alternative, its own samples included;
+               alternative-solution NLL over every alternative, its own samples included, memorised
+               fraction >= 0.5 for the flag;
+  memorized_min 0.5   the default rule until 2026-12-06 (the flag at a memorised fraction of 0.5);
   default      accuracy first (a flagged checkpoint passed over only for one as accurate within the
                paired SE), each checkpoint's alternative-solution NLL without the alternatives it
                sampled itself;
@@ -23,14 +28,16 @@ against the best checkpoint that is not truly over-memorized, over-memorized pic
 a clean checkpoint within 0.03 of them); the flag's precision and recall; the median per-run
 Spearman of the flag's proxy with the true held-out NLL; pooled R² of pre-memorization accuracy
 against held-out accuracy for fixed and calibrated nu; and where the Trainer callback's
-``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2); the noise floor (what even
+``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2); the flag and the stop for each
+``memorized_min``; the shipped rules on the runs that generalise (best held-out accuracy >= 0.3) and on those
+that never do; the noise floor (what even
 the truly best checkpoint gives up against a measured best, held-out questions resampled); pooled R² with
 a scale-free memorisation rule (NLL below rho x its first-checkpoint value); and the rules again with
 ``--memorization peak-nll`` (each lab re-ranked with it; the first time re-scores its targets). With ``--kang`` the
 same rules on Kang et al.'s Llama3-8B GSM8K arrays (no over-memorization truth there: accuracy and
 R² only); with ``--demo`` the demo run's pick and its truth.
 
-    python benchmarks/pick_validation.py --main /tmp/lab/main --heldout /tmp/lab/heldout \\
+    python benchmarks/pick_validation.py --main /tmp/lab/main --heldout /tmp/lab/heldout --check /tmp/lab/check \\
         --cache-dir /tmp/lab/cache --max-examples 100 [--kang ../shared/data/kang2024] [--demo DIR] [--json F]
 """
 
@@ -48,6 +55,8 @@ from pathlib import Path
 import numpy as np
 
 CLEAN_MARGIN = 0.03  # an over-memorized pick is justified only when no clean checkpoint is this close
+OLD_MEMORIZED_MIN = 0.5  # the flag's memorised-fraction threshold until 2026-12-06 (now 0.99)
+GENERALISING = 0.3  # a run "generalises" when its best held-out accuracy reaches this (the lab truth's own floor)
 
 
 @dataclass
@@ -84,9 +93,13 @@ def load_lab(folder: Path, cache_dir: Path, max_examples: int,
         raise SystemExit(f"{folder}: no lab runs (run folders with ground_truth.json)")
     for run in runs:  # the lab's ground truth is per checkpoint-N folder
         run.checkpoints[:] = [c for c in run.checkpoints if c.path.name.startswith("checkpoint-")]
-    recipe = load_recipe(runs[0].path / "recipe.yaml")
+    # The lab recorded the stage thresholds of its day in each run's recipe.yaml; the figures are for the
+    # thresholds ckptsel ships (what `ckptsel rank` uses with a recipe that does not set them).
+    from ckptsel.recipes import override
+    from ckptsel.settings import OvermemSettings
+
+    recipe = override(load_recipe(runs[0].path / "recipe.yaml"), stages=OvermemSettings().model_dump())
     if rule is not None:
-        from ckptsel.recipes import override
         from ckptsel.settings import default_threshold
 
         recipe = override(recipe, memorization={"rule": rule, "threshold": default_threshold(rule)})
@@ -121,15 +134,17 @@ def ranked(run: LabRun, recipe, rule: str, **stage_settings):
     stages = recipe.stages.model_copy(update=stage_settings)
     arrays = run.arrays
     if rule == "before":
-        stages = stages.model_copy(update={"prefer": "robustness"})
+        stages = stages.model_copy(update={"prefer": "robustness", "memorized_min": OLD_MEMORIZED_MIN})
         arrays = dataclasses.replace(arrays, alt_source_of=())
+    elif rule == "memorized_min 0.5":
+        stages = stages.model_copy(update={"memorized_min": OLD_MEMORIZED_MIN})
     elif rule == "robustness":
         stages = stages.model_copy(update={"prefer": "robustness"})
     return rank_run(arrays, recipe.memorization, stages, recipe.memorization.threshold, n_boot=200)
 
 
 def pick(run: LabRun, recipe, rule: str) -> int:
-    if rule in ("before", "default", "robustness"):
+    if rule in ("before", "memorized_min 0.5", "default", "robustness"):
         return ranked(run, recipe, rule).recommended
     if rule == "highest PM":
         return int(np.nanargmax(ranked(run, recipe, "default").columns["premem_acc"]))
@@ -140,7 +155,7 @@ def pick(run: LabRun, recipe, rule: str) -> int:
     raise ValueError(rule)
 
 
-RULES = ("before", "default", "robustness", "highest PM", "last", "lowest train loss")
+RULES = ("before", "memorized_min 0.5", "default", "robustness", "highest PM", "last", "lowest train loss")
 
 
 def pick_table(runs: list[LabRun], recipe) -> dict:
@@ -177,7 +192,7 @@ def se_table(runs: list[LabRun], recipe) -> dict:
     return out
 
 
-FLAG_GRID = {"proxy_rise": (0.1, 0.15, 0.2, 0.25), "acc_margin": (0.1, 0.2), "memorized_min": (0.3, 0.5)}
+FLAG_GRID = {"proxy_rise": (0.1, 0.15, 0.2, 0.25), "acc_margin": (0.1, 0.2), "memorized_min": (0.99,)}
 
 
 def flag_grid(runs: list[LabRun], recipe) -> list[dict]:
@@ -200,7 +215,7 @@ def flag_grid(runs: list[LabRun], recipe) -> list[dict]:
 
 def flag_table(runs: list[LabRun], recipe) -> dict:
     out = {}
-    for rule in ("before", "default"):
+    for rule in ("before", "memorized_min 0.5", "default"):
         tp = fp = fn = 0
         rho = []
         for run in runs:
@@ -315,8 +330,9 @@ def diversity_figures(runs: list[LabRun], recipe) -> dict:
     return out
 
 
-def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
-    """The callback's stop, save by save: the newest checkpoint's flag in a ranking of the saves so far."""
+def replay_stops(runs: list[LabRun], recipe, patience: int, **stage_settings) -> dict:
+    """The callback's stop, save by save: the newest checkpoint's flag in a ranking of the saves so far
+    (``stage_settings`` override the recipe's ``stages:``)."""
     stops = early = 0
     lost = []
     for run in runs:
@@ -336,7 +352,7 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
                 alt=alt, measures={name: values[: j + 1] for name, values in run.arrays.measures.items()},
                 alt_source_of=np.where(later, -1, source_of) if len(run.arrays.alt_source_of) else ())
             r = ranked(LabRun(prefix, run.test_acc[: j + 1], run.test_nll[: j + 1], run.train_loss[: j + 1],
-                              run.test_per_example[: j + 1]), recipe, "default")
+                              run.test_per_example[: j + 1]), recipe, "default", **stage_settings)
             in_a_row = in_a_row + 1 if r.flags[j] is not None else 0
             if in_a_row >= patience:
                 stops += 1
@@ -347,6 +363,42 @@ def replay_stops(runs: list[LabRun], recipe, patience: int) -> dict:
             "lost_mean": float(np.mean(lost)) if lost else 0.0, "lost_worst": float(np.max(lost)) if lost else 0.0}
 
 
+MEMORIZED_MIN_GRID = (0.5, 0.9, 0.95, 0.98, 0.99, 1.0)
+
+
+def memorized_min_sweep(runs: list[LabRun], recipe) -> list[dict]:
+    """The flag and the callback's stop for each ``memorized_min`` (0.99 shipped; 0.5 until 2026-12-06)."""
+    out = []
+    for value in MEMORIZED_MIN_GRID:
+        tp = fp = fn = 0
+        for run in runs:
+            flagged = np.array([f is not None for f in ranked(run, recipe, "default", memorized_min=value).flags])
+            tp += int((flagged & run.truly).sum())
+            fp += int((flagged & ~run.truly).sum())
+            fn += int((~flagged & run.truly).sum())
+        out.append({"memorized_min": value, "precision": tp / (tp + fp) if tp + fp else math.nan,
+                    "recall": tp / (tp + fn) if tp + fn else math.nan, "flagged": tp + fp,
+                    **{f"stop {p}": replay_stops(runs, recipe, p, memorized_min=value) for p in (1, 2)}})
+    return out
+
+
+def by_regime(runs: list[LabRun], recipe) -> dict:
+    """The shipped rules on the runs that generalise (best held-out accuracy >= 0.3, the floor of the lab's own
+    over-memorization truth) and on those that never do (they memorise a small training set; nothing in them is
+    "truly over-memorized", so every flag there is false and every stop early)."""
+    out = {}
+    for label, keep in (("generalising", lambda r: r.test_acc.max() >= GENERALISING),
+                        ("never generalising", lambda r: r.test_acc.max() < GENERALISING)):
+        subset = [r for r in runs if keep(r)]
+        if not subset:
+            continue
+        picks = pick_table(subset, recipe)
+        out[label] = {"runs": len(subset), "default": picks["default"], "robustness": picks["robustness"],
+                      "last": picks["last"], "flags": flag_table(subset, recipe)["default"],
+                      **{f"stop {p}": replay_stops(subset, recipe, p) for p in (1, 2)}}
+    return out
+
+
 def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
     runs, recipe, seconds = load_lab(folder, cache_dir, max_examples)
     return {"runs": len(runs), "checkpoints": sum(len(r.test_acc) for r in runs), "rank_seconds": seconds,
@@ -354,6 +406,7 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
             "picks": pick_table(runs, recipe), "recommend_se": se_table(runs, recipe),
             "flags": flag_table(runs, recipe), "flag_grid": flag_grid(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
+            "memorized_min": memorized_min_sweep(runs, recipe), "by_regime": by_regime(runs, recipe),
             "noise_floor": noise_floor(runs, recipe),
             "diversity": diversity_figures(runs, recipe),
             "relative_nu_r2": relative_nu_r2([(r.arrays.matrix("acc"), r.arrays.matrix("nll"), r.test_acc)
@@ -460,6 +513,19 @@ def print_lab(name: str, fig: dict) -> None:
     for k, v in fig["callback"].items():
         print(f"callback stop, {k}: {v['stops']} of {v['runs']} runs stopped, {v['early']} before the first truly "
               f"over-memorized checkpoint; held-out accuracy lost {_f(v['lost_mean'])} mean, {_f(v['lost_worst'])} worst")
+    print("memorized_min (flag precision / recall, flagged; callback patience 1 and 2: stops / early): " + "; ".join(
+        f"{g['memorized_min']:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')} ({g['flagged']}), "
+        f"{g['stop 1']['stops']}/{g['stop 1']['early']}, {g['stop 2']['stops']}/{g['stop 2']['early']}"
+        for g in fig["memorized_min"]))
+    for label, g in fig["by_regime"].items():
+        t = g["flags"]
+        print(f"{label} runs ({g['runs']}): default {_f(g['default']['regret_mean'])} / "
+              f"{_f(g['default']['regret_worst'])} (last {_f(g['last']['regret_mean'])} / {_f(g['last']['regret_worst'])}); "
+              f"robustness vs best clean {_f(g['robustness']['regret_clean_mean'])} / "
+              f"{_f(g['robustness']['regret_clean_worst'])}, over-memorized picks {g['robustness']['overmem_picks']}; "
+              f"flags {_f(t['precision'], '.2f')} / {_f(t['recall'], '.2f')} ({t['flagged']} flagged, {t['truly']} truly); "
+              + ", ".join(f"callback patience {p}: {g[f'stop {p}']['stops']} stopped, {g[f'stop {p}']['early']} early, "
+                          f"lost {_f(g[f'stop {p}']['lost_mean'])} / {_f(g[f'stop {p}']['lost_worst'])}" for p in (1, 2)))
     f = fig["noise_floor"]
     print(f"noise floor (held-out questions resampled; the truly best checkpoint's expected regret): "
           f"{_f(f['floor_mean'])} mean, {_f(f['floor_worst'])} worst; expected regret of " + ", ".join(
@@ -491,6 +557,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--main", type=Path, help="the main lab's output folder (tuned on)")
     parser.add_argument("--heldout", type=Path, help="the held-out lab's output folder (never tuned on)")
+    parser.add_argument("--check", type=Path, help="the check lab's output folder (recipes/lab/check.yaml: validates "
+                        "what was adjusted after reading the held-out lab)")
     parser.add_argument("--kang", type=Path, help="Kang et al.'s released arrays (gsm8k_*.npz)")
     parser.add_argument("--demo", type=Path, help="the demo's run folder (ckptsel-demo/demo)")
     parser.add_argument("--cache-dir", type=Path, required=True)
@@ -498,7 +566,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     figures = {}
-    for name, folder in (("main lab (tuned on)", args.main), ("held-out lab (never tuned on)", args.heldout)):
+    for name, folder in (("main lab (tuned on)", args.main), ("held-out lab (never tuned on)", args.heldout),
+                         ("check lab (never looked at before its figures)", args.check)):
         if folder is not None:
             figures[name] = lab_figures(folder, args.cache_dir, args.max_examples)
             print_lab(name, figures[name])

@@ -15,7 +15,7 @@ or turns every rule off is refused (a gate that checks nothing passes everything
     stages:                         # thresholds of the flag (ckptsel.settings.OvermemSettings);
                                     # each one set here overrides the recipe's `stages:`
       acc_margin: 0.1
-      memorized_min: 0.5
+      memorized_min: 0.99
       proxy_rise: 0.25
 
 Why the last checkpoint is the default candidate: it is what a training job hands to the

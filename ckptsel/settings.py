@@ -159,7 +159,8 @@ class OvermemSettings(_Frozen):
     its perplexity proxy is at least ``1 + proxy_rise`` times the proxy's minimum over the
     checkpoints up to it that are not underfit. Otherwise it is underfit when its predicted test
     accuracy (pre-memorization accuracy) is below ``underfit_fraction`` of the run's best, and
-    generalizing if not. Defaults validated on the lab (``benchmarks/overmem_validation.py``).
+    generalizing if not. Defaults validated on the lab (``benchmarks/overmem_validation.py``,
+    ``benchmarks/pick_validation.py``).
     """
 
     proxy: Literal["auto", "heldout_nll", "alt_nll", "perturb_nll"] = Field(
@@ -168,7 +169,12 @@ class OvermemSettings(_Frozen):
         "when its coverage suffices, else the perturbed-prompt NLL.",
     )
     acc_margin: float = Field(0.1, ge=0.0, le=1.0, description="'Near the run's best' train accuracy.")
-    memorized_min: float = Field(0.5, ge=0.0, le=1.0, description="Memorised fraction that counts as high.")
+    memorized_min: float = Field(
+        0.99, ge=0.0, le=1.0, description="Memorised fraction that counts as high: at 0.99 (nearly) every measured "
+        "example is memorised, so pre-memorization accuracy can rise by at most 0.01 more and further training "
+        "can only sharpen; below it the run may still be learning (benchmarks/pick_validation.py: 0.5 flagged "
+        "runs that were still gaining held-out accuracy)."
+    )
     proxy_rise: float = Field(0.25, gt=0.0, description="Relative rise of the proxy over its running minimum.")
     underfit_fraction: float = Field(
         0.8, ge=0.0, le=1.0, description="Below this share of the best predicted test accuracy: underfit."

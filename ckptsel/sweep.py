@@ -277,20 +277,20 @@ def rank_run(run: RunArrays, memorization: MemorizationSettings, overmem: Overme
         warnings.append("every measured checkpoint is flagged over-memorized; recommending among all of them")
     # Without any proxy the tie-break falls back to the memorised fraction (lower is better too).
     tie_break = proxy_values if proxy else columns["memorized_frac"]
+    underfit = np.array([stage == stages.UNDERFIT for stage in assessment.stages])
     pick = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se, overmem.prefer,
-                            underfit=np.array([stage == stages.UNDERFIT for stage in assessment.stages]))
+                            underfit=underfit)
     if pick is not None and flagged[pick] and not flagged.all():
-        warnings.append(_flagged_pick_warning(run, pm, assessment, flagged, pick, proxy or "proxy"))
+        robust = stages.recommend(per_example, tie_break, flagged, overmem.proxy_tie, overmem.recommend_se,
+                                  "robustness", underfit=underfit)
+        warnings.append(_flagged_pick_warning(run, pm, assessment, pick, robust, proxy or "proxy"))
     return RunRanking(run.name, list(run.steps), columns, (lo, hi), assessment.stages, assessment.flags, proxy, pick,
                       threshold, per_example, mask, warnings)
 
 
-def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, flagged: np.ndarray, pick: int,
-                          proxy: str) -> str:
-    """Accuracy first recommended an over-memorized checkpoint: say so, with the best clean one's cost
-    (a sweep's ranking names the run in front, as for every per-run warning)."""
-    clean = np.where(~flagged & ~np.isnan(pm), pm, -np.inf)
-    alt = int(np.argmax(clean))
+def _flagged_pick_warning(run: RunArrays, pm: np.ndarray, assessment, pick: int, alt: int, proxy: str) -> str:
+    """Accuracy first recommended an over-memorized checkpoint: say so, with the cost of ``alt``, what
+    ``--prefer robustness`` recommends (a sweep's ranking names the run in front, as for every per-run warning)."""
     rise = (float(assessment.ratio[pick]) - 1.0) * 100
     return (f"the most accurate checkpoint (step {run.steps[pick]}) is flagged over-memorized: {proxy} "
             f"+{rise:.0f}% over its minimum; the best checkpoint that is not is step {run.steps[alt]}, "

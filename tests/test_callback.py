@@ -293,7 +293,8 @@ def test_stops_after_patience_flagged_saves(tmp_path, monkeypatch):
 
 def test_stops_at_the_first_measured_flag(tmp_path):
     """A real flag: a run that learns and memorises its 24 questions (as tests/conftest.py's
-    learning_run), with a 5% proxy rise as the threshold, stops at the first flagged save."""
+    learning_run), with a 5% proxy rise and half its examples memorised as the thresholds, stops at the first
+    flagged save (at the default 0.99 no save of this short run is flagged)."""
     from ckptsel.integrations.transformers import CkptselCallback
     from ckptsel.lab.train import train_run, write_data
     from ckptsel.recipes import override
@@ -301,7 +302,7 @@ def test_stops_at_the_first_measured_flag(tmp_path):
     spec = _spec(families=["max"], n_train=24, epochs=80, n_checkpoints=8)  # 160 steps, a save every 20
     run, cache = tmp_path / "run", tmp_path / "cache"
     write_data(spec, run, "cb")
-    recipe = override(_recipe(run), stages={"proxy_rise": 0.05})
+    recipe = override(_recipe(run), stages={"proxy_rise": 0.05, "memorized_min": 0.5})
     callback = CkptselCallback(data=run / "train.jsonl", recipe=recipe, max_examples=EXAMPLES, cache_dir=cache,
                                stop_on_overmemorization=True, on_measured=lambda report: None)
     train_run(spec, run, name="cb", callbacks=[callback])

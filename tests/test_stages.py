@@ -15,7 +15,7 @@ NAN = np.nan
 # predicted 0.50: underfit (below 0.8 x 0.50 = 0.40) are checkpoints 0 and 1.
 ACC = np.array([0.20, 0.60, 0.90, 0.92, 0.93])
 PM = np.array([0.15, 0.35, 0.45, 0.50, 0.48])
-MEM = np.array([0.00, 0.20, 0.60, 0.80, 0.90])
+MEM = np.array([0.00, 0.20, 0.60, 0.99, 1.00])
 # Baseline = running minimum over checkpoints 2.. (not underfit): 0.40 -> ratio [NaN, NaN, 1.0, 1.3, 1.5].
 PROXY = np.array([1.00, 0.50, 0.40, 0.52, 0.60])
 UNDERFIT = np.array([True, True, False, False, False])
@@ -46,15 +46,15 @@ def test_ratio_is_against_the_minimum_over_checkpoints_not_excluded():
 
 def test_flag_needs_all_three_conditions():
     ratio = np.array([NAN, NAN, 1.0, 1.3, 1.5])
-    # near best [F F T T T] & memorised >= 0.5 [F F T T T] & ratio >= 1.25 [F F F T T]
+    # near best [F F T T T] & memorised >= 0.99 [F F F T T] & ratio >= 1.25 [F F F T T]
     assert S.overmemorized(ACC, MEM, ratio).tolist() == [False, False, False, True, True]
     low_memorised = np.array([0.0, 0.2, 0.6, 0.4, 0.4])  # proxy risen, accuracy high, targets not reproduced
     assert not S.overmemorized(ACC, low_memorised, ratio).any()
     assert not S.overmemorized(ACC, MEM, np.ones(5)).any()  # proxy never rises
     # Accuracy collapsed at the end (0.80 < 0.88): a broken checkpoint, not over-memorized.
     assert S.overmemorized(np.array([0.2, 0.6, 0.9, 0.93, 0.8]), MEM, ratio).tolist() == [False] * 3 + [True, False]
-    # Thresholds move it: a 1.4x rise, memorized_min 0.85, or acc_margin 0.005 leave only the last.
-    for settings in (OvermemSettings(proxy_rise=0.4), OvermemSettings(memorized_min=0.85),
+    # Thresholds move it: a 1.4x rise, memorized_min 1.0, or acc_margin 0.005 leave only the last.
+    for settings in (OvermemSettings(proxy_rise=0.4), OvermemSettings(memorized_min=1.0),
                      OvermemSettings(acc_margin=0.005)):
         assert S.overmemorized(ACC, MEM, ratio, settings).tolist() == [False] * 4 + [True]
     # Missing values are never flagged.
@@ -62,12 +62,23 @@ def test_flag_needs_all_three_conditions():
     assert not S.overmemorized(np.full(5, NAN), MEM, ratio).any()
 
 
+def test_a_run_still_memorising_its_examples_is_not_over_memorized_by_default():
+    """Memorised 0.60 / 0.80 / 0.90 with the proxy risen: one in ten examples can still become right before it is
+    memorised, so pre-memorization accuracy may still rise; the default (0.99) waits, 0.5 (the default before
+    2026-12-06) flagged checkpoints 3 and 4."""
+    still_learning = np.array([0.00, 0.20, 0.60, 0.80, 0.90])
+    ratio = np.array([NAN, NAN, 1.0, 1.3, 1.5])
+    assert not S.overmemorized(ACC, still_learning, ratio).any()
+    assert S.overmemorized(ACC, still_learning, ratio, OvermemSettings(memorized_min=0.5)).tolist() == [False] * 3 + [True] * 2
+    assert OvermemSettings().memorized_min == 0.99
+
+
 def test_assess_stages_and_flags_with_their_numbers():
     a = S.assess(ACC, PM, MEM, PROXY, "alt_nll")
     assert a.stages == ["underfit", "underfit", "generalizing", "over-memorized", "over-memorized"]
     assert a.flags[:3] == [None, None, None]
     f = a.flags[3]
-    assert (f.train_acc, f.best_train_acc, f.memorized_frac) == (0.92, 0.93, 0.80)
+    assert (f.train_acc, f.best_train_acc, f.memorized_frac) == (0.92, 0.93, 0.99)
     assert (f.proxy, f.proxy_value) == ("alt_nll", 0.52)
     assert (f.proxy_baseline, f.proxy_ratio) == pytest.approx((0.40, 1.3))
     assert "alt_nll 0.520 = 1.30× its minimum 0.400 since underfitting (≥ 1.25×)" in f.reason()
