@@ -4,7 +4,9 @@
 ``--heldout``: the held-out lab (recipes/lab/heldout.yaml: another task, other model shapes, seeds
 and schedule), never tuned on. ``--check``: the check lab (recipes/lab/check.yaml: a task mix, other shapes,
 seeds and learning rates), trained after the held-out lab's replays had been read: what was adjusted then (the
-flag's ``memorized_min``, 0.5 -> 0.99) is validated there. Each lab is ranked once from its training data alone (the library
+flag's ``memorized_min``, 0.5 -> 0.99) is validated there. ``--check2``: the second check lab
+(recipes/lab/check2.yaml: a product and max mix), trained after the check lab's figures had been read:
+``underfit_fraction`` 0.8 -> 0.75 (chosen on the main lab) is reported there first. Each lab is ranked once from its training data alone (the library
 path of ``ckptsel rank LAB --data-per-run train.jsonl``, measurements kept in ``--cache-dir``); the
 rules below are then applied to the stored arrays, and compared with the lab's ground truth per
 checkpoint (held-out accuracy ``test_accuracy`` and held-out reference NLL ``test_nll``).
@@ -15,9 +17,10 @@ NLL >= 1.25x its running minimum while held-out accuracy is within 0.05 of the r
 Every lab is ranked with the stage thresholds ckptsel ships (``OvermemSettings()``), not the ones its runs'
 recipe.yaml recorded. Rules, per run:
   before       the rule up to 2026-12-05: best unflagged checkpoint first, each checkpoint's
-               alternative-solution NLL over every alternative, its own samples included, memorised
-               fraction >= 0.5 for the flag;
-  memorized_min 0.5   the default rule until 2026-12-06 (the flag at a memorised fraction of 0.5);
+               alternative-solution NLL over every alternative, its own samples included, the flag's
+               thresholds as they were until 12-06;
+  until 12-06  the default rule until 2026-12-06: the flag at a memorised fraction of 0.5 (now 0.99), stage (a)
+               below 0.8 of the run's best predicted accuracy (now 0.75);
   default      accuracy first (a flagged checkpoint passed over only for one as accurate within the
                paired SE), each checkpoint's alternative-solution NLL without the alternatives it
                sampled itself;
@@ -29,7 +32,7 @@ a clean checkpoint within 0.03 of them); the flag's precision and recall; the me
 Spearman of the flag's proxy with the true held-out NLL; pooled R² of pre-memorization accuracy
 against held-out accuracy for fixed and calibrated nu; and where the Trainer callback's
 ``stop_on_overmemorization`` stops, replayed save by save (patience 1 and 2); the flag and the stop for each
-``memorized_min``; the shipped rules on the runs that generalise (best held-out accuracy >= 0.3) and on those
+``memorized_min`` and ``underfit_fraction``; the shipped rules on the runs that generalise (best held-out accuracy >= 0.3) and on those
 that never do; the noise floor (what even
 the truly best checkpoint gives up against a measured best, held-out questions resampled); pooled R² with
 a scale-free memorisation rule (NLL below rho x its first-checkpoint value); and the rules again with
@@ -38,6 +41,7 @@ same rules on Kang et al.'s Llama3-8B GSM8K arrays (no over-memorization truth t
 R² only); with ``--demo`` the demo run's pick and its truth.
 
     python benchmarks/pick_validation.py --main /tmp/lab/main --heldout /tmp/lab/heldout --check /tmp/lab/check \\
+        --check2 /tmp/lab/check2 \\
         --cache-dir /tmp/lab/cache --max-examples 100 [--kang ../shared/data/kang2024] [--demo DIR] [--json F]
 """
 
@@ -55,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 CLEAN_MARGIN = 0.03  # an over-memorized pick is justified only when no clean checkpoint is this close
-OLD_MEMORIZED_MIN = 0.5  # the flag's memorised-fraction threshold until 2026-12-06 (now 0.99)
+OLD_STAGES = {"memorized_min": 0.5, "underfit_fraction": 0.8}  # the flag's thresholds until 2026-12-06
 GENERALISING = 0.3  # a run "generalises" when its best held-out accuracy reaches this (the lab truth's own floor)
 
 
@@ -134,17 +138,17 @@ def ranked(run: LabRun, recipe, rule: str, **stage_settings):
     stages = recipe.stages.model_copy(update=stage_settings)
     arrays = run.arrays
     if rule == "before":
-        stages = stages.model_copy(update={"prefer": "robustness", "memorized_min": OLD_MEMORIZED_MIN})
+        stages = stages.model_copy(update={"prefer": "robustness", **OLD_STAGES})
         arrays = dataclasses.replace(arrays, alt_source_of=())
-    elif rule == "memorized_min 0.5":
-        stages = stages.model_copy(update={"memorized_min": OLD_MEMORIZED_MIN})
+    elif rule == "until 12-06":
+        stages = stages.model_copy(update=OLD_STAGES)
     elif rule == "robustness":
         stages = stages.model_copy(update={"prefer": "robustness"})
     return rank_run(arrays, recipe.memorization, stages, recipe.memorization.threshold, n_boot=200)
 
 
 def pick(run: LabRun, recipe, rule: str) -> int:
-    if rule in ("before", "memorized_min 0.5", "default", "robustness"):
+    if rule in ("before", "until 12-06", "default", "robustness"):
         return ranked(run, recipe, rule).recommended
     if rule == "highest PM":
         return int(np.nanargmax(ranked(run, recipe, "default").columns["premem_acc"]))
@@ -155,7 +159,7 @@ def pick(run: LabRun, recipe, rule: str) -> int:
     raise ValueError(rule)
 
 
-RULES = ("before", "memorized_min 0.5", "default", "robustness", "highest PM", "last", "lowest train loss")
+RULES = ("before", "until 12-06", "default", "robustness", "highest PM", "last", "lowest train loss")
 
 
 def pick_table(runs: list[LabRun], recipe) -> dict:
@@ -215,7 +219,7 @@ def flag_grid(runs: list[LabRun], recipe) -> list[dict]:
 
 def flag_table(runs: list[LabRun], recipe) -> dict:
     out = {}
-    for rule in ("before", "memorized_min 0.5", "default"):
+    for rule in ("before", "until 12-06", "default"):
         tp = fp = fn = 0
         rho = []
         for run in runs:
@@ -363,22 +367,24 @@ def replay_stops(runs: list[LabRun], recipe, patience: int, **stage_settings) ->
             "lost_mean": float(np.mean(lost)) if lost else 0.0, "lost_worst": float(np.max(lost)) if lost else 0.0}
 
 
-MEMORIZED_MIN_GRID = (0.5, 0.9, 0.95, 0.98, 0.99, 1.0)
+# One stage threshold at a time, the others as shipped: the flag and the callback's stop for each value.
+SWEEPS = {"memorized_min": (0.5, 0.9, 0.95, 0.98, 0.99, 1.0),  # 0.99 shipped (0.5 until 2026-12-06)
+          "underfit_fraction": (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)}  # 0.75 shipped (0.8 until 2026-12-06)
 
 
-def memorized_min_sweep(runs: list[LabRun], recipe) -> list[dict]:
-    """The flag and the callback's stop for each ``memorized_min`` (0.99 shipped; 0.5 until 2026-12-06)."""
+def threshold_sweep(runs: list[LabRun], recipe, name: str) -> list[dict]:
+    """Flag precision / recall and the replayed stops for each value of the stage threshold ``name``."""
     out = []
-    for value in MEMORIZED_MIN_GRID:
+    for value in SWEEPS[name]:
         tp = fp = fn = 0
         for run in runs:
-            flagged = np.array([f is not None for f in ranked(run, recipe, "default", memorized_min=value).flags])
+            flagged = np.array([f is not None for f in ranked(run, recipe, "default", **{name: value}).flags])
             tp += int((flagged & run.truly).sum())
             fp += int((flagged & ~run.truly).sum())
             fn += int((~flagged & run.truly).sum())
-        out.append({"memorized_min": value, "precision": tp / (tp + fp) if tp + fp else math.nan,
+        out.append({name: value, "precision": tp / (tp + fp) if tp + fp else math.nan,
                     "recall": tp / (tp + fn) if tp + fn else math.nan, "flagged": tp + fp,
-                    **{f"stop {p}": replay_stops(runs, recipe, p, memorized_min=value) for p in (1, 2)}})
+                    **{f"stop {p}": replay_stops(runs, recipe, p, **{name: value}) for p in (1, 2)}})
     return out
 
 
@@ -406,7 +412,7 @@ def lab_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
             "picks": pick_table(runs, recipe), "recommend_se": se_table(runs, recipe),
             "flags": flag_table(runs, recipe), "flag_grid": flag_grid(runs, recipe), "r2": r2_table(runs, recipe),
             "callback": {f"patience {p}": replay_stops(runs, recipe, p) for p in (1, 2)},
-            "memorized_min": memorized_min_sweep(runs, recipe), "by_regime": by_regime(runs, recipe),
+            "sweeps": {name: threshold_sweep(runs, recipe, name) for name in SWEEPS}, "by_regime": by_regime(runs, recipe),
             "noise_floor": noise_floor(runs, recipe),
             "diversity": diversity_figures(runs, recipe),
             "relative_nu_r2": relative_nu_r2([(r.arrays.matrix("acc"), r.arrays.matrix("nll"), r.test_acc)
@@ -513,10 +519,11 @@ def print_lab(name: str, fig: dict) -> None:
     for k, v in fig["callback"].items():
         print(f"callback stop, {k}: {v['stops']} of {v['runs']} runs stopped, {v['early']} before the first truly "
               f"over-memorized checkpoint; held-out accuracy lost {_f(v['lost_mean'])} mean, {_f(v['lost_worst'])} worst")
-    print("memorized_min (flag precision / recall, flagged; callback patience 1 and 2: stops / early): " + "; ".join(
-        f"{g['memorized_min']:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')} ({g['flagged']}), "
-        f"{g['stop 1']['stops']}/{g['stop 1']['early']}, {g['stop 2']['stops']}/{g['stop 2']['early']}"
-        for g in fig["memorized_min"]))
+    for name, sweep in fig["sweeps"].items():
+        print(f"{name} (flag precision / recall, flagged; callback patience 1 and 2: stops / early): " + "; ".join(
+            f"{g[name]:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')} ({g['flagged']}), "
+            f"{g['stop 1']['stops']}/{g['stop 1']['early']}, {g['stop 2']['stops']}/{g['stop 2']['early']}"
+            for g in sweep))
     for label, g in fig["by_regime"].items():
         t = g["flags"]
         print(f"{label} runs ({g['runs']}): default {_f(g['default']['regret_mean'])} / "
@@ -559,6 +566,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, help="the held-out lab's output folder (never tuned on)")
     parser.add_argument("--check", type=Path, help="the check lab's output folder (recipes/lab/check.yaml: validates "
                         "what was adjusted after reading the held-out lab)")
+    parser.add_argument("--check2", type=Path, help="the second check lab's output folder (recipes/lab/check2.yaml)")
     parser.add_argument("--kang", type=Path, help="Kang et al.'s released arrays (gsm8k_*.npz)")
     parser.add_argument("--demo", type=Path, help="the demo's run folder (ckptsel-demo/demo)")
     parser.add_argument("--cache-dir", type=Path, required=True)
@@ -567,7 +575,8 @@ def main() -> None:
     args = parser.parse_args()
     figures = {}
     for name, folder in (("main lab (tuned on)", args.main), ("held-out lab (never tuned on)", args.heldout),
-                         ("check lab (never looked at before its figures)", args.check)):
+                         ("check lab (never looked at before its figures)", args.check),
+                         ("second check lab (never looked at before its figures)", args.check2)):
         if folder is not None:
             figures[name] = lab_figures(folder, args.cache_dir, args.max_examples)
             print_lab(name, figures[name])

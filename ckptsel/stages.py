@@ -11,7 +11,9 @@ order, with the thresholds of :class:`ckptsel.settings.OvermemSettings`:
   underfit throughout);
 * **over-memorized** -- stage (c), when all three hold:
   train accuracy >= the run's best - ``acc_margin`` (accuracy stays high),
-  memorised fraction >= ``memorized_min`` (the targets are reproduced near-certainly),
+  memorised fraction >= ``memorized_min`` (0.99: nearly every target is reproduced
+  near-certainly, so pre-memorization accuracy -- predicted test accuracy -- can no longer rise;
+  before that the run may still be learning what generalises),
   proxy >= (1 + ``proxy_rise``) x its *baseline*: the proxy's minimum over the checkpoints up
   to this one that are past stage (a) (the perplexity proxy has risen clearly above its level
   in the good region);
