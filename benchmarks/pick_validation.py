@@ -5,8 +5,9 @@
 and schedule), never tuned on. ``--check``: the check lab (recipes/lab/check.yaml: a task mix, other shapes,
 seeds and learning rates), trained after the held-out lab's replays had been read: what was adjusted then (the
 flag's ``memorized_min``, 0.5 -> 0.99) is validated there. ``--check2``: the second check lab
-(recipes/lab/check2.yaml: a product and max mix), trained after the check lab's figures had been read:
-``underfit_fraction`` 0.8 -> 0.75 (chosen on the main lab) is reported there first. Each lab is ranked once from its training data alone (the library
+(recipes/lab/check2.yaml: a product and max mix), trained after the check lab's figures had been read: there
+``underfit_fraction`` 0.75 (better than the shipped 0.8 on the main lab, where it was chosen) was tried first, and
+did worse (it is not shipped; the sweep below shows both). Each lab is ranked once from its training data alone (the library
 path of ``ckptsel rank LAB --data-per-run train.jsonl``, measurements kept in ``--cache-dir``); the
 rules below are then applied to the stored arrays, and compared with the lab's ground truth per
 checkpoint (held-out accuracy ``test_accuracy`` and held-out reference NLL ``test_nll``).
@@ -19,8 +20,7 @@ recipe.yaml recorded. Rules, per run:
   before       the rule up to 2026-12-05: best unflagged checkpoint first, each checkpoint's
                alternative-solution NLL over every alternative, its own samples included, the flag's
                thresholds as they were until 12-06;
-  until 12-06  the default rule until 2026-12-06: the flag at a memorised fraction of 0.5 (now 0.99), stage (a)
-               below 0.8 of the run's best predicted accuracy (now 0.75);
+  until 12-06  the default rule until 2026-12-06: the flag at a memorised fraction of 0.5 (now 0.99);
   default      accuracy first (a flagged checkpoint passed over only for one as accurate within the
                paired SE), each checkpoint's alternative-solution NLL without the alternatives it
                sampled itself;
@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 CLEAN_MARGIN = 0.03  # an over-memorized pick is justified only when no clean checkpoint is this close
-OLD_STAGES = {"memorized_min": 0.5, "underfit_fraction": 0.8}  # the flag's thresholds until 2026-12-06
+OLD_STAGES = {"memorized_min": 0.5}  # the flag's thresholds until 2026-12-06
 GENERALISING = 0.3  # a run "generalises" when its best held-out accuracy reaches this (the lab truth's own floor)
 
 
@@ -369,7 +369,7 @@ def replay_stops(runs: list[LabRun], recipe, patience: int, **stage_settings) ->
 
 # One stage threshold at a time, the others as shipped: the flag and the callback's stop for each value.
 SWEEPS = {"memorized_min": (0.5, 0.9, 0.95, 0.98, 0.99, 1.0),  # 0.99 shipped (0.5 until 2026-12-06)
-          "underfit_fraction": (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)}  # 0.75 shipped (0.8 until 2026-12-06)
+          "underfit_fraction": (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)}  # 0.8 shipped
 
 
 def threshold_sweep(runs: list[LabRun], recipe, name: str) -> list[dict]:
