@@ -16,7 +16,14 @@ from click.testing import CliRunner
 
 from ckptsel import store_keys
 from ckptsel.cli import main
-from ckptsel.merge.recommend import LEAN_SHARE, CandidateSpec, RecommendError, choose, plan_candidates
+from ckptsel.merge.recommend import (
+    LEAN_SHARE,
+    CandidateSpec,
+    RecommendError,
+    choose,
+    frozen_premem_warning,
+    plan_candidates,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -87,6 +94,16 @@ def test_choose_takes_the_lowest_proxy_within_tolerance():
     assert choose(np.array([np.nan, 0.5]), np.array([np.nan, 0.1]))[0] == 0  # nothing to compare against
 
 
+def test_a_merge_around_a_fully_memorised_pick_carries_a_warning():
+    # Pre-memorization accuracy is frozen once (nearly) every example is memorised: it cannot judge a merge.
+    warning = frozen_premem_warning("pair", 1.0, 0.99)
+    assert warning is not None and "100% of its examples memorised" in warning and "ckptsel verify" in warning
+    assert frozen_premem_warning("lean_pair", 0.99, 0.99) is not None
+    assert frozen_premem_warning("single", 1.0, 0.99) is None  # nothing merged: nothing to judge
+    assert frozen_premem_warning("pair", 0.8, 0.99) is None  # PM can still move: the tolerance test means something
+    assert frozen_premem_warning("pair", float("nan"), 0.99) is None
+
+
 # --- end to end on a tiny trained run ----------------------------------------------------------
 
 
@@ -115,6 +132,12 @@ def test_recommend_writes_the_winner_with_the_comparison(tiny_run, first_recomme
     eligible = [r for r in rows if r["eligible"]]
     assert chosen["proxy"] == min(r["proxy"] for r in eligible)
     assert all(r["train_acc"] is not None and r["premem_acc"] is not None for r in rows)
+    # The frozen-PM caveat is attached exactly when its rule says (rows[0]: the recommended checkpoint alone).
+    import yaml
+
+    memorized_min = yaml.safe_load((tiny_run / "recipe.yaml").read_text())["stages"]["memorized_min"]
+    expected = frozen_premem_warning(chosen["name"], rows[0]["memorized_frac"], memorized_min)
+    assert report.get("warnings", []) == ([expected] if expected else [])
     # Merges are new checkpoints with their own fingerprints; the run's were all cached from the ranking.
     assert len({r["fingerprint"] for r in rows}) == len(rows)
     assert report["measured"] == len(rows) - 1

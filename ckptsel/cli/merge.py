@@ -125,6 +125,8 @@ def _print_comparison(rec) -> None:
     console.print(f"rule: {rec.rule}")
     for note in rec.notes:
         console.print(f"[dim]skipped {escape(note)}[/]")
+    for warning in rec.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"[bold green]wrote[/] {escape(rec.winner.label)} to {escape(str(rec.result.path))} "
                   f"({rec.measured} checkpoint load(s) measured anew)")
 
