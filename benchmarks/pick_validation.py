@@ -142,13 +142,15 @@ def ranked(run: LabRun, recipe, rule: str, **stage_settings):
         arrays = dataclasses.replace(arrays, alt_source_of=())
     elif rule == "until 12-06":
         stages = stages.model_copy(update=OLD_STAGES)
+    elif rule == "robustness, until 12-06":
+        stages = stages.model_copy(update={"prefer": "robustness", **OLD_STAGES})
     elif rule == "robustness":
         stages = stages.model_copy(update={"prefer": "robustness"})
     return rank_run(arrays, recipe.memorization, stages, recipe.memorization.threshold, n_boot=200)
 
 
 def pick(run: LabRun, recipe, rule: str) -> int:
-    if rule in ("before", "until 12-06", "default", "robustness"):
+    if rule in ("before", "until 12-06", "default", "robustness, until 12-06", "robustness"):
         return ranked(run, recipe, rule).recommended
     if rule == "highest PM":
         return int(np.nanargmax(ranked(run, recipe, "default").columns["premem_acc"]))
@@ -159,7 +161,8 @@ def pick(run: LabRun, recipe, rule: str) -> int:
     raise ValueError(rule)
 
 
-RULES = ("before", "until 12-06", "default", "robustness", "highest PM", "last", "lowest train loss")
+RULES = ("before", "until 12-06", "default", "robustness, until 12-06", "robustness", "highest PM", "last",
+         "lowest train loss")
 
 
 def pick_table(runs: list[LabRun], recipe) -> dict:
@@ -196,46 +199,41 @@ def se_table(runs: list[LabRun], recipe) -> dict:
     return out
 
 
-FLAG_GRID = {"proxy_rise": (0.1, 0.15, 0.2, 0.25), "acc_margin": (0.1, 0.2), "memorized_min": (0.99,)}
+def flag_scores(runs: list[LabRun], recipe, rule: str = "default", **stage_settings) -> tuple[dict, list]:
+    """The flag against the truth over every checkpoint of ``runs`` (precision, recall, flagged, truly), and each
+    run's ranking."""
+    tp = fp = fn = 0
+    rankings = []
+    for run in runs:
+        r = ranked(run, recipe, rule, **stage_settings)
+        rankings.append(r)
+        flagged = np.array([f is not None for f in r.flags])
+        tp += int((flagged & run.truly).sum())
+        fp += int((flagged & ~run.truly).sum())
+        fn += int((~flagged & run.truly).sum())
+    return {"precision": tp / (tp + fp) if tp + fp else math.nan, "recall": tp / (tp + fn) if tp + fn else math.nan,
+            "flagged": tp + fp, "truly": tp + fn}, rankings
+
+
+FLAG_GRID = {"proxy_rise": (0.1, 0.15, 0.2, 0.25), "acc_margin": (0.1, 0.2)}
 
 
 def flag_grid(runs: list[LabRun], recipe) -> list[dict]:
     """The flag's precision and recall over its thresholds (chosen on the main lab only)."""
     import itertools
 
-    out = []
-    for values in itertools.product(*FLAG_GRID.values()):
-        settings = dict(zip(FLAG_GRID, values))
-        tp = fp = fn = 0
-        for run in runs:
-            flagged = np.array([f is not None for f in ranked(run, recipe, "default", **settings).flags])
-            tp += int((flagged & run.truly).sum())
-            fp += int((flagged & ~run.truly).sum())
-            fn += int((~flagged & run.truly).sum())
-        out.append({**settings, "precision": tp / (tp + fp) if tp + fp else math.nan,
-                    "recall": tp / (tp + fn) if tp + fn else math.nan})
-    return out
+    return [{**settings, **flag_scores(runs, recipe, **settings)[0]}
+            for settings in (dict(zip(FLAG_GRID, values)) for values in itertools.product(*FLAG_GRID.values()))]
 
 
 def flag_table(runs: list[LabRun], recipe) -> dict:
     out = {}
     for rule in ("before", "until 12-06", "default"):
-        tp = fp = fn = 0
-        rho = []
-        for run in runs:
-            r = ranked(run, recipe, rule)
-            flagged = np.array([f is not None for f in r.flags])
-            truly = run.truly
-            tp += int((flagged & truly).sum())
-            fp += int((flagged & ~truly).sum())
-            fn += int((~flagged & truly).sum())
-            if r.proxy is not None:
-                values = r.columns[r.proxy]
-                if (s := spearman(values, run.test_nll)) is not None:
-                    rho.append(s)
-        out[rule] = {"precision": tp / (tp + fp) if tp + fp else math.nan, "recall": tp / (tp + fn) if tp + fn else
-                     math.nan, "flagged": tp + fp, "truly": tp + fn,
-                     "proxy_spearman_median": statistics.median(rho) if rho else math.nan, "runs_with_rho": len(rho)}
+        scores, rankings = flag_scores(runs, recipe, rule)
+        rho = [s for run, r in zip(runs, rankings) if r.proxy is not None
+               and (s := spearman(r.columns[r.proxy], run.test_nll)) is not None]
+        out[rule] = {**scores, "proxy_spearman_median": statistics.median(rho) if rho else math.nan,
+                     "runs_with_rho": len(rho)}
     return out
 
 
@@ -374,18 +372,8 @@ SWEEPS = {"memorized_min": (0.5, 0.9, 0.95, 0.98, 0.99, 1.0),  # 0.99 shipped (0
 
 def threshold_sweep(runs: list[LabRun], recipe, name: str) -> list[dict]:
     """Flag precision / recall and the replayed stops for each value of the stage threshold ``name``."""
-    out = []
-    for value in SWEEPS[name]:
-        tp = fp = fn = 0
-        for run in runs:
-            flagged = np.array([f is not None for f in ranked(run, recipe, "default", **{name: value}).flags])
-            tp += int((flagged & run.truly).sum())
-            fp += int((flagged & ~run.truly).sum())
-            fn += int((~flagged & run.truly).sum())
-        out.append({name: value, "precision": tp / (tp + fp) if tp + fp else math.nan,
-                    "recall": tp / (tp + fn) if tp + fn else math.nan, "flagged": tp + fp,
-                    **{f"stop {p}": replay_stops(runs, recipe, p, **{name: value}) for p in (1, 2)}})
-    return out
+    return [{name: value, **flag_scores(runs, recipe, **{name: value})[0],
+             **{f"stop {p}": replay_stops(runs, recipe, p, **{name: value}) for p in (1, 2)}} for value in SWEEPS[name]]
 
 
 def by_regime(runs: list[LabRun], recipe) -> dict:
@@ -435,13 +423,20 @@ def peak_figures(folder: Path, cache_dir: Path, max_examples: int) -> dict:
 
 
 def per_run(run: LabRun, recipe) -> dict:
+    from ckptsel import stages
+
     r = ranked(run, recipe, "default")
     steps = list(run.arrays.steps)
+    # The flag's proxy at its highest over its baseline (the minimum over the saves past stage (a) so far).
+    rise = math.nan
+    if r.proxy is not None:
+        ratio = stages.proxy_ratio(r.columns[r.proxy], np.array([s == stages.UNDERFIT for s in r.stages]))
+        rise = float(np.nanmax(ratio)) if not np.isnan(ratio).all() else math.nan
     return {"run": run.arrays.name, "best": f"{steps[int(np.argmax(run.test_acc))]}@{run.test_acc.max():.3f}",
             **{rule: f"{steps[p]}@{run.test_acc[p]:.3f}" for rule in ("before", "default", "robustness")
                if (p := pick(run, recipe, rule)) is not None},
             "flagged": [s for s, f in zip(steps, r.flags) if f is not None],
-            "truly": [s for s, t in zip(steps, run.truly) if t], "proxy": r.proxy}
+            "truly": [s for s, t in zip(steps, run.truly) if t], "proxy": r.proxy, "proxy_rise": rise}
 
 
 # --------------------------------------------------------------------------- Kang et al.'s arrays and the demo
@@ -468,6 +463,10 @@ def kang_figures(folder: Path) -> dict:
                       "run_pick_regret_mean": float(np.mean(regret)), "run_pick_regret_worst": float(np.max(regret))}
     out["relative_nu_r2"] = relative_nu_r2([(np.asarray(r.acc, dtype=float), np.asarray(r.nll, dtype=float), t)
                                             for r, t in zip(runs, truth)])
+    # How far real fine-tuning runs memorise: the memorised fraction (mean NLL < the paper's nu) at each run's last
+    # checkpoint, which the over-memorized flag's memorized_min (0.99) must be able to reach.
+    nu = recipe.memorization.threshold
+    out["memorized_last"] = {r.name: float(np.mean(np.asarray(r.nll, dtype=float)[-1] < nu)) for r in runs}
     last = [float(t.max() - t[-1]) for t in truth]
     out["last_regret_mean"], out["last_regret_worst"] = float(np.mean(last)), float(np.max(last))
     return out
@@ -511,19 +510,21 @@ def print_lab(name: str, fig: dict) -> None:
         print(f"flags ({rule}): precision {_f(t['precision'], '.2f')}, recall {_f(t['recall'], '.2f')} "
               f"({t['flagged']} flagged, {t['truly']} truly); proxy Spearman with held-out NLL, median over "
               f"{t['runs_with_rho']} runs: {_f(t['proxy_spearman_median'], '.2f')}")
-    print("flag thresholds (proxy_rise, acc_margin, memorized_min -> precision / recall): " + "; ".join(
-        f"{g['proxy_rise']:g}, {g['acc_margin']:g}, {g['memorized_min']:g} -> {_f(g['precision'], '.2f')} / "
-        f"{_f(g['recall'], '.2f')}" for g in fig["flag_grid"]))
+    print("flag thresholds (proxy_rise, acc_margin -> precision / recall): " + "; ".join(
+        f"{g['proxy_rise']:g}, {g['acc_margin']:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')}"
+        for g in fig["flag_grid"]))
     print("pooled R² of PM vs held-out accuracy: " + ", ".join(
         f"{k} (nu {_f(v['nu'])}) {_f(v['r2'])}" for k, v in fig["r2"].items()))
     for k, v in fig["callback"].items():
         print(f"callback stop, {k}: {v['stops']} of {v['runs']} runs stopped, {v['early']} before the first truly "
               f"over-memorized checkpoint; held-out accuracy lost {_f(v['lost_mean'])} mean, {_f(v['lost_worst'])} worst")
-    for name, sweep in fig["sweeps"].items():
-        print(f"{name} (flag precision / recall, flagged; callback patience 1 and 2: stops / early): " + "; ".join(
-            f"{g[name]:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')} ({g['flagged']}), "
-            f"{g['stop 1']['stops']}/{g['stop 1']['early']}, {g['stop 2']['stops']}/{g['stop 2']['early']}"
-            for g in sweep))
+    for knob, sweep in fig["sweeps"].items():
+        print(f"{knob} (flag precision / recall, flagged; callback patience 1 and 2: stops / early / accuracy lost "
+              "mean, worst): " + "; ".join(
+                  f"{g[knob]:g} -> {_f(g['precision'], '.2f')} / {_f(g['recall'], '.2f')} ({g['flagged']}), " + " · ".join(
+                      f"{g[k]['stops']}/{g[k]['early']}/{_f(g[k]['lost_mean'])}, {_f(g[k]['lost_worst'])}"
+                      for k in ("stop 1", "stop 2"))
+                  for g in sweep))
     for label, g in fig["by_regime"].items():
         t = g["flags"]
         print(f"{label} runs ({g['runs']}): default {_f(g['default']['regret_mean'])} / "
@@ -557,7 +558,8 @@ def print_lab(name: str, fig: dict) -> None:
                       f"{_f(v['lost_worst'])}" for k, v in p["callback"].items()))
     for r in fig["per_run"]:
         print(f"  {r['run']}: best {r['best']}; before {r.get('before')}, default {r.get('default')}, robustness "
-              f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']})")
+              f"{r.get('robustness')}; flagged {r['flagged']}, truly {r['truly']} ({r['proxy']}, at most "
+              f"{_f(r['proxy_rise'], '.2f')}x its baseline)")
 
 
 def main() -> None:
@@ -588,6 +590,8 @@ def main() -> None:
             print(f"{label}: R² {_f(v['r2'])} (nu {_f(v['nu'])}); run picks' regret {_f(v['run_pick_regret_mean'])} "
                   f"mean, {_f(v['run_pick_regret_worst'])} worst")
         print(f"last checkpoint: regret {_f(k['last_regret_mean'])} mean, {_f(k['last_regret_worst'])} worst")
+        print("memorised fraction (mean NLL < nu) at each run's last checkpoint: " + ", ".join(
+            f"{name.removeprefix('gsm8k_orig_')} {v:.2f}" for name, v in k["memorized_last"].items()))
         print("pooled R² with memorised = NLL below rho x its first-checkpoint value: " + ", ".join(
             f"rho {r} {_f(v)}" for r, v in k["relative_nu_r2"].items()))
     if args.demo is not None:

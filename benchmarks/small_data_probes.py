@@ -9,7 +9,7 @@ models themselves, greedy, on each run's first ``--max-examples`` training quest
 
   train        the training question as trained (the reference);
   twin         the lab's equivalent question (operands reordered, same answer): a surface change a user could make;
-  format       the question behind an extra newline (ckptsel's ``format`` perturbation);
+  format       the prompt under ckptsel's ``format`` perturbation (its newlines doubled: ckptsel.proxies);
   valid        right *and* every step of the trace valid (the ``lab-steps`` grader);
   recite       on the question with every number redrawn (same digit count), the *original* answer given, where
                the redrawn question's answer differs: recitation of a memorised answer;
@@ -69,44 +69,47 @@ def probe_run(run: Path, max_examples: int) -> dict:
     from ckptsel import graders
     from ckptsel.lab.ground_truth import read_ground_truth
     from ckptsel.measure.sampling import sample_completions
+    from ckptsel.measure.text import max_new_tokens_for
+    from ckptsel.proxies import PERTURBATIONS
+    from ckptsel.recipes import load_recipe
     from ckptsel.settings import SamplingSettings
 
     rows = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()[:max_examples]]
+    template = load_recipe(run / "recipe.yaml").data.prompt_template  # the prompt as the run was trained on it
     rng = random.Random(0)
     redrawn = [redraw_numbers(r["question"], rng) for r in rows]
-    truth = read_ground_truth(run)["checkpoints"]
-    steps = lambda p: int(p.name.split("-")[1])  # noqa: E731
-    greedy, steps_grader = SamplingSettings(k=1, temperature=0.0), graders.get("lab-steps")
+    folder = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    budgets = [max_new_tokens_for([len(tokenizer(r["answer"])["input_ids"])]) for r in rows]
     keys = [str(i) for i in range(len(rows))]
-    out = {"run": run.name, "n_train": json.loads((run / "run.json").read_text())["spec"]["n_train"], "checkpoints": []}
-    for folder in sorted(run.glob("checkpoint-*"), key=steps)[-1:]:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        budgets = [2 * len(tokenizer(r["answer"])["input_ids"]) + 8 for r in rows]
 
-        def answer(prompts: list[str]) -> list[str]:
-            with torch.no_grad():
-                return [c[0] for c in sample_completions(model, tokenizer, prompts, sampling=greedy,
-                                                         max_new_tokens=budgets, keys=keys)]
-        plain = answer([r["question"] + "\n" for r in rows])
-        twin = answer([(r.get("perturbed") or r["question"]) + "\n" for r in rows])
-        shifted = answer(["\n" + r["question"] + "\n" for r in rows])
-        other = answer([q + "\n" for q in redrawn])
-        right = np.array([final_answer(t) == r["value"] for t, r in zip(plain, rows)])
-        other_value = [lab_answer(q) for q in redrawn]
-        given = [final_answer(t) for t in other]
-        rates = {
-            "train": right.mean(),
-            "twin": np.mean([final_answer(t) == r["value"] for t, r in zip(twin, rows)]),
-            "format": np.mean([final_answer(t) == r["value"] for t, r in zip(shifted, rows)]),
-            "valid": np.mean([steps_grader(t, r["answer"]) for t, r in zip(plain, rows)]),
-            "recite": np.mean([g == r["value"] != v for g, r, v in zip(given, rows, other_value)]),
-            "fresh": np.mean([g == v for g, v in zip(given, other_value)]),
-        }
-        point = truth[str(steps(folder))]
-        out["checkpoints"].append({"step": steps(folder), "test_accuracy": point["test_accuracy"],
-                                   **{k: float(v) for k, v in rates.items()}})
-    return out
+    def answer(questions: list[str], perturb=lambda prompt: prompt) -> list[str]:
+        """Each question's greedy completion, prompted with the run's template (and ``perturb`` applied)."""
+        prompts = [perturb(template.format(question=q)) for q in questions]
+        with torch.no_grad():
+            done = sample_completions(model, tokenizer, prompts, sampling=SamplingSettings(k=1, temperature=0.0),
+                                      max_new_tokens=budgets, keys=keys)
+        return [c[0] for c in done]
+
+    plain = answer([r["question"] for r in rows])
+    twin = [final_answer(t) for t in answer([r.get("perturbed") or r["question"] for r in rows])]
+    shifted = [final_answer(t) for t in answer([r["question"] for r in rows], PERTURBATIONS["format"])]
+    given = [final_answer(t) for t in answer(redrawn)]
+    values, other_values = [r["value"] for r in rows], [lab_answer(q) for q in redrawn]
+    valid = graders.get("lab-steps")
+    rates = {
+        "train": np.mean([final_answer(t) == v for t, v in zip(plain, values)]),
+        "twin": np.mean([a == v for a, v in zip(twin, values)]),
+        "format": np.mean([a == v for a, v in zip(shifted, values)]),
+        "valid": np.mean([valid(t, r["answer"]) for t, r in zip(plain, rows)]),
+        "recite": np.mean([g == v != o for g, v, o in zip(given, values, other_values)]),
+        "fresh": np.mean([g == o for g, o in zip(given, other_values)]),
+    }
+    step = folder.name.split("-")[1]
+    return {"run": run.name, "n_train": json.loads((run / "run.json").read_text())["spec"]["n_train"],
+            "step": int(step), "test_accuracy": read_ground_truth(run)["checkpoints"][step]["test_accuracy"],
+            **{k: float(v) for k, v in rates.items()}}
 
 
 def main() -> None:
@@ -125,12 +128,12 @@ def main() -> None:
                     spec["families"]) <= {"sum", "max"}:
                 continue
             results.append({"lab": lab.name, **probe_run(run, args.max_examples)})
-            last = results[-1]["checkpoints"][-1]
+            last = results[-1]
             print(f"{lab.name}/{run.name}: last checkpoint held-out {last['test_accuracy']:.2f}; " + ", ".join(
                 f"{p} {last[p]:.2f}" for p in PROBES), flush=True)
     by_size: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in results:
-        by_size[(r["lab"], r["n_train"])].append(r["checkpoints"][-1])
+        by_size[(r["lab"], r["n_train"])].append(r)
     print("\n| lab | training examples | runs | held-out | " + " | ".join(PROBES) + " |")
     print("|---|---|---|---|" + "---|" * len(PROBES))
     for (lab, n), lasts in sorted(by_size.items()):
